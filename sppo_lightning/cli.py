@@ -1,0 +1,80 @@
+"""The ``sppo-lightning`` command: LightningCLI (fit/validate/test/predict) plus ``export``.
+
+    sppo-lightning fit --config configs/quickstart.yaml
+    sppo-lightning export <checkpoint.ckpt> <out_dir>
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+
+from sppo_lightning.errors import SPPOLightningError
+from sppo_lightning.models import export_hf, load_tokenizer
+from sppo_lightning.module import PreferenceModule
+
+
+class SPPOLightningCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        # One model id configures both the policy and the tokenizer the data is encoded with.
+        parser.link_arguments("model.model_name_or_path", "data.init_args.tokenizer")
+        parser.link_arguments("model.trust_remote_code", "data.init_args.trust_remote_code")
+
+
+def export_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="sppo-lightning export",
+        description="Save a checkpoint's policy in Hugging Face format (LoRA merged, safetensors).",
+    )
+    parser.add_argument("checkpoint", help="a .ckpt written by `sppo-lightning fit`")
+    parser.add_argument("out_dir", help="folder for config.json, model.safetensors and the tokenizer")
+    args = parser.parse_args(argv)
+    module = _load_for_export(args.checkpoint)
+    tokenizer = load_tokenizer(module.hparams.model_name_or_path, module.hparams.trust_remote_code)
+    out = export_hf(module.policy, tokenizer, args.out_dir)
+    print(f"Exported the policy in Hugging Face format to {out}")
+
+
+def _load_for_export(checkpoint: str) -> PreferenceModule:
+    import torch
+
+    # The reference is not needed to export: load without one ("cached" holds no reference model).
+    hparams = torch.load(checkpoint, map_location="cpu", weights_only=True)["hyper_parameters"]
+    reference = "none" if hparams.get("loss") in ("orpo", "asft") else "cached"
+    return PreferenceModule.load_from_checkpoint(checkpoint, map_location="cpu", reference=reference, weights_only=True)
+
+
+def main(args: Optional[list[str]] = None) -> None:
+    argv = sys.argv[1:] if args is None else args
+    try:
+        if argv and argv[0] == "export":
+            export_main(argv[1:])
+        else:
+            run_cli(args)
+    except SPPOLightningError as err:
+        # Bad data, files or settings: one readable line, not a traceback wall.
+        # SPPO_LIGHTNING_DEBUG=1 shows the traceback.
+        if os.environ.get("SPPO_LIGHTNING_DEBUG"):
+            raise
+        print(f"sppo-lightning: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_cli(args: Optional[list[str]] = None) -> SPPOLightningCLI:
+    """LightningCLI over ``PreferenceModule`` and any LightningDataModule (``data.class_path``)."""
+    return SPPOLightningCLI(
+        PreferenceModule,
+        L.LightningDataModule,
+        subclass_mode_data=True,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,6 @@
+"""Preference data: row checks (``rows``), tokenization and collation (``tokenize``), data modules."""
+
+from sppo_lightning.data.preference import PreferenceDataModule
+from sppo_lightning.data.rows import DataError
+
+__all__ = ["DataError", "PreferenceDataModule"]

@@ -1,0 +1,17 @@
+"""The errors users are meant to read: the CLI prints them as one line instead of a traceback."""
+
+
+class SPPOLightningError(Exception):
+    """Base of every error caused by the user's data, files or configuration."""
+
+
+class DataError(SPPOLightningError, ValueError):
+    """Bad preference data; the message names the file (or dataset), row and column."""
+
+
+class ConfigError(SPPOLightningError, ValueError):
+    """An impossible or inconsistent configuration; the message names the key."""
+
+
+class LoadError(SPPOLightningError, OSError):
+    """A model, tokenizer or dataset could not be found or loaded."""

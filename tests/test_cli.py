@@ -1,0 +1,116 @@
+"""End to end through the real `sppo-lightning` console script, on the tiny offline model."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = Path(sys.executable).with_name("sppo-lightning")
+
+
+def run(*args, check=True):
+    command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "sppo_lightning.cli"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    result = subprocess.run(
+        command + [str(a) for a in args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def fit(tmp_path, tiny_llama, *extra, check=True, subcommand="fit"):
+    return run(
+        subcommand, "--config", "configs/quickstart.yaml",
+        "--model.model_name_or_path", tiny_llama,
+        "--trainer.default_root_dir", tmp_path,
+        "--trainer.logger.init_args.save_dir", tmp_path,
+        *extra,
+        check=check,
+    )
+
+
+def test_fit_exports_a_model_that_transformers_loads(tmp_path, tiny_llama):
+    fit(tmp_path, tiny_llama, "--trainer.max_epochs", "1")
+    run_dir = tmp_path / "lightning_logs" / "version_0"
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    logged = {k for row in rows for k, v in row.items() if v}
+    for key in ("train/loss", "train/rewards/margins", "train/rewards/accuracy", "train/logps/chosen",
+                "train/targets/chosen", "val/loss"):
+        assert key in logged, key
+
+    exported = run_dir / "hf_model"
+    assert (exported / "model.safetensors").exists()
+    model = AutoModelForCausalLM.from_pretrained(exported)
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 2 plus 2?"}], add_generation_prompt=True, return_tensors="pt",
+        return_dict=True,
+    )
+    out = model.generate(**prompt, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > prompt["input_ids"].shape[1]
+    # training moved the weights away from the initial model
+    initial = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    assert not torch.equal(model.model.embed_tokens.weight, initial.model.embed_tokens.weight)
+
+    # the export command writes the same weights from the checkpoint
+    (ckpt,) = (run_dir / "checkpoints").glob("*.ckpt")
+    run("export", ckpt, tmp_path / "exported")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+
+    # validate and test run from the same config
+    result = fit(tmp_path, tiny_llama, "--ckpt_path", ckpt, subcommand="test")
+    assert "test/loss" in result.stdout
+
+
+def test_lora_fit_exports_merged_weights(tmp_path, tiny_llama):
+    fit(tmp_path, tiny_llama, "--trainer.max_epochs", "1", "--model.loss", "dpo", "--model.lr", "0.05",
+        "--model.lora", "{r: 4, alpha: 8}")
+    run_dir = tmp_path / "lightning_logs" / "version_0"
+    merged = AutoModelForCausalLM.from_pretrained(run_dir / "hf_model").eval()
+    assert not any("lora" in k for k in merged.state_dict())
+
+    from sppo_lightning.cli import _load_for_export
+
+    (ckpt,) = (run_dir / "checkpoints").glob("*.ckpt")
+    module = _load_for_export(str(ckpt))
+    ids = torch.tensor([[1, 5, 40, 41, 42, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, module.policy.eval()(ids).logits, atol=1e-5, rtol=1e-5)
+        with module.policy.disable_adapter():
+            base = module.policy(ids).logits
+    assert not torch.allclose(merged(ids).logits, base, atol=1e-4), "the adapters trained nothing"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (("--data.init_args.train_data", "configs/data/missing.jsonl"), "configs/data/missing.jsonl: no such file"),
+        (("--model.eta", "-1"), "model.eta must be > 0"),
+        (("--model.loss", "asft", "--model.reference", "copy"), "reference-free loss 'asft'"),
+        (("--data.init_args.max_prompt_length", "500"), "max_prompt_length (500) must be smaller"),
+    ],
+)
+def test_bad_input_is_one_line_error(tmp_path, tiny_llama, override, message):
+    result = fit(tmp_path, tiny_llama, *override, check=False)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_row_in_data_file_names_file_row_and_column(tmp_path, tiny_llama):
+    bad = tmp_path / "bad.jsonl"
+    lines = (REPO / "configs/data/tiny_preferences.jsonl").read_text().splitlines()[:3]
+    lines[2] = lines[2].replace('"chosen_probs_win": 0.', '"chosen_probs_win": 7.')
+    bad.write_text("\n".join(lines) + "\n")
+    result = fit(tmp_path, tiny_llama, "--data.init_args.train_data", bad, check=False)
+    assert result.returncode == 2
+    assert f"{bad}: row 2: column 'chosen_probs_win': 7." in result.stderr

@@ -1,0 +1,214 @@
+import json
+
+import lightning as L
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from sppo_lightning.data import PreferenceDataModule
+from sppo_lightning.errors import ConfigError, DataError
+from sppo_lightning.models import LoraSettings
+from sppo_lightning.module import PreferenceModule
+
+PROMPTS = ["What is 2 plus 3?", "Name a color.", "Count to three.", "What is the sky?"]
+CHOSEN = ["2 plus 3 is 5.", "Blue.", "one two three.", "The sky is blue."]
+REJECTED = ["I do not know.", "Numbers are hard.", "one and so on.", "Red."]
+
+
+@pytest.fixture()
+def pair_file(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    with path.open("w") as f:
+        for i, (p, c, r) in enumerate(zip(PROMPTS, CHOSEN, REJECTED)):
+            row = {
+                "chosen": [{"role": "user", "content": p}, {"role": "assistant", "content": c}],
+                "rejected": [{"role": "user", "content": p}, {"role": "assistant", "content": r}],
+                "chosen_probs": 0.8, "chosen_probs_win": 0.6 + 0.05 * i, "chosen_probs_lose": 0.3,
+            }
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+def batch_of(pair_file, tiny_llama, batch_size=4):
+    dm = PreferenceDataModule(train_data=pair_file, tokenizer=tiny_llama, batch_size=batch_size)
+    dm.setup("fit")
+    return dm, next(iter(torch.utils.data.DataLoader(
+        dm.train_examples, batch_size=batch_size, collate_fn=dm.train_dataloader().collate_fn
+    )))
+
+
+def count_calls(model):
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    return calls
+
+
+def test_cached_reference_gives_same_loss_and_runs_no_reference(pair_file, tiny_llama):
+    module = PreferenceModule(tiny_llama, loss="sppo", eta=10.0, reference="copy")
+    module.configure_model()
+    _, batch = batch_of(pair_file, tiny_llama)
+    with torch.no_grad():  # move the policy away from the reference so the log-ratios are not 0
+        for p in module.policy.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    reference_calls, policy_calls = count_calls(module.reference), count_calls(module.policy)
+
+    live_loss, _ = module.step(batch)
+    assert len(reference_calls) == 1 and len(policy_calls) == 1  # chosen+rejected: one forward each
+
+    reference = module.reference_logps(batch)
+    half = reference.shape[0] // 2
+    cached = dict(batch, reference_chosen_logps=reference[:half], reference_rejected_logps=reference[half:])
+    reference_calls.clear()
+    cached_loss, _ = module.step(cached)
+    assert reference_calls == [], "a batch with cached reference log-probs must not run the reference"
+    torch.testing.assert_close(cached_loss, live_loss)
+    assert live_loss.abs().sum() > 0
+
+
+def test_cached_mode_holds_no_reference_and_needs_the_columns(pair_file, tiny_llama):
+    module = PreferenceModule(tiny_llama, loss="dpo", reference="cached")
+    module.configure_model()
+    assert module.reference is None
+    _, batch = batch_of(pair_file, tiny_llama)
+    with pytest.raises(DataError, match="reference_chosen_logps"):
+        module.step(batch)
+
+
+def test_lora_reference_is_the_base_model_with_adapters_off(pair_file, tiny_llama):
+    module = PreferenceModule(tiny_llama, loss="sppo", eta=10.0, lora=LoraSettings(r=4, alpha=8), lr=1e-2)
+    module.configure_model()
+    assert module.reference_mode == "adapter" and module.reference is None
+    _, batch = batch_of(pair_file, tiny_llama)
+    optimizer = torch.optim.AdamW([p for p in module.policy.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):  # LoRA B starts at zero; train it so the adapters change the output
+        loss, _ = module.step(batch)
+        loss.mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        expected = base(**inputs).logits
+        adapted = module.policy(**inputs).logits
+        with module.policy.disable_adapter():
+            disabled = module.policy(**inputs).logits
+    assert not torch.allclose(adapted, expected, atol=1e-4)
+    torch.testing.assert_close(disabled, expected)
+    trainable = [n for n, p in module.policy.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+@pytest.mark.parametrize("loss", ["sppo", "dpo", "asft"])
+def test_a_few_optimizer_steps_lower_the_loss(pair_file, tiny_llama, loss):
+    module = PreferenceModule(tiny_llama, loss=loss, eta=10.0, lr=1e-2, optimizer="adamw", warmup_ratio=0.0)
+    dm, batch = batch_of(pair_file, tiny_llama)
+    module.configure_model()
+    with torch.no_grad():
+        before = module.step(batch)[0].mean().item()
+    trainer = L.Trainer(
+        max_epochs=8, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=dm)
+    with torch.no_grad():
+        after = module.step(batch)[0].mean().item()
+    assert after < 0.8 * before
+
+
+def test_dropout_is_disabled(tmp_path, tiny_llama):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    model.config.attention_dropout = 0.3
+    model.save_pretrained(tmp_path / "dropout_model")
+    module = PreferenceModule(str(tmp_path / "dropout_model"), loss="dpo")
+    module.configure_model()
+    assert module.policy.config.attention_dropout == 0.0
+    assert module.reference.config.attention_dropout == 0.0
+
+
+def test_reference_stays_frozen_and_out_of_checkpoints(pair_file, tiny_llama, tmp_path):
+    module = PreferenceModule(tiny_llama, loss="dpo", reference="copy")
+    module.configure_model()
+    module.train()
+    assert not module.reference.training and module.policy.training
+    assert not any(p.requires_grad for p in module.reference.parameters())
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint["state_dict"] and not any(k.startswith("reference.") for k in checkpoint["state_dict"])
+    restored = PreferenceModule(tiny_llama, loss="dpo", reference="copy")
+    restored.configure_model()
+    restored.on_load_checkpoint(checkpoint)
+    restored.load_state_dict(checkpoint["state_dict"], strict=True)
+
+
+def test_sppo_on_data_without_win_probabilities_is_a_clear_error(tmp_path, tiny_llama):
+    path = tmp_path / "plain.jsonl"
+    path.write_text(json.dumps({"prompt": "Hi?", "chosen": "Hello.", "rejected": "No."}) + "\n")
+    module = PreferenceModule(tiny_llama, loss="sppo")
+    module.configure_model()
+    _, batch = batch_of(str(path), tiny_llama, batch_size=1)
+    with pytest.raises(DataError, match="needs the column 'chosen_probs_win'.*sppo_hard or dpo"):
+        module.step(batch)
+    module.loss_name = "sppo_hard"  # the same data trains with the hard-probability variant
+    assert torch.isfinite(module.step(batch)[0]).all()
+
+
+def test_ipo_averages_log_probs_per_token(pair_file, tiny_llama):
+    module = PreferenceModule(tiny_llama, loss="ipo", beta=0.1, reference="copy")
+    module.configure_model()
+    _, batch = batch_of(pair_file, tiny_llama)
+    per_pair, _ = module.step(batch)
+    policy = module.sequence_logps(module.policy, batch)
+    reference = module.sequence_logps(module.reference, batch)
+    h = policy.mean - reference.mean
+    half = h.shape[0] // 2
+    torch.testing.assert_close(per_pair, ((h[:half] - h[half:]) - 5.0) ** 2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"loss": "asft", "reference": "copy"}, "reference-free"),
+        ({"loss": "dpo", "reference": "none"}, "needs a reference"),
+        ({"loss": "dpo", "reference": "adapter"}, "needs model.lora"),
+        ({"loss": "sppo", "eta": 0.0}, "model.eta must be > 0"),
+        ({"loss": "dpo", "beta": -1.0}, "model.beta must be > 0"),
+        ({"loss": "dpo", "label_smoothing": 0.5}, "label_smoothing"),
+        ({"loss": "sppo", "warmup_ratio": 1.0}, "warmup_ratio"),
+    ],
+)
+def test_impossible_settings_are_config_errors(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        PreferenceModule("unused", **kwargs)
+
+
+def test_loss_defaults_follow_the_recipes():
+    assert PreferenceModule("m", loss="orpo").lam == 0.1
+    asft = PreferenceModule("m", loss="asft")
+    assert (asft.lam, asft.beta, asft.reference_mode) == (1.0, 1.0, "none")
+    assert PreferenceModule("m", loss="dpo").beta == 0.1
+    assert PreferenceModule("m", loss="dpo", lora=LoraSettings()).reference_mode == "adapter"
+
+
+def test_schedule_epochs_stretches_the_lr_schedule(pair_file, tiny_llama):
+    def lrs(**kwargs):
+        module = PreferenceModule(tiny_llama, loss="dpo", lr=1.0, warmup_ratio=0.5, **kwargs)
+        dm, _ = batch_of(pair_file, tiny_llama, batch_size=1)  # 4 steps per epoch
+        seen = []
+        trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=[_RecordLR(seen)])
+        trainer.fit(module, datamodule=dm)
+        return seen
+
+    assert lrs() == pytest.approx([0.0, 0.5, 1.0, 0.5])  # warmup 2 of 4 steps, then decay
+    # laid over 4 epochs (16 steps, 8 warmup) but stopped after 1: still in warmup
+    assert lrs(schedule_epochs=4) == pytest.approx([0.0, 0.125, 0.25, 0.375])
+
+
+class _RecordLR(L.Callback):
+    def __init__(self, seen):
+        self.seen = seen
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append(trainer.optimizers[0].param_groups[0]["lr"])
