@@ -96,6 +96,9 @@ class PreferenceModule(L.LightningModule):
         _check_hyperparameters(self)
         self.policy: Optional[nn.Module] = None
         self.reference: Optional[nn.Module] = None
+        # (optimizer steps, epochs they span) of one LR schedule; set by the SelfPlay callback when
+        # it restarts the optimizer every iteration. None: the whole fit is one schedule.
+        self.schedule_override: Optional[tuple[int, int]] = None
 
     # ----------------------------------------------------------------------------- models
     def configure_model(self) -> None:
@@ -197,9 +200,13 @@ class PreferenceModule(L.LightningModule):
             optimizer = torch.optim.RMSprop(params, lr=hp.lr, weight_decay=hp.weight_decay)
         else:
             optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        if hp.schedule_epochs is not None and self.trainer.max_epochs:
-            total = max(1, round(total * hp.schedule_epochs / self.trainer.max_epochs))
+        if self.schedule_override is not None:
+            total, epochs = self.schedule_override
+        else:
+            total, epochs = int(self.trainer.estimated_stepping_batches), self.trainer.max_epochs
+        if hp.schedule_epochs is not None and epochs:
+            total = round(total * hp.schedule_epochs / epochs)
+        total = max(1, total)
         warmup = math.ceil(hp.warmup_ratio * total)  # as HF Trainer rounds it
         scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -27,7 +27,7 @@ def run(*args, check=True):
 
 def fit(tmp_path, tiny_llama, *extra, check=True, subcommand="fit"):
     return run(
-        subcommand, "--config", "configs/quickstart.yaml",
+        subcommand, "--config", "configs/tiny_pairs.yaml",
         "--model.model_name_or_path", tiny_llama,
         "--trainer.default_root_dir", tmp_path,
         "--trainer.logger.init_args.save_dir", tmp_path,

@@ -2,5 +2,6 @@
 
 from sppo_lightning.data.preference import PreferenceDataModule
 from sppo_lightning.data.rows import DataError
+from sppo_lightning.data.self_play import SelfPlayDataModule
 
-__all__ = ["DataError", "PreferenceDataModule"]
+__all__ = ["DataError", "PreferenceDataModule", "SelfPlayDataModule"]

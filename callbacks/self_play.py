@@ -1,0 +1,357 @@
+"""``SelfPlay``: builds each SPPO iteration's data from the current policy, stage by stage.
+
+At the start of iteration t (one iteration = ``data.epochs_per_iteration`` epochs) the policy π_t:
+
+1. **generates** K responses per prompt (``generation.sample_responses``);
+2. the ranker scores all K(K-1) ordered pairs; ``s_i = mean_j(M_ij - M_ji)``;
+3. **estimates** ``P̂ = σ(s_i - s_j)``, ``p_win``, and picks chosen = argmax s, rejected = argmin s
+   (prompts whose K scores all tie are dropped and counted);
+4. computes the **reference log-probs** of chosen and rejected under π_t, once: π_t *is* the
+   reference of iteration t, so training runs no reference model;
+5. **persists** every stage to ``<run_dir>/iteration_<t>/`` (``sppo_lightning.artifacts``), so a
+   restarted run reuses what is finished.
+
+Then the module trains on the pairs with the SPPO loss. At the end of the iteration the policy's
+win rate against the initial policy is measured on held-out prompts with the same ranker, and a
+summary row is printed and saved to ``<run_dir>/summary.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from sppo_lightning.artifacts import IterationArtifacts, atomic_write_json
+from sppo_lightning.data.self_play import SelfPlayDataModule
+from sppo_lightning.data.tokenize import collate_pairs
+from sppo_lightning.errors import ConfigError, DataError
+from sppo_lightning.generation import sample_responses
+from sppo_lightning.ranking import Ranker, scores_from_pairwise, select_pairs
+
+
+class SelfPlay(L.Callback):
+    """Drives :class:`~sppo_lightning.data.self_play.SelfPlayDataModule` through the SPPO stages.
+
+    Args:
+        ranker: the preference oracle (``PairRMRanker``, ``RewardModelRanker``, ``FunctionJudge``).
+        num_samples: K responses per prompt (any K ≥ 2; the paper uses 5).
+        temperature, top_p, max_new_tokens: sampling (paper: 0.7, 0.9, 2048).
+        generation_batch_size: prompts per ``generate`` call.
+        reference_batch_size: pairs per forward when computing the reference log-probs.
+        seed: fixes every sample; iteration t and the win-rate evaluation draw their own streams.
+        run_dir: where the iterations' data go; default ``<trainer.default_root_dir>/self_play``.
+            Keep it to resume a run.
+        reset_optimizer: a fresh optimizer and LR schedule every iteration, as the official
+            pipeline (a new training job per iteration) does.
+        eval_samples: responses per held-out prompt for the win rate against the initial policy.
+        log_samples: how many prompts with their chosen/rejected responses to log per iteration.
+        show_progress: progress bars for generation and ranking.
+    """
+
+    def __init__(
+        self,
+        ranker: Ranker,
+        num_samples: int = 5,
+        temperature: float = 0.7,
+        top_p: float = 0.9,
+        max_new_tokens: int = 512,
+        generation_batch_size: int = 16,
+        reference_batch_size: int = 8,
+        seed: int = 0,
+        run_dir: Optional[str] = None,
+        reset_optimizer: bool = True,
+        eval_samples: int = 1,
+        log_samples: int = 3,
+        show_progress: bool = True,
+    ) -> None:
+        self.ranker = ranker
+        self.num_samples, self.temperature, self.top_p = num_samples, temperature, top_p
+        self.max_new_tokens = max_new_tokens
+        self.generation_batch_size, self.reference_batch_size = generation_batch_size, reference_batch_size
+        self.seed, self.run_dir_setting, self.reset_optimizer = seed, run_dir, reset_optimizer
+        self.eval_samples, self.log_samples, self.show_progress = eval_samples, log_samples, show_progress
+        self.summary: list[dict[str, Any]] = []
+        self.stats: dict[int, dict[str, Any]] = {}
+
+    # ------------------------------------------------------------------------------ wiring
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        checks = [
+            (self.num_samples >= 2, f"num_samples (K) must be at least 2 to form a pair, got {self.num_samples}"),
+            (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {self.max_new_tokens}"),
+            (self.generation_batch_size >= 1 and self.reference_batch_size >= 1, "batch sizes must be at least 1"),
+            (self.eval_samples >= 1, f"eval_samples must be at least 1, got {self.eval_samples}"),
+            (hasattr(self.ranker, "pairwise_logits"), "ranker must have pairwise_logits(prompts, candidates)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"SelfPlay: {message}")
+        datamodule = trainer.datamodule
+        if not isinstance(datamodule, SelfPlayDataModule):
+            raise ConfigError("the SelfPlay callback needs data.class_path: sppo_lightning.data.SelfPlayDataModule")
+        if getattr(pl_module, "reference_mode", None) == "copy":
+            rank_zero_warn("self-play caches π_t's log-probs as the reference; set model.reference: cached "
+                           "to free the frozen copy of the initial policy it now holds for nothing")
+        self.trainer, self.module, self.datamodule = trainer, pl_module, datamodule
+        self.run_dir = Path(self.run_dir_setting or Path(trainer.default_root_dir) / "self_play")
+        datamodule.builder = self.build_iteration
+        # Each epoch start asks the data module for its loader: the new iteration's pairs.
+        trainer.reload_dataloaders_every_n_epochs = 1
+        summary_path = self.run_dir / "summary.json"
+        if summary_path.exists():  # a resumed run keeps the rows of the iterations it finished
+            self.summary = json.loads(summary_path.read_text())["iterations"]
+
+    def _settings(self, prompts: list) -> dict[str, Any]:
+        prompt_hash = hashlib.sha256(json.dumps([p.ids for p in prompts]).encode()).hexdigest()[:16]
+        ranker = {"class": type(self.ranker).__name__}
+        for attr in ("path", "function_path"):
+            if hasattr(self.ranker, attr):
+                ranker[attr] = str(getattr(self.ranker, attr))
+        return {
+            "num_samples": self.num_samples, "temperature": self.temperature, "top_p": self.top_p,
+            "max_new_tokens": self.max_new_tokens, "seed": self.seed, "ranker": ranker,
+            "prompts": prompt_hash, "generation_batch_size": self.generation_batch_size,
+        }
+
+    # ------------------------------------------------------------------------------ the stages
+    def build_iteration(self, iteration: int) -> list[dict[str, Any]]:
+        """Make (or reload) iteration t's training pairs. Called by the data module."""
+        prompts = self.datamodule.iteration_prompts(iteration)
+        artifacts = IterationArtifacts(self.run_dir, iteration, self._settings(prompts))
+        if iteration == 0 and self.datamodule.eval_prompts:
+            self._initial_eval()
+        generations = artifacts.load("generations")
+        if generations is None:
+            generations = self._generate(prompts, iteration)
+            artifacts.save("generations", generations, seconds=self._last_seconds)
+        rankings = artifacts.load("rankings")
+        if rankings is None:
+            rankings = self._rank(generations)
+            artifacts.save("rankings", rankings, seconds=self._last_seconds)
+        pairs = artifacts.load("train")
+        if pairs is None:
+            pairs, ties = self._estimate(generations, rankings, iteration)
+            self._reference_logps(pairs)
+            artifacts.save("train", pairs, seconds=self._last_seconds, ties_dropped=ties)
+        ties = artifacts.info("train").get("ties_dropped", 0)
+        if not pairs:
+            raise DataError(f"iteration {iteration}: all {len(prompts)} prompts tied (every response scored "
+                            f"the same); nothing to train on. Raise temperature or num_samples, or check the ranker")
+        self.stats[iteration] = {
+            "pairs": len(pairs),
+            "ties_dropped": ties,
+            "chosen_p_win": sum(p["chosen_probs_win"] for p in pairs) / len(pairs),
+            "rejected_p_win": sum(p["chosen_probs_lose"] for p in pairs) / len(pairs),
+            "seconds": {s: artifacts.info(n).get("seconds", 0.0) for s, n in
+                        (("generate", "generations"), ("rank", "rankings"), ("reference", "train"))},
+        }
+        self._write_samples(artifacts.dir, pairs)
+        return [
+            {k: p[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids", "chosen_probs", "chosen_probs_win",
+                               "chosen_probs_lose", "reference_chosen_logps", "reference_rejected_logps")}
+            for p in pairs
+        ]
+
+    def _sample(self, prompt_ids: list[list[int]], num_samples: int, seed: int) -> list[list[list[int]]]:
+        return sample_responses(
+            self.module.policy, self.datamodule.tokenizer, prompt_ids, num_samples,
+            temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
+            batch_size=self.generation_batch_size, seed=seed, show_progress=self.show_progress,
+        )
+
+    def _generate(self, prompts: list, iteration: int) -> list[dict[str, Any]]:
+        start = time.perf_counter()
+        tokenizer = self.datamodule.tokenizer
+        responses = self._sample([p.ids for p in prompts], self.num_samples, seed=self.seed * 7_919 + iteration)
+        rows = []
+        for prompt, ids in zip(prompts, responses):
+            rows.append({
+                "prompt_index": prompt.index, "prompt": prompt.text, "prompt_messages": prompt.messages,
+                "prompt_ids": prompt.ids, "response_ids": ids,
+                "responses": tokenizer.batch_decode(ids, skip_special_tokens=True),
+            })
+        self._last_seconds = time.perf_counter() - start
+        return rows
+
+    def _rank(self, generations: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        start = time.perf_counter()
+        pairwise = self.ranker.pairwise_logits([g["prompt"] for g in generations], [g["responses"] for g in generations])
+        scores = scores_from_pairwise(pairwise.double())
+        self._last_seconds = time.perf_counter() - start
+        return [{"prompt_index": g["prompt_index"], "pairwise_logits": m.tolist(), "rm_scores": s.tolist()}
+                for g, m, s in zip(generations, pairwise, scores)]
+
+    def _estimate(self, generations: list[dict], rankings: list[dict], iteration: int) -> tuple[list[dict], int]:
+        scores = torch.tensor([r["rm_scores"] for r in rankings], dtype=torch.float64)
+        picked = select_pairs(scores, where=f"iteration {iteration} ranking")
+        pairs, ties = [], 0
+        for n, (gen, rank) in enumerate(zip(generations, rankings)):
+            w, l = int(picked.chosen[n]), int(picked.rejected[n])
+            if not picked.keep[n] or gen["response_ids"][w] == gen["response_ids"][l]:
+                ties += 1  # never train on chosen == rejected
+                continue
+            conversation = gen["prompt_messages"]
+            probability, _ = _probability_row(scores[n])
+            pairs.append({
+                "prompt_index": gen["prompt_index"], "prompt": gen["prompt"], "prompt_ids": gen["prompt_ids"],
+                "chosen": conversation + [{"role": "assistant", "content": gen["responses"][w]}],
+                "rejected": conversation + [{"role": "assistant", "content": gen["responses"][l]}],
+                "chosen_ids": gen["response_ids"][w], "rejected_ids": gen["response_ids"][l],
+                "chosen_index": w, "rejected_index": l,
+                "chosen_probs": float(picked.chosen_probs[n]),
+                "chosen_probs_win": float(picked.chosen_probs_win[n]),
+                "chosen_probs_lose": float(picked.chosen_probs_lose[n]),
+                "rm_scores": rank["rm_scores"], "probability": probability,
+                **{f"generate_{k}": conversation + [{"role": "assistant", "content": r}]
+                   for k, r in enumerate(gen["responses"])},
+            })
+        if ties:
+            rank_zero_info(f"iteration {iteration}: dropped {ties} prompt(s) whose responses all scored the same")
+        return pairs, ties
+
+    @torch.no_grad()
+    def _reference_logps(self, pairs: list[dict[str, Any]]) -> None:
+        """Summed log-probs of chosen and rejected under π_t (eval mode), stored on each pair."""
+        start = time.perf_counter()
+        policy = self.module.policy
+        was_training = policy.training
+        policy.eval()
+        pad = self.datamodule.tokenizer.pad_token_id
+        try:
+            for begin in range(0, len(pairs), self.reference_batch_size):
+                chunk = pairs[begin : begin + self.reference_batch_size]
+                batch = collate_pairs(chunk, pad)
+                batch = {k: v.to(self.module.device) for k, v in batch.items()}
+                logps = self.module.sequence_logps(policy, batch).sum.cpu().tolist()
+                for k, pair in enumerate(chunk):
+                    pair["reference_chosen_logps"] = logps[k]
+                    pair["reference_rejected_logps"] = logps[len(chunk) + k]
+        finally:
+            policy.train(was_training)
+        self._last_seconds = time.perf_counter() - start
+
+    # ------------------------------------------------------------------------------ win rate
+    def _eval_seed(self) -> int:
+        return self.seed * 7_919 + 999_983  # one stream for every evaluation: paired samples
+
+    def _initial_eval(self) -> list[list[list[int]]]:
+        """The initial policy's responses to the held-out prompts, sampled once and kept."""
+        path = self.run_dir / "initial_eval.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        prompts = self.datamodule.eval_prompts
+        responses = self._sample([p.ids for p in prompts], self.eval_samples, self._eval_seed())
+        atomic_write_json(path, responses)
+        return responses
+
+    def win_rate_vs_initial(self) -> float:
+        """P(current policy's response beats the initial policy's), judged by the ranker on the
+        held-out prompts; ties count one half."""
+        prompts = self.datamodule.eval_prompts
+        tokenizer = self.datamodule.tokenizer
+        initial = self._initial_eval()
+        current = self._sample([p.ids for p in prompts], self.eval_samples, self._eval_seed())
+        texts, cands = [], []
+        for prompt, new, old in zip(prompts, current, initial):
+            for a, b in zip(tokenizer.batch_decode(new, skip_special_tokens=True),
+                            tokenizer.batch_decode(old, skip_special_tokens=True)):
+                texts.append(prompt.text)
+                cands.append([a, b])
+        m = self.ranker.pairwise_logits(texts, cands)
+        margin = (m[:, 0, 1] - m[:, 1, 0]).double()
+        return float(((margin > 0).double() + 0.5 * (margin == 0).double()).mean())
+
+    # ------------------------------------------------------------------------------ hooks
+    def _iteration_bounds(self, trainer: L.Trainer) -> tuple[int, bool, bool]:
+        per = self.datamodule.epochs_per_iteration
+        epoch = trainer.current_epoch
+        return epoch // per, epoch % per == 0, (epoch + 1) % per == 0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        iteration, starts, _ = self._iteration_bounds(trainer)
+        if not starts:
+            return
+        self._train_start = time.perf_counter()
+        if self.reset_optimizer:
+            steps = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+            pl_module.schedule_override = (steps * self.datamodule.epochs_per_iteration,
+                                           self.datamodule.epochs_per_iteration)
+            trainer.strategy.setup_optimizers(trainer)
+        stats = self.stats.get(iteration, {})
+        for key in ("chosen_p_win", "rejected_p_win", "ties_dropped", "pairs"):
+            if key in stats:
+                pl_module.log(f"self_play/{key}", float(stats[key]), on_epoch=True, on_step=False)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        iteration, _, ends = self._iteration_bounds(trainer)
+        if not ends:
+            return
+        stats = self.stats.get(iteration, {})
+        row: dict[str, Any] = {"iteration": iteration + 1, **{k: v for k, v in stats.items() if k != "seconds"}}
+        if self.datamodule.eval_prompts:
+            start = time.perf_counter()
+            row["win_rate_vs_initial"] = self.win_rate_vs_initial()
+            pl_module.log("self_play/win_rate_vs_initial", row["win_rate_vs_initial"], on_epoch=True, on_step=False)
+            eval_seconds = time.perf_counter() - start
+        else:
+            eval_seconds = 0.0
+        loss = trainer.callback_metrics.get("train/loss")
+        row["final_loss"] = float(loss) if loss is not None else None
+        row["seconds"] = {**stats.get("seconds", {}),
+                          "train": time.perf_counter() - getattr(self, "_train_start", time.perf_counter()),
+                          "evaluate": eval_seconds}
+        self.summary = [r for r in self.summary if r["iteration"] != row["iteration"]] + [row]
+        if trainer.is_global_zero:
+            atomic_write_json(self.run_dir / "summary.json", {"iterations": self.summary})
+        rank_zero_info(format_row(row))
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.summary:
+            lines = [format_row(r) for r in self.summary]
+            rank_zero_info("Self-play summary (also in {}):\n  {}".format(self.run_dir / "summary.json",
+                                                                          "\n  ".join(lines)))
+
+    def _write_samples(self, folder: Path, pairs: list[dict[str, Any]]) -> None:
+        if not self.trainer.is_global_zero or self.log_samples <= 0:
+            return
+        rows = [[p["prompt"], p["chosen"][-1]["content"], p["rejected"][-1]["content"],
+                 round(p["chosen_probs_win"], 3), round(p["chosen_probs_lose"], 3)] for p in pairs[: self.log_samples]]
+        columns = ["prompt", "chosen", "rejected", "chosen_p_win", "rejected_p_win"]
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in r) + " |" for r in rows]
+        (folder / "samples.md").write_text("\n".join(lines) + "\n")
+        for logger in self.trainer.loggers:
+            if hasattr(logger, "log_text"):  # W&B; others get samples.md in the iteration folder
+                logger.log_text(key="self_play/samples", columns=columns, data=rows)
+
+
+def _probability_row(scores: torch.Tensor) -> tuple[list[list[float]], list[float]]:
+    from sppo_lightning.ranking import win_probabilities
+
+    pairwise, win_rate = win_probabilities(scores.unsqueeze(0))
+    return pairwise[0].tolist(), win_rate[0].tolist()
+
+
+def format_row(row: dict[str, Any]) -> str:
+    parts = [f"iteration {row['iteration']}"]
+    if row.get("win_rate_vs_initial") is not None:
+        parts.append(f"win rate vs initial {row['win_rate_vs_initial']:.3f}")
+    if "chosen_p_win" in row:
+        parts.append(f"p_win chosen {row['chosen_p_win']:.3f} / rejected {row['rejected_p_win']:.3f}")
+    parts.append(f"pairs {row.get('pairs', 0)} (ties dropped {row.get('ties_dropped', 0)})")
+    if row.get("final_loss") is not None:
+        parts.append(f"final loss {row['final_loss']:.4g}")
+    seconds = row.get("seconds", {})
+    parts.append("time " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
+    return " | ".join(parts)

@@ -1,0 +1,79 @@
+"""Prompt files for self-play: load, check, chat-template (token ids are kept from here on)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from sppo_lightning.data.rows import ROLES, load_records
+from sppo_lightning.data.tokenize import encode_prompt
+from sppo_lightning.errors import DataError
+
+
+@dataclass
+class Prompt:
+    index: int  # row in the prompt file
+    messages: list[dict[str, str]]  # the conversation to answer, ending with a user turn
+    text: str  # what a ranker or judge reads: the turns' contents, blank-line separated
+    ids: list[int]  # templated prompt with generation prompt, at most max_prompt_length tokens
+
+
+def load_prompts(
+    source: str,
+    tokenizer: PreTrainedTokenizerBase,
+    max_prompt_length: int,
+    column: str = "prompt",
+    split: str = "train",
+    skip_bad_rows: bool = False,
+) -> tuple[list[Prompt], int, list[str]]:
+    """Read prompts from a file, saved dataset or hub name.
+
+    A row's ``column`` is a string (one user turn) or a list of ``{role, content}`` messages ending
+    with the user's turn. Prompts longer than ``max_prompt_length`` tokens keep their end (and BOS).
+
+    Returns the prompts, how many were truncated, and the messages of skipped rows.
+    """
+    records = load_records(source, split)
+    if not records:
+        raise DataError(f"{source}: no prompts")
+    if column not in records[0]:
+        raise DataError(f"{source}: missing column '{column}'; found {sorted(records[0])} (set data.prompt_column)")
+    prompts, skipped, truncated = [], [], 0
+    for i, record in enumerate(records):
+        try:
+            messages = _messages(record.get(column))
+        except ValueError as err:
+            message = f"{source}: row {i}: column '{column}': {err}"
+            if not skip_bad_rows:
+                raise DataError(message) from None
+            skipped.append(message)
+            continue
+        ids = encode_prompt(tokenizer, messages)
+        if len(ids) > max_prompt_length:
+            truncated += 1
+            keep_bos = tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
+            ids = ([ids[0]] if keep_bos else []) + ids[-(max_prompt_length - keep_bos):]
+        text = "\n\n".join(m["content"] for m in messages if m["role"] != "system")
+        prompts.append(Prompt(i, messages, text, ids))
+    if not prompts:
+        raise DataError(f"{source}: every prompt is bad ({len(skipped)} skipped); first: {skipped[0]}")
+    return prompts, truncated, skipped
+
+
+def _messages(value: Any) -> list[dict[str, str]]:
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError("empty prompt")
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"expected a string or a list of messages, got {type(value).__name__}")
+    messages = []
+    for turn, m in enumerate(value):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(f"turn {turn}: expected {{'role': one of {ROLES}, 'content': <string>}}")
+        messages.append({"role": m["role"], "content": m["content"]})
+    if messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
+        raise ValueError("the last turn must be a non-empty user turn")
+    return messages

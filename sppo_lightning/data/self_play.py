@@ -1,0 +1,133 @@
+"""``SelfPlayDataModule``: prompts in, each iteration's generated and ranked pairs out."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable, Optional
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from sppo_lightning.data.prompts import Prompt, load_prompts
+from sppo_lightning.data.tokenize import collate_pairs
+from sppo_lightning.errors import ConfigError
+from sppo_lightning.models import load_tokenizer
+
+# What the SelfPlay callback registers: iteration t -> that iteration's training examples.
+IterationBuilder = Callable[[int], list[dict[str, Any]]]
+
+
+class SelfPlayDataModule(L.LightningDataModule):
+    """Serves the pairs of the current SPPO iteration; one iteration = ``epochs_per_iteration`` epochs.
+
+    The pairs do not exist before the iteration starts: ``train_dataloader()`` asks the
+    :class:`~sppo_lightning.callbacks.self_play.SelfPlay` callback to build them (generate with the
+    current policy, rank, estimate win rates, cache reference log-probs), so each iteration samples
+    from the policy as it is at that moment. Lightning requests the loader at every epoch start.
+
+    Args:
+        prompts: prompt file (json/jsonl/parquet), saved dataset folder or hub name.
+        eval_prompts: held-out prompts for the win rate against the initial policy.
+        tokenizer: linked to ``model.model_name_or_path`` by the CLI.
+        prompt_column: the column holding a prompt string or a list of messages.
+        split / eval_split: splits for saved dataset folders and hub datasets.
+        prompts_per_iteration: use a fresh slice of this many prompts each iteration (the paper's
+            disjoint splits); None uses every prompt every iteration.
+        epochs_per_iteration: training epochs on each iteration's data (official runs: 1).
+        max_prompt_length: prompt tokens kept (from the end, BOS kept); a count is logged.
+        batch_size: pairs per training batch.
+        skip_bad_rows: skip bad prompts with a counted warning instead of stopping.
+    """
+
+    def __init__(
+        self,
+        prompts: str,
+        eval_prompts: Optional[str] = None,
+        tokenizer: Optional[str] = None,
+        prompt_column: str = "prompt",
+        split: str = "train",
+        eval_split: str = "test",
+        prompts_per_iteration: Optional[int] = None,
+        epochs_per_iteration: int = 1,
+        max_prompt_length: int = 512,
+        batch_size: int = 8,
+        skip_bad_rows: bool = False,
+        num_workers: int = 0,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.prompts_source, self.eval_source = prompts, eval_prompts
+        self.tokenizer_name = tokenizer
+        self.prompt_column, self.split, self.eval_split = prompt_column, split, eval_split
+        self.prompts_per_iteration = prompts_per_iteration
+        self.epochs_per_iteration = epochs_per_iteration
+        self.max_prompt_length = max_prompt_length
+        self.batch_size = batch_size
+        self.skip_bad_rows, self.num_workers = skip_bad_rows, num_workers
+        self.trust_remote_code = trust_remote_code
+        self.tokenizer: Optional[PreTrainedTokenizerBase] = None
+        self.prompts: list[Prompt] = []
+        self.eval_prompts: list[Prompt] = []
+        self.builder: Optional[IterationBuilder] = None
+        self.pairs: list[dict[str, Any]] = []
+        self._built_iteration: Optional[int] = None
+
+    def setup(self, stage: str) -> None:
+        for key, value in (("epochs_per_iteration", self.epochs_per_iteration), ("batch_size", self.batch_size),
+                           ("max_prompt_length", self.max_prompt_length)):
+            if value < 1:
+                raise ConfigError(f"data.{key} must be at least 1, got {value}")
+        if self.prompts_per_iteration is not None and self.prompts_per_iteration < 1:
+            raise ConfigError(f"data.prompts_per_iteration must be at least 1, got {self.prompts_per_iteration}")
+        if self.tokenizer is None:
+            if self.tokenizer_name is None:
+                raise ConfigError("data.tokenizer is not set (the CLI links it to model.model_name_or_path)")
+            self.tokenizer = load_tokenizer(self.tokenizer_name, self.trust_remote_code)
+        if not self.prompts:
+            self.prompts = self._load(self.prompts_source, self.split)
+        if self.eval_source is not None and not self.eval_prompts:
+            self.eval_prompts = self._load(self.eval_source, self.eval_split)
+
+    def _load(self, source: str, split: str) -> list[Prompt]:
+        prompts, truncated, skipped = load_prompts(
+            source, self.tokenizer, self.max_prompt_length, self.prompt_column, split, self.skip_bad_rows
+        )
+        if skipped:
+            rank_zero_warn(f"{source}: skipped {len(skipped)} bad prompt(s); first: {skipped[0]}")
+        if truncated:
+            rank_zero_info(f"{source}: {truncated} prompt(s) longer than {self.max_prompt_length} tokens kept their end")
+        return prompts
+
+    def iteration_of(self, epoch: int) -> int:
+        return epoch // self.epochs_per_iteration
+
+    def iteration_prompts(self, iteration: int) -> list[Prompt]:
+        """The prompts of iteration t: all of them, or the t-th slice of ``prompts_per_iteration``
+        (wrapping around when the file runs out)."""
+        n = self.prompts_per_iteration
+        if n is None or n >= len(self.prompts):
+            return list(self.prompts)
+        start = (iteration * n) % len(self.prompts)
+        picked = self.prompts[start : start + n]
+        return picked + self.prompts[: n - len(picked)]
+
+    def train_dataloader(self) -> DataLoader:
+        iteration = self.iteration_of(self.trainer.current_epoch if self.trainer else 0)
+        if self._built_iteration != iteration:
+            if self.builder is None:
+                raise ConfigError(
+                    "SelfPlayDataModule needs the SelfPlay callback in trainer.callbacks "
+                    "(class_path: sppo_lightning.callbacks.self_play.SelfPlay): it makes each iteration's data"
+                )
+            self.pairs = self.builder(iteration)
+            self._built_iteration = iteration
+        return DataLoader(
+            self.pairs,
+            batch_size=self.batch_size,
+            shuffle=True,
+            collate_fn=partial(collate_pairs, pad_token_id=self.tokenizer.pad_token_id),
+            num_workers=self.num_workers,
+        )

@@ -1,0 +1,113 @@
+"""Sampling K responses per prompt from the current policy: batched, left-padded, seeded."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+def batch_seed(seed: int, batch_index: int) -> int:
+    """The seed of one generation batch. Batches are numbered globally, so a prompt gets the same
+    samples whichever rank draws its batch, and with any number of ranks."""
+    return (seed * 1_000_003 + batch_index) % (2**63 - 1)
+
+
+def eos_ids(model: nn.Module, tokenizer) -> set[int]:
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+@torch.no_grad()
+def sample_responses(
+    model: nn.Module,
+    tokenizer,
+    prompt_ids: Sequence[list[int]],
+    num_samples: int,
+    *,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    max_new_tokens: int = 512,
+    batch_size: int = 16,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    show_progress: bool = False,
+) -> list[list[list[int]]]:
+    """Sample ``num_samples`` responses for each prompt with ``model.generate``.
+
+    Args:
+        prompt_ids: N templated prompts (token ids, generation prompt included).
+        batch_size: prompts per ``generate`` call (each expands to ``batch_size * num_samples`` rows
+            with ``num_return_sequences``: one prefill per prompt, not K).
+        seed: with the batch index, fixes every sample: the same seed gives the same responses.
+        rank / world_size: this process draws batches ``rank, rank + world_size, ...``; the caller
+            gathers. Prompts are not reordered, so batches are identical across world sizes.
+
+    Returns:
+        ``[N][num_samples]`` response token ids, each ending with its EOS when the model stopped
+        (no EOS when it hit ``max_new_tokens``), no padding. Only the rows this rank drew are
+        filled; the others are empty lists.
+    """
+    device = next(model.parameters()).device
+    stop = eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(stop))
+    was_training = model.training
+    model.eval()
+    results: list[list[list[int]]] = [[] for _ in prompt_ids]
+    batches = list(range(0, len(prompt_ids), batch_size))
+    mine = [b for i, b in enumerate(batches) if i % world_size == rank]
+    try:
+        for start in tqdm(mine, desc="generating", disable=not show_progress):
+            chunk = prompt_ids[start : start + batch_size]
+            width = max(len(p) for p in chunk)
+            # Left padding: every prompt ends at the same column, where generation starts.
+            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, ids in enumerate(chunk):
+                input_ids[row, width - len(ids):] = torch.tensor(ids)
+                attention_mask[row, width - len(ids):] = 1
+            devices = [device] if device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(batch_seed(seed, start // batch_size))
+                out = model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    do_sample=True,
+                    temperature=temperature,
+                    top_p=top_p,
+                    top_k=0,  # vLLM's and the paper's sampling: no top-k cut
+                    max_new_tokens=max_new_tokens,
+                    num_return_sequences=num_samples,
+                    pad_token_id=pad_id,
+                    use_cache=True,
+                )
+            new_tokens = out[:, width:].tolist()
+            for row, tokens in enumerate(new_tokens):
+                results[start + row // num_samples].append(_cut_at_eos(tokens, stop))
+    finally:
+        model.train(was_training)
+    return results
+
+
+def _cut_at_eos(tokens: list[int], stop: set[int]) -> list[int]:
+    for position, token in enumerate(tokens):
+        if token in stop:
+            return tokens[: position + 1]
+    return tokens
+
+
+def gather_responses(local: list[list[list[int]]], world_size: int) -> list[list[list[int]]]:
+    """Merge every rank's ``sample_responses`` output (each fills its own rows)."""
+    if world_size == 1:
+        return local
+    import torch.distributed as dist
+
+    gathered: list[Optional[list]] = [None] * world_size
+    dist.all_gather_object(gathered, local)
+    return [next((part[i] for part in gathered if part[i]), []) for i in range(len(local))]

@@ -1,0 +1,61 @@
+"""``FunctionJudge``: a Python function as the preference oracle."""
+
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from sppo_lightning.errors import ConfigError, DataError
+
+
+def import_function(path: str) -> Callable:
+    """Import ``"package.module:function"`` (or ``"package.module.function"``)."""
+    module_name, _, attr = path.partition(":") if ":" in path else path.rpartition(".")
+    if not module_name or not attr:
+        raise ConfigError(f"judge function {path!r} must look like 'package.module:function'")
+    try:
+        function = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"cannot import the judge function {path!r}: {err}") from None
+    if not callable(function):
+        raise ConfigError(f"the judge {path!r} is not callable")
+    return function
+
+
+class FunctionJudge:
+    """Scores each (prompt, response) with ``function(prompt, response) -> float``, higher better.
+
+    The function is named by import path in the config and imported when the judge is built; it
+    is the only code this framework runs from a config, and nothing is ever run from data. Pair
+    logits are reward differences, ``M_ij = r_i - r_j``, so any ranker-agnostic code (SPPO's
+    estimate, win rates) treats it like PairRM.
+
+    Args:
+        function: import path, e.g. ``sppo_lightning.ranking.judges:known_words``.
+    """
+
+    def __init__(self, function: str) -> None:
+        self.function_path = function
+        self.function = import_function(function)
+
+    def rewards(self, prompts: list[str], candidates: list[list[str]]) -> Tensor:
+        """``[N, K]`` float64 rewards."""
+        out = torch.empty(len(prompts), len(candidates[0]) if candidates else 0, dtype=torch.float64)
+        for n, (prompt, cands) in enumerate(zip(prompts, candidates)):
+            for k, response in enumerate(cands):
+                value = self.function(prompt, response)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    raise DataError(
+                        f"judge {self.function_path}: prompt row {n}, candidate {k}: returned {value!r}, "
+                        f"not a finite number"
+                    )
+                out[n, k] = float(value)
+        return out
+
+    def pairwise_logits(self, prompts: list[str], candidates: list[list[str]]) -> Tensor:
+        rewards = self.rewards(prompts, candidates)
+        return rewards.unsqueeze(-1) - rewards.unsqueeze(-2)
