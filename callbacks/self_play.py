@@ -33,7 +33,7 @@ from sppo_lightning.artifacts import IterationArtifacts, atomic_write_json
 from sppo_lightning.data.self_play import SelfPlayDataModule
 from sppo_lightning.data.tokenize import collate_pairs
 from sppo_lightning.errors import ConfigError, DataError
-from sppo_lightning.generation import sample_responses
+from sppo_lightning.generation import gather_responses, sample_responses
 from sppo_lightning.ranking import Ranker, scores_from_pairwise, select_pairs
 
 
@@ -131,19 +131,10 @@ class SelfPlay(L.Callback):
         artifacts = IterationArtifacts(self.run_dir, iteration, self._settings(prompts))
         if iteration == 0 and self.datamodule.eval_prompts:
             self._initial_eval()
-        generations = artifacts.load("generations")
-        if generations is None:
-            generations = self._generate(prompts, iteration)
-            artifacts.save("generations", generations, seconds=self._last_seconds)
-        rankings = artifacts.load("rankings")
-        if rankings is None:
-            rankings = self._rank(generations)
-            artifacts.save("rankings", rankings, seconds=self._last_seconds)
-        pairs = artifacts.load("train")
-        if pairs is None:
-            pairs, ties = self._estimate(generations, rankings, iteration)
-            self._reference_logps(pairs)
-            artifacts.save("train", pairs, seconds=self._last_seconds, ties_dropped=ties)
+        generations = self._stage(artifacts, "generations", lambda: self._generate(prompts, iteration),
+                                  on_every_rank=True)
+        rankings = self._stage(artifacts, "rankings", lambda: self._rank(generations))
+        pairs = self._stage(artifacts, "train", lambda: self._pairs(generations, rankings, iteration))
         ties = artifacts.info("train").get("ties_dropped", 0)
         if not pairs:
             raise DataError(f"iteration {iteration}: all {len(prompts)} prompts tied (every response scored "
@@ -164,14 +155,36 @@ class SelfPlay(L.Callback):
         ]
 
     def _sample(self, prompt_ids: list[list[int]], num_samples: int, seed: int) -> list[list[list[int]]]:
-        return sample_responses(
+        """Every rank samples its share of the prompt batches; all ranks get the whole result."""
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        local = sample_responses(
             self.module.policy, self.datamodule.tokenizer, prompt_ids, num_samples,
             temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
-            batch_size=self.generation_batch_size, seed=seed, show_progress=self.show_progress,
+            batch_size=self.generation_batch_size, seed=seed, rank=rank, world_size=world,
+            show_progress=self.show_progress and self.trainer.is_global_zero,
         )
+        return gather_responses(local, world)
 
-    def _generate(self, prompts: list, iteration: int) -> list[dict[str, Any]]:
-        start = time.perf_counter()
+    def _stage(self, artifacts: IterationArtifacts, stage: str, compute, on_every_rank: bool = False) -> list[dict]:
+        """A finished stage is read back; otherwise ``compute()`` makes its rows and rank 0 writes them.
+
+        Generation runs on every rank (each samples its share, then all gather); ranking and the
+        reference log-probs run on rank 0 alone, and the other ranks read its file.
+        """
+        # Rank 0 decides whether the stage is finished, and every rank follows: a rank that looked
+        # for itself could see the file rank 0 has just written and skip a collective the others are in.
+        rows = artifacts.load(stage) if self.trainer.is_global_zero else None
+        if self.trainer.strategy.broadcast(rows is not None):
+            return rows if rows is not None else artifacts.load(stage)
+        if on_every_rank or self.trainer.is_global_zero:
+            start = time.perf_counter()
+            rows, info = compute()
+            if self.trainer.is_global_zero:
+                artifacts.save(stage, rows, seconds=time.perf_counter() - start, **info)
+        self.trainer.strategy.barrier(f"self_play_{stage}")
+        return rows if rows is not None else artifacts.load(stage)
+
+    def _generate(self, prompts: list, iteration: int) -> tuple[list[dict[str, Any]], dict]:
         tokenizer = self.datamodule.tokenizer
         responses = self._sample([p.ids for p in prompts], self.num_samples, seed=self.seed * 7_919 + iteration)
         rows = []
@@ -181,16 +194,18 @@ class SelfPlay(L.Callback):
                 "prompt_ids": prompt.ids, "response_ids": ids,
                 "responses": tokenizer.batch_decode(ids, skip_special_tokens=True),
             })
-        self._last_seconds = time.perf_counter() - start
-        return rows
+        return rows, {}
 
-    def _rank(self, generations: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        start = time.perf_counter()
+    def _rank(self, generations: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict]:
         pairwise = self.ranker.pairwise_logits([g["prompt"] for g in generations], [g["responses"] for g in generations])
         scores = scores_from_pairwise(pairwise.double())
-        self._last_seconds = time.perf_counter() - start
         return [{"prompt_index": g["prompt_index"], "pairwise_logits": m.tolist(), "rm_scores": s.tolist()}
-                for g, m, s in zip(generations, pairwise, scores)]
+                for g, m, s in zip(generations, pairwise, scores)], {}
+
+    def _pairs(self, generations: list[dict], rankings: list[dict], iteration: int) -> tuple[list[dict], dict]:
+        pairs, ties = self._estimate(generations, rankings, iteration)
+        self._reference_logps(pairs)
+        return pairs, {"ties_dropped": ties}
 
     def _estimate(self, generations: list[dict], rankings: list[dict], iteration: int) -> tuple[list[dict], int]:
         scores = torch.tensor([r["rm_scores"] for r in rankings], dtype=torch.float64)
@@ -223,7 +238,6 @@ class SelfPlay(L.Callback):
     @torch.no_grad()
     def _reference_logps(self, pairs: list[dict[str, Any]]) -> None:
         """Summed log-probs of chosen and rejected under π_t (eval mode), stored on each pair."""
-        start = time.perf_counter()
         policy = self.module.policy
         was_training = policy.training
         policy.eval()
@@ -239,7 +253,6 @@ class SelfPlay(L.Callback):
                     pair["reference_rejected_logps"] = logps[len(chunk) + k]
         finally:
             policy.train(was_training)
-        self._last_seconds = time.perf_counter() - start
 
     # ------------------------------------------------------------------------------ win rate
     def _eval_seed(self) -> int:
@@ -248,11 +261,13 @@ class SelfPlay(L.Callback):
     def _initial_eval(self) -> list[list[list[int]]]:
         """The initial policy's responses to the held-out prompts, sampled once and kept."""
         path = self.run_dir / "initial_eval.json"
-        if path.exists():
+        if self.trainer.strategy.broadcast(path.exists()):  # rank 0 decides, as in _stage
             return json.loads(path.read_text())
         prompts = self.datamodule.eval_prompts
         responses = self._sample([p.ids for p in prompts], self.eval_samples, self._eval_seed())
-        atomic_write_json(path, responses)
+        if self.trainer.is_global_zero:
+            atomic_write_json(path, responses)
+        self.trainer.strategy.barrier("self_play_initial_eval")
         return responses
 
     def win_rate_vs_initial(self) -> float:

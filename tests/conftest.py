@@ -21,3 +21,12 @@ def tokenizer(tiny_llama):
     from sppo_lightning.models import load_tokenizer
 
     return load_tokenizer(tiny_llama)
+
+
+@pytest.fixture(scope="session")
+def tiny_pairrm(tmp_path_factory) -> tuple[str, str]:
+    """One tiny random PairRM in both layouts: (llm-blender folder, Hugging Face folder)."""
+    from sppo_lightning.testing import make_tiny_pairrm
+
+    blender_dir, hf_dir = make_tiny_pairrm(tmp_path_factory.mktemp("pairrm"))
+    return str(blender_dir), str(hf_dir)

@@ -1,0 +1,41 @@
+"""One self-play iteration on N CPU processes (DDP, gloo). Run by tests/test_self_play_ddp.py.
+
+    python tests/ddp_self_play.py <model_dir> <out_dir> <devices>
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import lightning as L
+
+from sppo_lightning.callbacks.self_play import SelfPlay
+from sppo_lightning.data import SelfPlayDataModule
+from sppo_lightning.module import PreferenceModule
+from sppo_lightning.ranking import FunctionJudge
+
+QUESTIONS = ["Tell me about the moon.", "What is 2 plus 3?", "Why is the sky blue?", "Name a color.",
+             "What is 4 plus 4?", "Say something about the dog.", "Explain the river.", "Why is the cat good?"]
+
+
+def main(model_dir: str, out_dir: str, devices: int) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = out / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in QUESTIONS))
+    L.seed_everything(0)
+    datamodule = SelfPlayDataModule(prompts=str(prompts), eval_prompts=str(prompts), tokenizer=model_dir,
+                                    batch_size=2, max_prompt_length=32)
+    module = PreferenceModule(model_dir, loss="sppo", eta=10.0, reference="cached", lr=1e-3)
+    callback = SelfPlay(FunctionJudge("sppo_lightning.ranking.judges:shorter"), num_samples=3, max_new_tokens=8,
+                        generation_batch_size=2, run_dir=str(out / "self_play"), show_progress=False)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_epochs=1,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[callback], default_root_dir=str(out),
+    )
+    trainer.fit(module, datamodule=datamodule)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))

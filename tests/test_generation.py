@@ -1,0 +1,71 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from sppo_lightning.data.tokenize import encode_prompt
+from sppo_lightning.generation import sample_responses
+
+
+@pytest.fixture(scope="module")
+def model(tiny_llama):
+    return AutoModelForCausalLM.from_pretrained(tiny_llama)
+
+
+def prompt_ids(tokenizer, n=5):
+    questions = ["Tell me about the moon.", "What is 2 plus 3? Please answer with a whole sentence.", "Hi",
+                 "Why is the sky blue?", "Name three colors of the river at night."]
+    return [encode_prompt(tokenizer, [{"role": "user", "content": q}]) for q in questions[:n]]
+
+
+def sample(model, tokenizer, ids, **kwargs):
+    options = dict(temperature=1.0, top_p=0.95, max_new_tokens=12, batch_size=2, seed=7)
+    options.update(kwargs)
+    return sample_responses(model, tokenizer, ids, options.pop("k", 3), **options)
+
+
+def test_shapes_any_k_and_eos_handling(model, tokenizer):
+    ids = prompt_ids(tokenizer)
+    out = sample(model, tokenizer, ids, k=3)
+    assert len(out) == 5 and all(len(r) == 3 for r in out)
+    for responses in out:
+        for r in responses:
+            assert 1 <= len(r) <= 12
+            # stops at its first EOS, or ran to max_new_tokens without one; never padding inside
+            assert tokenizer.eos_token_id not in r[:-1]
+            assert r[-1] == tokenizer.eos_token_id or len(r) == 12
+    assert len({tuple(r) for responses in out for r in responses}) > 5  # sampled, not greedy
+
+
+def test_same_seed_same_responses(model, tokenizer):
+    ids = prompt_ids(tokenizer)
+    assert sample(model, tokenizer, ids) == sample(model, tokenizer, ids)
+    assert sample(model, tokenizer, ids) != sample(model, tokenizer, ids, seed=8)
+    # generation must not consume the caller's random stream (training stays reproducible)
+    torch.manual_seed(0)
+    sample(model, tokenizer, ids)
+    after = torch.rand(1)
+    torch.manual_seed(0)
+    assert torch.equal(torch.rand(1), after)
+
+
+def test_ranks_draw_disjoint_batches_that_merge_into_the_single_process_result(model, tokenizer):
+    ids = prompt_ids(tokenizer)
+    single = sample(model, tokenizer, ids)
+    parts = [sample(model, tokenizer, ids, rank=r, world_size=2) for r in range(2)]
+    merged = [a or b for a, b in zip(*parts)]
+    assert merged == single
+    assert sum(bool(r) for r in parts[0]) == 3 and sum(bool(r) for r in parts[1]) == 2  # batches of 2
+
+
+def test_left_padding_does_not_change_a_prompts_continuation(model, tokenizer):
+    """Near-greedy sampling: a short prompt batched with a long one continues as it does alone."""
+    ids = prompt_ids(tokenizer)
+    alone = sample(model, tokenizer, [ids[2]], k=1, temperature=1e-5, batch_size=1)
+    batched = sample(model, tokenizer, [ids[1], ids[2]], k=1, temperature=1e-5, batch_size=2)
+    assert batched[1] == alone[0]
+
+
+def test_policy_mode_is_restored(model, tokenizer):
+    model.train()
+    sample(model, tokenizer, prompt_ids(tokenizer, 1), k=2)
+    assert model.training

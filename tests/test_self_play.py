@@ -1,0 +1,205 @@
+"""The SelfPlay callback and SelfPlayDataModule, through a real Trainer on the tiny model."""
+
+import json
+
+import lightning as L
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import sppo_lightning.callbacks.self_play as self_play_module
+from sppo_lightning.callbacks.self_play import SelfPlay
+from sppo_lightning.data import SelfPlayDataModule
+from sppo_lightning.data.tokenize import collate_pairs
+from sppo_lightning.errors import ConfigError, DataError
+from sppo_lightning.logprobs import sequence_logprobs
+from sppo_lightning.module import PreferenceModule
+from sppo_lightning.ranking import FunctionJudge
+
+QUESTIONS = ["Tell me about the moon.", "What is 2 plus 3?", "Why is the sky blue?", "Name a color.",
+             "What is 4 plus 4?", "Say something about the dog."]
+
+
+def write_prompts(path, questions):
+    path.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in questions))
+    return str(path)
+
+
+def fit(tmp_path, tiny_llama, ranker=None, max_epochs=1, epochs_per_iteration=1, run_dir=None,
+        callbacks=(), **options):
+    datamodule = SelfPlayDataModule(
+        prompts=write_prompts(tmp_path / "prompts.jsonl", QUESTIONS),
+        eval_prompts=write_prompts(tmp_path / "eval.jsonl", QUESTIONS[:3]),
+        tokenizer=tiny_llama, batch_size=4, max_prompt_length=32, epochs_per_iteration=epochs_per_iteration,
+    )
+    module = PreferenceModule(tiny_llama, loss="sppo", eta=10.0, reference="cached", lr=1e-3, warmup_ratio=0.5)
+    settings = dict(num_samples=3, max_new_tokens=8, generation_batch_size=4, show_progress=False,
+                    run_dir=str(run_dir or tmp_path / "self_play"))
+    settings.update(options)
+    callback = SelfPlay(ranker or FunctionJudge("sppo_lightning.ranking.judges:shorter"), **settings)
+    trainer = L.Trainer(
+        max_epochs=max_epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        callbacks=[callback, *callbacks],
+    )
+    trainer.fit(module, datamodule=datamodule)
+    return trainer, module, callback
+
+
+def test_two_iterations_write_official_schema_and_summary(tmp_path, tiny_llama):
+    fit(tmp_path, tiny_llama, max_epochs=2)
+    run_dir = tmp_path / "self_play"
+    for t in (0, 1):
+        folder = run_dir / f"iteration_{t}"
+        for stage in ("generations", "rankings", "train"):
+            assert (folder / f"{stage}.parquet").exists()
+        generations = pq.read_table(folder / "generations.parquet").to_pylist()
+        assert len(generations) == len(QUESTIONS) and all(len(g["responses"]) == 3 for g in generations)
+        rankings = pq.read_table(folder / "rankings.parquet").to_pylist()
+        assert all(len(r["pairwise_logits"]) == 3 and len(r["rm_scores"]) == 3 for r in rankings)
+        train = pq.read_table(folder / "train.parquet")
+        official = {"chosen", "rejected", "chosen_probs", "chosen_probs_win", "chosen_probs_lose",
+                    "generate_0", "generate_1", "generate_2", "probability", "rm_scores"}
+        ours = {"reference_chosen_logps", "reference_rejected_logps", "chosen_ids", "rejected_ids", "prompt_ids"}
+        assert official | ours <= set(train.column_names)
+        for row in train.to_pylist():
+            assert row["chosen"][-1]["role"] == "assistant" and row["chosen"][:-1] == row["rejected"][:-1]
+            assert row["chosen_probs_win"] >= 0.5 >= row["chosen_probs_lose"]
+            assert row["chosen_ids"] != row["rejected_ids"]
+            # the judge prefers shorter: chosen is the shortest of the K responses
+            assert len(row["chosen"][-1]["content"]) == min(len(g[-1]["content"]) for g in
+                                                            (row[f"generate_{k}"] for k in range(3)))
+    summary = json.loads((run_dir / "summary.json").read_text())["iterations"]
+    assert [r["iteration"] for r in summary] == [1, 2]
+    for row in summary:
+        assert 0.0 <= row["win_rate_vs_initial"] <= 1.0
+        assert set(row["seconds"]) >= {"generate", "rank", "reference", "train"}
+        assert row["final_loss"] is not None and row["pairs"] + row["ties_dropped"] == len(QUESTIONS)
+    # iteration 2 sampled from the trained policy, not the initial one
+    first = pq.read_table(run_dir / "iteration_0" / "generations.parquet").column("response_ids").to_pylist()
+    second = pq.read_table(run_dir / "iteration_1" / "generations.parquet").column("response_ids").to_pylist()
+    assert first != second
+
+
+def test_reference_logps_are_the_sampling_policy(tmp_path, tiny_llama, tokenizer):
+    _, module, _ = fit(tmp_path, tiny_llama)
+    assert module.reference is None  # cached mode holds no reference model
+    pairs = pq.read_table(tmp_path / "self_play" / "iteration_0" / "train.parquet").to_pylist()
+    initial = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    batch = collate_pairs(pairs, tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = initial(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = sequence_logprobs(logits, batch["labels"]).sum
+    stored = torch.tensor([p["reference_chosen_logps"] for p in pairs] + [p["reference_rejected_logps"] for p in pairs])
+    torch.testing.assert_close(stored, expected, atol=1e-4, rtol=0)
+
+
+def test_a_restarted_run_reuses_finished_stages(tmp_path, tiny_llama, monkeypatch):
+    fit(tmp_path, tiny_llama)
+    folder = tmp_path / "self_play" / "iteration_0"
+    before = pq.read_table(folder / "train.parquet").to_pylist()
+    (folder / "train.parquet").unlink()  # as if killed while writing the last stage
+
+    calls = []
+    real = self_play_module.sample_responses
+    monkeypatch.setattr(self_play_module, "sample_responses", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ranker = FunctionJudge("sppo_lightning.ranking.judges:shorter")
+    ranked = []
+    real_rank = ranker.pairwise_logits
+    ranker.pairwise_logits = lambda prompts, cands: ranked.append(1) or real_rank(prompts, cands)
+    fit(tmp_path, tiny_llama, ranker=ranker)
+    # Only the end-of-iteration win rate samples and ranks again: generation, ranking and the
+    # initial policy's evaluation answers were all reused.
+    assert len(calls) == 1 and len(ranked) == 1
+    assert pq.read_table(folder / "train.parquet").to_pylist() == before
+
+
+def test_same_seed_same_data(tmp_path, tiny_llama):
+    fit(tmp_path, tiny_llama, run_dir=tmp_path / "a")
+    fit(tmp_path, tiny_llama, run_dir=tmp_path / "b")
+    a = pq.read_table(tmp_path / "a" / "iteration_0" / "generations.parquet").to_pylist()
+    b = pq.read_table(tmp_path / "b" / "iteration_0" / "generations.parquet").to_pylist()
+    assert a == b
+
+
+def half_ties(prompt, response):
+    return 1.0 if "plus" in prompt else -float(len(response))
+
+
+def test_tied_prompts_are_dropped_and_counted(tmp_path, tiny_llama):
+    ranker = FunctionJudge(f"{__name__}:half_ties")
+    fit(tmp_path, tiny_llama, ranker=ranker)
+    manifest = json.loads((tmp_path / "self_play" / "iteration_0" / "manifest.json").read_text())
+    assert manifest["stages"]["train"]["ties_dropped"] == 2  # the two "plus" prompts
+    train = pq.read_table(tmp_path / "self_play" / "iteration_0" / "train.parquet").to_pylist()
+    assert len(train) == len(QUESTIONS) - 2 and all("plus" not in r["prompt"] for r in train)
+
+
+def constant(prompt, response):
+    return 0.0
+
+
+def test_all_ties_is_a_clear_error(tmp_path, tiny_llama):
+    with pytest.raises(DataError, match=r"iteration 0: all 6 prompts tied"):
+        fit(tmp_path, tiny_llama, ranker=FunctionJudge(f"{__name__}:constant"))
+
+
+class NaNRanker:
+    def pairwise_logits(self, prompts, candidates):
+        m = torch.zeros(len(prompts), len(candidates[0]), len(candidates[0]))
+        m[1, 0, 1] = float("nan")
+        return m
+
+
+def test_a_nan_ranker_is_an_error_and_keeps_the_generations(tmp_path, tiny_llama):
+    with pytest.raises(DataError, match="prompt row 1: the ranker returned a non-finite score"):
+        fit(tmp_path, tiny_llama, ranker=NaNRanker())
+    manifest = json.loads((tmp_path / "self_play" / "iteration_0" / "manifest.json").read_text())
+    assert set(manifest["stages"]) == {"generations", "rankings"}  # nothing lost, nothing trained on
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"num_samples": 1}, "num_samples .K. must be at least 2"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"temperature": 0.0}, "temperature"),
+])
+def test_impossible_settings(tmp_path, tiny_llama, options, message):
+    with pytest.raises(ConfigError, match=message):
+        fit(tmp_path, tiny_llama, **options)
+
+
+class RecordLR(L.Callback):
+    def __init__(self):
+        self.lrs = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_optimizer_and_schedule_restart_every_iteration(tmp_path, tiny_llama):
+    record = RecordLR()
+    fit(tmp_path, tiny_llama, max_epochs=2, callbacks=[record])
+    # 6 pairs at most, 4 per batch: 2 steps per iteration, warmup 1 step, then linear decay.
+    assert record.lrs == pytest.approx([0.0, 1e-3, 0.0, 1e-3])
+
+
+def test_epochs_per_iteration(tmp_path, tiny_llama, monkeypatch):
+    calls = []
+    real = self_play_module.sample_responses
+    monkeypatch.setattr(self_play_module, "sample_responses",
+                        lambda model, tok, ids, k, **kw: calls.append(k) or real(model, tok, ids, k, **kw))
+    fit(tmp_path, tiny_llama, max_epochs=4, epochs_per_iteration=2, eval_samples=2)
+    folders = sorted(p.name for p in (tmp_path / "self_play").glob("iteration_*"))
+    assert folders == ["iteration_0", "iteration_1"]
+    summary = json.loads((tmp_path / "self_play" / "summary.json").read_text())["iterations"]
+    assert [r["iteration"] for r in summary] == [1, 2]
+    assert calls.count(3) == 2  # K samples: once per iteration, not per epoch
+
+
+def test_self_play_data_module_needs_the_callback(tmp_path, tiny_llama):
+    datamodule = SelfPlayDataModule(prompts=write_prompts(tmp_path / "p.jsonl", QUESTIONS), tokenizer=tiny_llama)
+    module = PreferenceModule(tiny_llama, reference="cached")
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False)
+    with pytest.raises(ConfigError, match="needs the SelfPlay callback"):
+        trainer.fit(module, datamodule=datamodule)
