@@ -55,18 +55,22 @@ def _corpus() -> list[str]:
     return lines
 
 
-def make_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (any unicode encodes) with a chat template, built in memory."""
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+def _byte_level_bpe(special_tokens: list[str], unk_token: str, vocab_size: int) -> Tokenizer:
+    """Byte-level BPE (any unicode encodes) trained in memory on the tiny corpus."""
+    tok = Tokenizer(models.BPE(unk_token=unk_token))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        vocab_size=vocab_size, special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tok.train_from_iterator(_corpus(), trainer=trainer)
+    return tok
+
+
+def make_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """The tiny Llama's tokenizer, with a chat template, built in memory."""
+    tok = _byte_level_bpe(SPECIAL_TOKENS, "<unk>", vocab_size)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",
@@ -166,14 +170,7 @@ PAIRRM_SPECIAL_TOKENS = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]
 
 def make_tiny_pairrm_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     """A DeBERTa-style tokenizer: ``[CLS] text [SEP]`` around every text, byte-level BPE inside."""
-    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=PAIRRM_SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok = _byte_level_bpe(PAIRRM_SPECIAL_TOKENS, "[UNK]", vocab_size)
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 1), ("[SEP]", 2)]
     )

@@ -8,7 +8,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from sppo_lightning.data.rows import ROLES, load_records
-from sppo_lightning.data.tokenize import encode_prompt
+from sppo_lightning.data.tokenize import encode_prompt, keep_end
 from sppo_lightning.errors import DataError
 
 
@@ -51,10 +51,8 @@ def load_prompts(
             skipped.append(message)
             continue
         ids = encode_prompt(tokenizer, messages)
-        if len(ids) > max_prompt_length:
-            truncated += 1
-            keep_bos = tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
-            ids = ([ids[0]] if keep_bos else []) + ids[-(max_prompt_length - keep_bos):]
+        truncated += len(ids) > max_prompt_length
+        ids = keep_end(ids, max_prompt_length, tokenizer.bos_token_id)
         text = "\n\n".join(m["content"] for m in messages if m["role"] != "system")
         prompts.append(Prompt(i, messages, text, ids))
     if not prompts:

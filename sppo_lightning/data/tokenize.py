@@ -50,6 +50,15 @@ def encode_response(
     return ids
 
 
+def keep_end(ids: list[int], max_tokens: int, bos_token_id: int | None = None) -> list[int]:
+    """The last ``max_tokens`` ids; a leading BOS is kept in front (and counts toward the limit)."""
+    if len(ids) <= max_tokens:
+        return ids
+    keep_bos = bos_token_id is not None and ids[:1] == [bos_token_id]
+    tail = ids[len(ids) - (max_tokens - keep_bos):]
+    return [bos_token_id] + tail if keep_bos else tail
+
+
 def truncate(
     prompt_ids: list[int],
     chosen_ids: list[int],
@@ -62,10 +71,8 @@ def truncate(
     keep the last ``max_prompt_length`` prompt tokens; if still too long, cut both responses to
     what is left. Unlike the reference, a leading BOS survives the prompt cut."""
     longer = max(len(chosen_ids), len(rejected_ids))
-    if len(prompt_ids) + longer > max_length and len(prompt_ids) > max_prompt_length:
-        keep_bos = bos_token_id is not None and prompt_ids[:1] == [bos_token_id]
-        tail = prompt_ids[-(max_prompt_length - keep_bos):]
-        prompt_ids = [bos_token_id] + tail if keep_bos else tail
+    if len(prompt_ids) + longer > max_length:
+        prompt_ids = keep_end(prompt_ids, max_prompt_length, bos_token_id)
     if len(prompt_ids) + longer > max_length:
         budget = max_length - len(prompt_ids)
         chosen_ids, rejected_ids = chosen_ids[:budget], rejected_ids[:budget]
