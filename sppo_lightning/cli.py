@@ -14,16 +14,27 @@ from typing import Optional
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
-from sppo_lightning.errors import SPPOLightningError
+from sppo_lightning.errors import ConfigError, SPPOLightningError
 from sppo_lightning.models import export_hf, load_tokenizer
 from sppo_lightning.module import PreferenceModule
 
 
 class SPPOLightningCLI(LightningCLI):
+    def instantiate_classes(self) -> None:
+        # jsonargparse re-raises what a constructor raised as a plain ValueError/TypeError, so our
+        # ConfigError loses its type on the way. Anything raised while building the configured
+        # classes is a configuration problem: report it as one.
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as err:
+            if isinstance(err, SPPOLightningError) or os.environ.get("SPPO_LIGHTNING_DEBUG"):
+                raise
+            raise ConfigError(" ".join(str(err).split())) from err
+
     def add_arguments_to_parser(self, parser) -> None:
         # One model id configures both the policy and the tokenizer the data is encoded with.
-        parser.link_arguments("model.model_name_or_path", "data.init_args.tokenizer")
-        parser.link_arguments("model.trust_remote_code", "data.init_args.trust_remote_code")
+        parser.link_arguments("model.init_args.model_name_or_path", "data.init_args.tokenizer")
+        parser.link_arguments("model.init_args.trust_remote_code", "data.init_args.trust_remote_code")
 
 
 def export_main(argv: list[str]) -> None:
@@ -66,10 +77,12 @@ def main(args: Optional[list[str]] = None) -> None:
 
 
 def run_cli(args: Optional[list[str]] = None) -> SPPOLightningCLI:
-    """LightningCLI over ``PreferenceModule`` and any LightningDataModule (``data.class_path``)."""
+    """LightningCLI over any LightningModule (``model.class_path``: ``PreferenceModule`` for the
+    preference losses, ``BondModule``, ``LinearAlignmentModule``) and any LightningDataModule."""
     return SPPOLightningCLI(
-        PreferenceModule,
+        L.LightningModule,
         L.LightningDataModule,
+        subclass_mode_model=True,
         subclass_mode_data=True,
         args=args,
         save_config_kwargs={"overwrite": True},

@@ -18,7 +18,12 @@ def test_config_parses(config, capsys, monkeypatch):
     assert exit_info.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     source = yaml.safe_load(config.read_text())
-    assert printed["model"]["loss"] == source["model"]["loss"]
+    assert printed["model"]["class_path"] == source["model"]["class_path"]
+    for key, value in source["model"].get("init_args", {}).items():
+        got = printed["model"]["init_args"][key]
+        if isinstance(value, dict):  # dataclass settings: defaults fill the keys not given
+            got = {k: got[k] for k in value}
+        assert got == value, key
     for key, value in source["data"]["init_args"].items():
         assert printed["data"]["init_args"][key] == value, key
 
