@@ -29,11 +29,12 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from sppo_lightning.artifacts import IterationArtifacts, atomic_write_json
+from sppo_lightning.artifacts import IterationArtifacts, atomic_write_json, run_stage
 from sppo_lightning.data.self_play import SelfPlayDataModule
 from sppo_lightning.data.tokenize import collate_pairs
 from sppo_lightning.errors import ConfigError, DataError
-from sppo_lightning.generation import gather_responses, sample_responses
+from sppo_lightning.callbacks.win_rate import InitialPolicyWinRate
+from sppo_lightning.generation import sample_on_ranks
 from sppo_lightning.ranking import Ranker, scores_from_pairwise, select_pairs
 
 
@@ -106,6 +107,9 @@ class SelfPlay(L.Callback):
         self.trainer, self.module, self.datamodule = trainer, pl_module, datamodule
         self.run_dir = Path(self.run_dir_setting or Path(trainer.default_root_dir) / "self_play")
         datamodule.builder = self.build_iteration
+        # One evaluation stream for every measurement: paired samples against the initial policy.
+        self.win_rate = InitialPolicyWinRate(self.run_dir, self.ranker, self._sample, self.eval_samples,
+                                             seed=self.seed * 7_919 + 999_983)
         # Each epoch start asks the data module for its loader: the new iteration's pairs.
         trainer.reload_dataloaders_every_n_epochs = 1
         summary_path = self.run_dir / "summary.json"
@@ -130,11 +134,12 @@ class SelfPlay(L.Callback):
         prompts = self.datamodule.iteration_prompts(iteration)
         artifacts = IterationArtifacts(self.run_dir, iteration, self._settings(prompts))
         if iteration == 0 and self.datamodule.eval_prompts:
-            self._initial_eval()
-        generations = self._stage(artifacts, "generations", lambda: self._generate(prompts, iteration),
-                                  on_every_rank=True)
-        rankings = self._stage(artifacts, "rankings", lambda: self._rank(generations))
-        pairs = self._stage(artifacts, "train", lambda: self._pairs(generations, rankings, iteration))
+            self.win_rate.initial(self.trainer, self.datamodule.eval_prompts)
+        trainer = self.trainer
+        generations = run_stage(trainer, artifacts, "generations", lambda: self._generate(prompts, iteration),
+                                on_every_rank=True)
+        rankings = run_stage(trainer, artifacts, "rankings", lambda: self._rank(generations))
+        pairs = run_stage(trainer, artifacts, "train", lambda: self._pairs(generations, rankings, iteration))
         ties = artifacts.info("train").get("ties_dropped", 0)
         if not pairs:
             raise DataError(f"iteration {iteration}: all {len(prompts)} prompts tied (every response scored "
@@ -156,33 +161,13 @@ class SelfPlay(L.Callback):
 
     def _sample(self, prompt_ids: list[list[int]], num_samples: int, seed: int) -> list[list[list[int]]]:
         """Every rank samples its share of the prompt batches; all ranks get the whole result."""
-        rank, world = self.trainer.global_rank, self.trainer.world_size
-        local = sample_responses(
+        return sample_on_ranks(
             self.module.policy, self.datamodule.tokenizer, prompt_ids, num_samples,
+            rank=self.trainer.global_rank, world_size=self.trainer.world_size,
             temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
-            batch_size=self.generation_batch_size, seed=seed, rank=rank, world_size=world,
+            batch_size=self.generation_batch_size, seed=seed,
             show_progress=self.show_progress and self.trainer.is_global_zero,
         )
-        return gather_responses(local, world)
-
-    def _stage(self, artifacts: IterationArtifacts, stage: str, compute, on_every_rank: bool = False) -> list[dict]:
-        """A finished stage is read back; otherwise ``compute()`` makes its rows and rank 0 writes them.
-
-        Generation runs on every rank (each samples its share, then all gather); ranking and the
-        reference log-probs run on rank 0 alone, and the other ranks read its file.
-        """
-        # Rank 0 decides whether the stage is finished, and every rank follows: a rank that looked
-        # for itself could see the file rank 0 has just written and skip a collective the others are in.
-        rows = artifacts.load(stage) if self.trainer.is_global_zero else None
-        if self.trainer.strategy.broadcast(rows is not None):
-            return rows if rows is not None else artifacts.load(stage)
-        if on_every_rank or self.trainer.is_global_zero:
-            start = time.perf_counter()
-            rows, info = compute()
-            if self.trainer.is_global_zero:
-                artifacts.save(stage, rows, seconds=time.perf_counter() - start, **info)
-        self.trainer.strategy.barrier(f"self_play_{stage}")
-        return rows if rows is not None else artifacts.load(stage)
 
     def _generate(self, prompts: list, iteration: int) -> tuple[list[dict[str, Any]], dict]:
         tokenizer = self.datamodule.tokenizer
@@ -254,39 +239,6 @@ class SelfPlay(L.Callback):
         finally:
             policy.train(was_training)
 
-    # ------------------------------------------------------------------------------ win rate
-    def _eval_seed(self) -> int:
-        return self.seed * 7_919 + 999_983  # one stream for every evaluation: paired samples
-
-    def _initial_eval(self) -> list[list[list[int]]]:
-        """The initial policy's responses to the held-out prompts, sampled once and kept."""
-        path = self.run_dir / "initial_eval.json"
-        if self.trainer.strategy.broadcast(path.exists()):  # rank 0 decides, as in _stage
-            return json.loads(path.read_text())
-        prompts = self.datamodule.eval_prompts
-        responses = self._sample([p.ids for p in prompts], self.eval_samples, self._eval_seed())
-        if self.trainer.is_global_zero:
-            atomic_write_json(path, responses)
-        self.trainer.strategy.barrier("self_play_initial_eval")
-        return responses
-
-    def win_rate_vs_initial(self) -> float:
-        """P(current policy's response beats the initial policy's), judged by the ranker on the
-        held-out prompts; ties count one half."""
-        prompts = self.datamodule.eval_prompts
-        tokenizer = self.datamodule.tokenizer
-        initial = self._initial_eval()
-        current = self._sample([p.ids for p in prompts], self.eval_samples, self._eval_seed())
-        texts, cands = [], []
-        for prompt, new, old in zip(prompts, current, initial):
-            for a, b in zip(tokenizer.batch_decode(new, skip_special_tokens=True),
-                            tokenizer.batch_decode(old, skip_special_tokens=True)):
-                texts.append(prompt.text)
-                cands.append([a, b])
-        m = self.ranker.pairwise_logits(texts, cands)
-        margin = (m[:, 0, 1] - m[:, 1, 0]).double()
-        return float(((margin > 0).double() + 0.5 * (margin == 0).double()).mean())
-
     # ------------------------------------------------------------------------------ hooks
     def _iteration_bounds(self, trainer: L.Trainer) -> tuple[int, bool, bool]:
         per = self.datamodule.epochs_per_iteration
@@ -316,7 +268,8 @@ class SelfPlay(L.Callback):
         row: dict[str, Any] = {"iteration": iteration + 1, **{k: v for k, v in stats.items() if k != "seconds"}}
         if self.datamodule.eval_prompts:
             start = time.perf_counter()
-            row["win_rate_vs_initial"] = self.win_rate_vs_initial()
+            row["win_rate_vs_initial"] = self.win_rate.measure(trainer, self.datamodule.eval_prompts,
+                                                               self.datamodule.tokenizer)
             pl_module.log("self_play/win_rate_vs_initial", row["win_rate_vs_initial"], on_epoch=True, on_step=False)
             eval_seconds = time.perf_counter() - start
         else:

@@ -115,3 +115,25 @@ class IterationArtifacts:
 
     def info(self, stage: str) -> dict[str, Any]:
         return self._read_manifest().get("stages", {}).get(stage, {})
+
+
+def run_stage(trainer, artifacts: IterationArtifacts, stage: str, compute, on_every_rank: bool = False) -> list[dict]:
+    """Read a finished stage back, or make it: ``compute()`` returns ``(rows, info)`` and rank 0 writes.
+
+    ``on_every_rank``: every rank computes (generation: each samples its share, then all gather);
+    otherwise rank 0 alone computes (ranking, reference log-probs) and the others read its file.
+    Rank 0 decides whether the stage is finished and every rank follows: a rank that looked for
+    itself could see the file rank 0 has just written and skip a collective the others are in.
+    """
+    import time
+
+    rows = artifacts.load(stage) if trainer.is_global_zero else None
+    if trainer.strategy.broadcast(rows is not None):
+        return rows if rows is not None else artifacts.load(stage)
+    if on_every_rank or trainer.is_global_zero:
+        start = time.perf_counter()
+        rows, info = compute()
+        if trainer.is_global_zero:
+            artifacts.save(stage, rows, seconds=time.perf_counter() - start, **info)
+    trainer.strategy.barrier(f"stage_{stage}")
+    return rows if rows is not None else artifacts.load(stage)

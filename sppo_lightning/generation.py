@@ -111,3 +111,10 @@ def gather_responses(local: list[list[list[int]]], world_size: int) -> list[list
     gathered: list[Optional[list]] = [None] * world_size
     dist.all_gather_object(gathered, local)
     return [next((part[i] for part in gathered if part[i]), []) for i in range(len(local))]
+
+
+def sample_on_ranks(model: nn.Module, tokenizer, prompt_ids: Sequence[list[int]], num_samples: int, *,
+                    rank: int, world_size: int, **sampling) -> list[list[list[int]]]:
+    """``sample_responses`` with this rank's share of the batches, gathered: every rank gets all."""
+    local = sample_responses(model, tokenizer, prompt_ids, num_samples, rank=rank, world_size=world_size, **sampling)
+    return gather_responses(local, world_size)

@@ -41,3 +41,10 @@ def sequence_logprobs(logits: Tensor, labels: Tensor) -> SequenceLogps:
     n_tokens = mask.sum(-1)
     total = token_logps.sum(-1)
     return SequenceLogps(total, total / n_tokens.clamp(min=1), n_tokens)
+
+
+def model_logprobs(model: torch.nn.Module, batch: dict[str, Tensor]) -> SequenceLogps:
+    """Run ``model`` on a collated batch (``input_ids``, ``attention_mask``, ``labels``, each
+    ``[R, T]``) and return the response log-probs of every row."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    return sequence_logprobs(out.logits, batch["labels"])

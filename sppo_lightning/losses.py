@@ -160,3 +160,62 @@ def asft_loss(
     """
     lw, ll = _wide(chosen_mean_logps, rejected_mean_logps)
     return -lw - lam * (F.logsigmoid(beta * log_odds(lw)) + F.logsigmoid(-beta * log_odds(ll)))
+
+
+# ------------------------------------------------------------------------------------ BOND
+JBOND_LOSS_REWARD = -math.log(16.0)
+
+
+def jbond_reward(loses_to_both: Tensor) -> Tensor:
+    """J-BOND's crude log-quantile (BOND eq. 17): ``-log 16`` where the policy sample lost to both
+    anchor samples, else 0. ``[B]`` bool → ``[B]`` float32. At the median, E[r] = log ½ = log p≤."""
+    return torch.where(loses_to_both, JBOND_LOSS_REWARD, 0.0).float()
+
+
+def bond_reward(beaten_or_tied: Tensor, n: int) -> Tensor:
+    """BOND's reward ``(N-1)·log p̂≤`` with the Monte-Carlo quantile of k reference samples.
+
+    Args:
+        beaten_or_tied: ``[B, k]``, 1 where reference sample j scored ≤ the policy sample.
+        n: the N of Best-of-N.
+
+    ``p̂≤`` is clipped at ``1/(2k)`` so that a sample that loses to all k gets a finite reward.
+    """
+    (beaten_or_tied,) = _wide(beaten_or_tied)
+    k = beaten_or_tied.shape[-1]
+    return (n - 1) * beaten_or_tied.mean(-1).clamp(min=1.0 / (2 * k)).log()
+
+
+def leave_one_out_baseline(returns: Tensor) -> Tensor:
+    """For each sample, the mean return of the *other* samples of the batch, ``[B]``; 0 if B = 1."""
+    n = returns.shape[0]
+    if n < 2:
+        return torch.zeros_like(returns)
+    return (returns.sum() - returns) / (n - 1)
+
+
+def bond_loss(
+    forward_logps: Tensor,
+    policy_sample_logps: Tensor,
+    anchor_sample_logps: Tensor,
+    reward: Tensor,
+    beta: float = 0.5,
+) -> Tensor:
+    """Jeffreys-divergence BOND: ``(1-β)·forward KL + β·backward KL``, per prompt ``[B]``.
+
+    Args:
+        forward_logps: summed log π(y'_best) of the best anchor/reference sample (forward KL =
+            NLL of Best-of-N samples), with grad.
+        policy_sample_logps: summed log π(y) of the policy's own sample, with grad.
+        anchor_sample_logps: summed log π_anchor(y) of the same sample (no grad needed).
+        reward: ``jbond_reward`` or ``bond_reward`` of the policy sample.
+        beta: the Jeffreys mix (paper: 0.5).
+
+    The backward-KL term is REINFORCE with the return ``R = reward - (log π(y) - log π_anchor(y))``
+    and a leave-one-out baseline; ``R - baseline`` is detached, so its gradient is
+    ``-(R - B)·∇log π(y)``.
+    """
+    fw, pol, anc, r = _wide(forward_logps, policy_sample_logps, anchor_sample_logps, reward)
+    returns = r - (pol - anc).detach()
+    advantage = (returns - leave_one_out_baseline(returns)).detach()
+    return (1.0 - beta) * -fw + beta * -(pol * advantage)

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import asdict
 from typing import Any, Literal, Optional
 
 import lightning as L
 import torch
 from torch import Tensor, nn
-from transformers import get_linear_schedule_with_warmup
 
 from sppo_lightning import losses
 from sppo_lightning.errors import ConfigError, DataError
-from sppo_lightning.logprobs import SequenceLogps, sequence_logprobs
+from sppo_lightning.logprobs import SequenceLogps, model_logprobs
 from sppo_lightning.models import LoraSettings, add_lora, disable_dropout, load_causal_lm
+from sppo_lightning.optim import make_optimizer
 
 LossName = Literal["sppo", "sppo_single", "sppo_hard", "dpo", "ipo", "orpo", "asft"]
 ReferenceMode = Literal["auto", "copy", "adapter", "cached", "none"]
@@ -136,8 +135,7 @@ class PreferenceModule(L.LightningModule):
     # ----------------------------------------------------------------------------- forward
     def sequence_logps(self, model: nn.Module, batch: dict[str, Tensor]) -> SequenceLogps:
         """Response log-probs of every row of the ``[2B, T]`` batch under ``model``."""
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        return sequence_logprobs(out.logits, batch["labels"])
+        return model_logprobs(model, batch)
 
     def reference_logps(self, batch: dict[str, Tensor]) -> Optional[Tensor]:
         """Summed reference log-probs ``[2B]`` (chosen then rejected), or None without a reference."""
@@ -195,21 +193,13 @@ class PreferenceModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        if hp.optimizer == "rmsprop":
-            optimizer = torch.optim.RMSprop(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        else:
-            optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
         if self.schedule_override is not None:
             total, epochs = self.schedule_override
         else:
             total, epochs = int(self.trainer.estimated_stepping_batches), self.trainer.max_epochs
         if hp.schedule_epochs is not None and epochs:
             total = round(total * hp.schedule_epochs / epochs)
-        total = max(1, total)
-        warmup = math.ceil(hp.warmup_ratio * total)  # as HF Trainer rounds it
-        scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return make_optimizer(self.policy.parameters(), hp.optimizer, hp.lr, hp.weight_decay, hp.warmup_ratio, total)
 
 
 def compute_loss(
@@ -235,6 +225,8 @@ def compute_loss(
         else:
             per_pair = losses.asft_loss(chosen_mean, rejected_mean, module.lam, module.beta)
         metrics["nll"] = -chosen_mean.detach().mean()
+        # loss = NLL + λ·alignment term, for ORPO and ASFT alike
+        metrics["alignment"] = (per_pair.detach() + chosen_mean.detach()).mean()
         metrics["prob/chosen"] = chosen_mean.detach().exp().mean()
         metrics["prob/rejected"] = rejected_mean.detach().exp().mean()
         metrics["accuracy"] = (chosen_mean > rejected_mean).float().mean()

@@ -120,3 +120,50 @@ def test_losses_compute_in_float32_from_bf16():
     assert out.dtype == torch.float32
     # float64 inputs stay float64 (the official code's targets are float64)
     assert losses.sppo_loss(PC, PR, RC, RR, t(0.7), t(0.3), eta=1.0).dtype == torch.float64
+
+
+# ------------------------------------------------------------------------------------ BOND
+def test_jbond_reward_is_minus_log_16_for_a_double_loss():
+    r = losses.jbond_reward(torch.tensor([True, False]))
+    assert r.tolist() == pytest.approx([-math.log(16), 0.0])
+    # at the median (p≤ = ½) the expected reward equals log p≤: P(lose both) = ¼ → ¼·(−log 16) = log ½
+    assert 0.25 * -math.log(16) == pytest.approx(math.log(0.5))
+
+
+def test_bond_reward_quantile_and_clip():
+    wins = torch.tensor([[1.0, 1.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    r = losses.bond_reward(wins, n=8)
+    assert r[0].item() == pytest.approx(7 * math.log(0.75))
+    assert r[1].item() == pytest.approx(7 * math.log(1 / 8))  # clipped at 1/(2k), k = 4
+
+
+def test_leave_one_out_baseline():
+    assert losses.leave_one_out_baseline(torch.tensor([1.0, 2.0, 6.0])).tolist() == pytest.approx([4.0, 3.5, 1.5])
+    assert losses.leave_one_out_baseline(torch.tensor([5.0])).tolist() == [0.0]
+
+
+def test_bond_loss_hand_value_and_gradients():
+    fw = t(-3.0, -5.0, grad=True)
+    pol = t(-10.0, -4.0, grad=True)
+    anc = t(-11.0, -4.0)
+    reward = t(-math.log(16), 0.0)
+    loss = losses.bond_loss(fw, pol, anc, reward, beta=0.5)
+    # returns R = r − (log π − log π_anchor) = [−log16 − 1, 0]; leave-one-out baselines = [0, −log16 − 1]
+    r0 = -math.log(16) - 1.0
+    advantage = [r0 - 0.0, 0.0 - r0]
+    expected = [0.5 * 3.0 + 0.5 * 10.0 * advantage[0], 0.5 * 5.0 + 0.5 * 4.0 * advantage[1]]
+    assert loss.tolist() == pytest.approx(expected, rel=1e-6)
+    loss.sum().backward()
+    assert fw.grad.tolist() == pytest.approx([-0.5, -0.5])  # forward KL: NLL of the best anchor sample
+    assert pol.grad.tolist() == pytest.approx([-0.5 * a for a in advantage], rel=1e-6)  # −β(R−B): R−B detached
+
+
+def test_best_of_n_kl_formula():
+    """KL(π_BoN‖π_ref) = log N − (N−1)/N for continuous rewards (Theorem 1); check it on a fine
+    categorical π_ref with distinct rewards, where π_BoN(y) = F(y)^N − F(y⁻)^N."""
+    n, atoms = 4, 20_000
+    p = torch.full((atoms,), 1.0 / atoms, dtype=torch.float64)
+    cdf = p.cumsum(0)
+    bon = cdf**n - (cdf - p) ** n
+    kl = (bon * (bon / p).log()).sum().item()
+    assert kl == pytest.approx(math.log(n) - (n - 1) / n, abs=1e-3)

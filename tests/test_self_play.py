@@ -102,8 +102,8 @@ def test_a_restarted_run_reuses_finished_stages(tmp_path, tiny_llama, monkeypatc
     (folder / "train.parquet").unlink()  # as if killed while writing the last stage
 
     calls = []
-    real = self_play_module.sample_responses
-    monkeypatch.setattr(self_play_module, "sample_responses", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = self_play_module.sample_on_ranks
+    monkeypatch.setattr(self_play_module, "sample_on_ranks", lambda *a, **k: calls.append(1) or real(*a, **k))
     ranker = FunctionJudge("sppo_lightning.ranking.judges:shorter")
     ranked = []
     real_rank = ranker.pairwise_logits
@@ -186,8 +186,8 @@ def test_optimizer_and_schedule_restart_every_iteration(tmp_path, tiny_llama):
 
 def test_epochs_per_iteration(tmp_path, tiny_llama, monkeypatch):
     calls = []
-    real = self_play_module.sample_responses
-    monkeypatch.setattr(self_play_module, "sample_responses",
+    real = self_play_module.sample_on_ranks
+    monkeypatch.setattr(self_play_module, "sample_on_ranks",
                         lambda model, tok, ids, k, **kw: calls.append(k) or real(model, tok, ids, k, **kw))
     fit(tmp_path, tiny_llama, max_epochs=4, epochs_per_iteration=2, eval_samples=2)
     folders = sorted(p.name for p in (tmp_path / "self_play").glob("iteration_*"))

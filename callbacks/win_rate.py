@@ -1,0 +1,52 @@
+"""Win rate of the current policy against the initial one, on held-out prompts, by the run's ranker."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import lightning as L
+
+from sppo_lightning.artifacts import atomic_write_json
+from sppo_lightning.data.prompts import Prompt
+from sppo_lightning.ranking import Ranker
+
+# (prompt ids, samples per prompt, seed) -> [N][samples] response ids, on all ranks
+Sampler = Callable[[list[list[int]], int, int], list[list[list[int]]]]
+
+
+class InitialPolicyWinRate:
+    """P(current policy's response beats the initial policy's), ties counting one half.
+
+    The initial policy's answers are sampled once, before any training, and kept in
+    ``<run_dir>/initial_eval.json`` (a resumed run reuses them). Every measurement samples with the
+    same seed as the initial answers, so the comparison is paired and its noise small.
+    """
+
+    def __init__(self, run_dir: Path, ranker: Ranker, sample: Sampler, samples_per_prompt: int, seed: int) -> None:
+        self.path = Path(run_dir) / "initial_eval.json"
+        self.ranker, self.sample = ranker, sample
+        self.samples_per_prompt, self.seed = samples_per_prompt, seed
+
+    def initial(self, trainer: L.Trainer, prompts: list[Prompt]) -> list[list[list[int]]]:
+        if trainer.strategy.broadcast(self.path.exists()):  # rank 0 decides (see artifacts.run_stage)
+            return json.loads(self.path.read_text())
+        responses = self.sample([p.ids for p in prompts], self.samples_per_prompt, self.seed)
+        if trainer.is_global_zero:
+            atomic_write_json(self.path, responses)
+        trainer.strategy.barrier("initial_eval")
+        return responses
+
+    def measure(self, trainer: L.Trainer, prompts: list[Prompt], tokenizer) -> float:
+        initial = self.initial(trainer, prompts)
+        current = self.sample([p.ids for p in prompts], self.samples_per_prompt, self.seed)
+        texts, candidates = [], []
+        for prompt, new, old in zip(prompts, current, initial):
+            for a, b in zip(tokenizer.batch_decode(new, skip_special_tokens=True),
+                            tokenizer.batch_decode(old, skip_special_tokens=True)):
+                texts.append(prompt.text)
+                candidates.append([a, b])
+        m = self.ranker.pairwise_logits(texts, candidates)
+        margin = (m[:, 0, 1] - m[:, 1, 0]).double()
+        return float(((margin > 0).double() + 0.5 * (margin == 0).double()).mean())
