@@ -30,3 +30,14 @@ def tiny_pairrm(tmp_path_factory) -> tuple[str, str]:
 
     blender_dir, hf_dir = make_tiny_pairrm(tmp_path_factory.mktemp("pairrm"))
     return str(blender_dir), str(hf_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """The quickstart's models, built exactly as the README does: python -m sppo_lightning.testing <dir>."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("quickstart") / "tiny"
+    subprocess.run([sys.executable, "-m", "sppo_lightning.testing", str(out)], check=True, capture_output=True)
+    return out

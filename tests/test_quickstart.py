@@ -7,22 +7,14 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(sys.executable).with_name("sppo-lightning")
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """Built exactly as the README does: python -m sppo_lightning.testing <dir>."""
-    out = tmp_path_factory.mktemp("quickstart") / "tiny"
-    subprocess.run([sys.executable, "-m", "sppo_lightning.testing", str(out)], check=True, capture_output=True)
-    return out
-
-
 def run_fit(config, tiny_dir, out_dir, *extra):
+    """`sppo-lightning fit` on a config, with the tiny models and outputs redirected."""
     command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "sppo_lightning.cli"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     result = subprocess.run(

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from sppo_lightning.data.rows import PROB_COLUMNS, REFERENCE_COLUMNS, PreferenceRow
+from sppo_lightning.data.rows import PreferenceRow
 from sppo_lightning.logprobs import IGNORE_INDEX
 
 
@@ -104,8 +104,8 @@ def collate_pairs(examples: Sequence[dict[str, Any]], pad_token_id: int) -> dict
     """Stack B pairs into one ``[2B, T]`` batch, chosen rows first, right-padded to its own longest.
 
     Returns ``input_ids``, ``attention_mask`` and ``labels`` (prompt and padding = -100), each
-    ``[2B, T]``, plus ``[B]`` float64 tensors for every probability / reference column that all
-    examples carry.
+    ``[2B, T]``, plus a ``[B]`` float64 tensor for every numeric column all examples carry
+    (win probabilities, reference log-probs, rewards).
     """
     sequences, label_rows = [], []
     for side in ("chosen_ids", "rejected_ids"):
@@ -122,7 +122,9 @@ def collate_pairs(examples: Sequence[dict[str, Any]], pad_token_id: int) -> dict
         labels[i, : len(lab)] = torch.tensor(lab)
         attention_mask[i, : len(seq)] = 1
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-    for column in PROB_COLUMNS + REFERENCE_COLUMNS:
-        if all(column in ex for ex in examples):
-            batch[column] = torch.tensor([ex[column] for ex in examples], dtype=torch.float64)
+    # Per-pair numbers (win probabilities, reference log-probs, BOND rewards) ride along.
+    for column in examples[0]:
+        values = [ex.get(column) for ex in examples]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            batch[column] = torch.tensor(values, dtype=torch.float64)
     return batch

@@ -1,0 +1,150 @@
+"""``BondModule``: J-BOND / BOND training of a policy against an EMA anchor (arXiv 2407.14622).
+
+Each batch row pair (built by ``callbacks/bond.py``) holds, per prompt, the best anchor sample
+(forward KL: its NLL) and the policy's own sample with its reward (backward KL: REINFORCE). The
+anchor is a second set of weights the ``EMAAnchor`` callback moves toward the policy after every
+optimizer step: a frozen copy for full fine-tuning, or, with LoRA, a second adapter on the same
+base ("anchor"), so it costs adapter-sized memory and generation from it just switches adapters.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from dataclasses import asdict
+from typing import Any, Iterator, Literal, Optional
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from sppo_lightning import losses
+from sppo_lightning.errors import ConfigError
+from sppo_lightning.logprobs import model_logprobs
+from sppo_lightning.models import LoraSettings, add_lora, disable_dropout, load_causal_lm
+from sppo_lightning.optim import make_optimizer
+
+ANCHOR = "anchor"
+
+
+class BondModule(L.LightningModule):
+    """Jeffreys-divergence Best-of-N distillation.
+
+    Args:
+        model_name_or_path: Hugging Face causal LM id or local folder (the initial policy and anchor).
+        jeffreys_beta: β of ``(1-β)·forward KL + β·backward KL`` (paper: 0.5).
+        torch_dtype, trust_remote_code, lora, gradient_checkpointing: as for ``PreferenceModule``.
+        optimizer, lr, weight_decay, warmup_ratio: J-BOND used Adam at 3e-6 with warmup.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        jeffreys_beta: float = 0.5,
+        torch_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        trust_remote_code: bool = False,
+        lora: Optional[LoraSettings] = None,
+        gradient_checkpointing: bool = False,
+        optimizer: Literal["rmsprop", "adamw"] = "adamw",
+        lr: float = 3e-6,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if isinstance(lora, dict):
+            lora = LoraSettings(**lora)
+        if not 0.0 <= jeffreys_beta <= 1.0:
+            raise ConfigError(f"model.jeffreys_beta must be in [0, 1], got {jeffreys_beta}")
+        if lr <= 0:
+            raise ConfigError(f"model.lr must be > 0, got {lr}")
+        self.save_hyperparameters(ignore=["lora"])
+        self.hparams["lora"] = None if lora is None else asdict(lora)
+        self.lora = lora
+        self.policy: Optional[nn.Module] = None
+        self.anchor: Optional[nn.Module] = None  # full fine-tuning only; LoRA keeps an adapter
+        self.schedule_override: Optional[tuple[int, int]] = None
+
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        hp = self.hparams
+        policy = load_causal_lm(hp.model_name_or_path, hp.torch_dtype, hp.trust_remote_code)
+        disable_dropout(policy)
+        if self.lora is None:
+            self.anchor = copy.deepcopy(policy).eval().requires_grad_(False)
+        else:
+            policy = add_lora(policy, self.lora)
+            policy.add_adapter(ANCHOR, policy.peft_config["default"])
+            policy.set_adapter("default")  # the policy trains the default adapter only
+            with torch.no_grad():
+                for anchor_param, policy_param in self.anchor_parameter_pairs(policy):
+                    anchor_param.copy_(policy_param)
+        if hp.gradient_checkpointing:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.policy = policy.train()
+
+    def anchor_parameter_pairs(self, policy: Optional[nn.Module] = None) -> list[tuple[Tensor, Tensor]]:
+        """(anchor tensor, policy tensor) pairs the EMA moves: every weight, or the adapters only."""
+        policy = policy if policy is not None else self.policy
+        if self.lora is None:
+            return list(zip(self.anchor.parameters(), policy.parameters()))
+        params = dict(policy.named_parameters())
+        return [(p, params[name.replace(f".{ANCHOR}.", ".default.")])
+                for name, p in params.items() if f".{ANCHOR}." in name]
+
+    @contextmanager
+    def anchor_model(self) -> Iterator[nn.Module]:
+        """The anchor as a model to run or sample from (LoRA: the policy with the anchor adapter on)."""
+        if self.lora is None:
+            yield self.anchor
+            return
+        self.policy.set_adapter(ANCHOR)
+        try:
+            yield self.policy
+        finally:
+            self.policy.set_adapter("default")  # also makes the default adapter trainable again
+
+    @contextmanager
+    def initial_model(self) -> Iterator[Optional[nn.Module]]:
+        """The initial policy, for KL monitoring: LoRA with adapters off; None for full fine-tuning
+        (keeping a third full copy only to log a number would cost a model's memory)."""
+        if self.lora is None:
+            yield None
+            return
+        with self.policy.disable_adapter():
+            yield self.policy
+
+    def train(self, mode: bool = True) -> "BondModule":
+        super().train(mode)
+        if self.anchor is not None:
+            self.anchor.eval()
+        return self
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        half = batch["input_ids"].shape[0] // 2
+        sample_rows = {k: batch[k][half:] for k in ("input_ids", "attention_mask", "labels")}
+        # The anchor runs first: with LoRA, switching adapters after the policy's forward would
+        # flip requires_grad on tensors the backward pass still needs.
+        with torch.no_grad(), self.anchor_model() as anchor:
+            anchor_sample = model_logprobs(anchor, sample_rows).sum
+        policy = model_logprobs(self.policy, batch)
+        forward, sample = policy.sum[:half], policy.sum[half:]
+        per_prompt = losses.bond_loss(forward, sample, anchor_sample, batch["reward"], self.hparams.jeffreys_beta)
+        loss = per_prompt.mean()
+        pairs = half
+        self.log("train/loss", loss, prog_bar=True, batch_size=pairs)
+        self.log_dict({
+            "bond/forward_nll": -forward.detach().mean(),
+            "bond/reward": batch["reward"].float().mean(),
+            "bond/log_ratio_to_anchor": (sample.detach() - anchor_sample).mean(),
+            "bond/sample_logps": sample.detach().mean(),
+        }, batch_size=pairs)
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        if self.schedule_override is not None:
+            total = self.schedule_override[0]
+        else:
+            total = int(self.trainer.estimated_stepping_batches)
+        return make_optimizer(self.policy.parameters(), hp.optimizer, hp.lr, hp.weight_decay, hp.warmup_ratio, total)

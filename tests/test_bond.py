@@ -1,0 +1,100 @@
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from sppo_lightning.bond import BondModule
+from sppo_lightning.callbacks.bond import BondSelfPlay
+from sppo_lightning.callbacks.ema_anchor import EMAAnchor
+from sppo_lightning.data import SelfPlayDataModule
+from sppo_lightning.models import LoraSettings
+from sppo_lightning.ranking import FunctionJudge
+from tests.test_quickstart import REPO, run_fit
+
+IDS = torch.tensor([[1, 5, 40, 41, 42, 2]])
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+@pytest.mark.parametrize("lora", [None, LoraSettings(r=4, alpha=8)])
+def test_ema_update_is_exact_and_the_anchor_is_what_generates(tiny_llama, lora):
+    module = BondModule(tiny_llama, lora=lora)
+    module.configure_model()
+    pairs = module.anchor_parameter_pairs()
+    assert pairs and all(a.data_ptr() != p.data_ptr() for a, p in pairs)
+    with torch.no_grad():  # the policy moves away from the anchor (as training would)
+        for _, p in pairs:
+            p.add_(torch.randn_like(p) * 0.1)
+    before = [(a.clone(), p.clone()) for a, p in pairs]
+    with module.anchor_model() as anchor:
+        anchor_logits = logits(anchor)
+    assert not torch.allclose(anchor_logits, logits(module.policy), atol=1e-4)
+
+    callback = EMAAnchor(eta=0.25)
+    trainer = type("T", (), {"global_step": 1})()
+    callback._last_step = 0
+    callback.on_train_batch_end(trainer, module, None, None, 0)
+    for (a, p), (a0, p0) in zip(pairs, before):
+        torch.testing.assert_close(a, 0.75 * a0 + 0.25 * p0)  # θ_a ← (1−η)θ_a + ηθ
+        assert torch.equal(p, p0)
+    callback.on_train_batch_end(trainer, module, None, None, 1)  # no new optimizer step: no update
+    torch.testing.assert_close(pairs[0][0], 0.75 * before[0][0] + 0.25 * before[0][1])
+    if lora is not None:
+        trainable = [n for n, p in module.policy.named_parameters() if p.requires_grad]
+        assert trainable and all(".default." in n for n in trainable)  # the anchor adapter never trains
+        assert all(".anchor." in n or ".default." in n for n, _ in module.policy.named_parameters() if "lora_" in n)
+
+
+def constant(prompt, response):
+    return 0.0
+
+
+@pytest.mark.parametrize("variant", ["jbond", "bond"])
+def test_bond_rows_rewards_and_ties(tmp_path, tiny_llama, variant):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in ["Hi", "Name a color.", "Why?"]))
+    judge = "sppo_lightning.ranking.judges:shorter" if variant == "jbond" else f"{__name__}:constant"
+    callback = BondSelfPlay(FunctionJudge(judge), variant=variant, n=3, quantile_samples=4, max_new_tokens=6,
+                            generation_batch_size=2, run_dir=str(tmp_path / "bond"), show_progress=False)
+    module = BondModule(tiny_llama, lr=1e-3, lora=LoraSettings(r=4, alpha=8))
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback, EMAAnchor(0.1)])
+    trainer.fit(module, datamodule=SelfPlayDataModule(prompts=str(prompts), tokenizer=tiny_llama, batch_size=2))
+    import pyarrow.parquet as pq
+
+    gens = pq.read_table(tmp_path / "bond" / "iteration_0" / "generations.parquet").to_pylist()
+    rows = pq.read_table(tmp_path / "bond" / "iteration_0" / "train.parquet").to_pylist()
+    manifest = json.loads((tmp_path / "bond" / "iteration_0" / "manifest.json").read_text())
+    assert len(rows) == 3
+    for g, r in zip(gens, rows):
+        assert r["rejected_ids"] == g["sample_ids"] and r["chosen_ids"] == g["anchor_ids"][r["best_anchor"]]
+        if variant == "jbond":
+            assert len(g["anchors"]) == 2
+            lengths = [len(a) for a in g["anchors"]]
+            if lengths[0] != lengths[1]:  # shorter wins under this judge
+                assert r["best_anchor"] == lengths.index(min(lengths))
+            loses_both = all(len(g["sample"]) > n for n in lengths)
+            if len(set([len(g["sample"]), *lengths])) == 3:
+                assert r["reward"] == pytest.approx(-2.7725887 if loses_both else 0.0)
+        else:
+            assert len(g["anchors"]) == 3 + 4 and r["best_anchor"] < 3
+            # every comparison ties: each quantile comparison is a fair coin; (N−1)·log p̂, p̂ ≥ 1/(2k)
+            allowed = [2 * torch.log(torch.tensor(x)).item() for x in (1 / 8, .25, .5, .75, 1.0)]
+            assert any(r["reward"] == pytest.approx(v) for v in allowed), r["reward"]
+    if variant == "bond":
+        assert manifest["stages"]["train"]["ties_broken"] == 3 * (2 + 4)  # 3 tied maxima of 3 + 4 coins, per prompt
+    assert "kl_to_initial" in manifest["stages"]["train"]  # LoRA: the initial policy is adapters-off
+
+
+def test_jbond_recipe_raises_the_win_rate(tiny_dir, tmp_path):
+    """configs/jbond.yaml through the CLI, on the quickstart's models and rule judge."""
+    run_fit(REPO / "configs" / "jbond.yaml", tiny_dir, tmp_path)
+    summary = json.loads((tmp_path / "bond" / "summary.json").read_text())["iterations"]
+    win_rates = [row["win_rate_vs_initial"] for row in summary]
+    assert len(win_rates) == 3
+    assert win_rates[-1] > 0.6 and win_rates[-1] > win_rates[0], win_rates
+    assert (tmp_path / "lightning_logs" / "version_0" / "hf_model" / "model.safetensors").exists()
