@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -34,8 +35,19 @@ from sppo_lightning.data.self_play import SelfPlayDataModule
 from sppo_lightning.data.tokenize import collate_pairs
 from sppo_lightning.errors import ConfigError, DataError
 from sppo_lightning.callbacks.win_rate import InitialPolicyWinRate
-from sppo_lightning.generation import sample_on_ranks
+from sppo_lightning.decoding.linear_alignment import LinearAlignmentSettings, linear_alignment_generate
+from sppo_lightning.generation import batch_seed, gather_responses, sample_on_ranks
 from sppo_lightning.ranking import Ranker, scores_from_pairwise, select_pairs
+
+
+@dataclass
+class AlignedSampling:
+    """Sample self-play responses with Linear Alignment: the policy's logits steered by a principle
+    (``sppo_lightning.decoding``); the callback's temperature and top_p apply. Training still sees
+    the plain prompt."""
+
+    principle: str
+    alpha: float = 2.0
 
 
 class SelfPlay(L.Callback):
@@ -55,6 +67,8 @@ class SelfPlay(L.Callback):
         eval_samples: responses per held-out prompt for the win rate against the initial policy.
         log_samples: how many prompts with their chosen/rejected responses to log per iteration.
         show_progress: progress bars for generation and ranking.
+        aligned_sampling: sample with Linear Alignment under this principle instead of plain
+            sampling (``{principle: ..., alpha: 2.0}``); None samples plainly.
     """
 
     def __init__(
@@ -72,8 +86,10 @@ class SelfPlay(L.Callback):
         eval_samples: int = 1,
         log_samples: int = 3,
         show_progress: bool = True,
+        aligned_sampling: Optional[AlignedSampling] = None,
     ) -> None:
         self.ranker = ranker
+        self.aligned_sampling = aligned_sampling
         self.num_samples, self.temperature, self.top_p = num_samples, temperature, top_p
         self.max_new_tokens = max_new_tokens
         self.generation_batch_size, self.reference_batch_size = generation_batch_size, reference_batch_size
@@ -126,6 +142,7 @@ class SelfPlay(L.Callback):
             "num_samples": self.num_samples, "temperature": self.temperature, "top_p": self.top_p,
             "max_new_tokens": self.max_new_tokens, "seed": self.seed, "ranker": ranker,
             "prompts": prompt_hash, "generation_batch_size": self.generation_batch_size,
+            "aligned_sampling": None if self.aligned_sampling is None else vars(self.aligned_sampling),
         }
 
     # ------------------------------------------------------------------------------ the stages
@@ -169,9 +186,31 @@ class SelfPlay(L.Callback):
             show_progress=self.show_progress and self.trainer.is_global_zero,
         )
 
+    def _aligned_sample(self, prompts: list, num_samples: int, seed: int) -> list[list[list[int]]]:
+        """Linear Alignment sampling, K per prompt, split over ranks by batch like plain sampling."""
+        settings = LinearAlignmentSettings(self.aligned_sampling.alpha, self.temperature, self.top_p, do_sample=True)
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        local: list[list[list[int]]] = [[] for _ in prompts]
+        for index, start in enumerate(range(0, len(prompts), self.generation_batch_size)):
+            if index % world != rank:
+                continue
+            chunk = prompts[start : start + self.generation_batch_size]
+            ids = linear_alignment_generate(
+                self.module.policy, self.datamodule.tokenizer, [p.messages for p in chunk for _ in range(num_samples)],
+                self.aligned_sampling.principle, settings, max_new_tokens=self.max_new_tokens,
+                batch_size=len(chunk) * num_samples, seed=batch_seed(seed, index),
+            )
+            for j in range(len(chunk)):
+                local[start + j] = ids[j * num_samples : (j + 1) * num_samples]
+        return gather_responses(local, world)
+
     def _generate(self, prompts: list, iteration: int) -> tuple[list[dict[str, Any]], dict]:
         tokenizer = self.datamodule.tokenizer
-        responses = self._sample([p.ids for p in prompts], self.num_samples, seed=self.seed * 7_919 + iteration)
+        seed = self.seed * 7_919 + iteration
+        if self.aligned_sampling is not None:
+            responses = self._aligned_sample(prompts, self.num_samples, seed)
+        else:
+            responses = self._sample([p.ids for p in prompts], self.num_samples, seed=seed)
         rows = []
         for prompt, ids in zip(prompts, responses):
             rows.append({

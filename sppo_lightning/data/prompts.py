@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from transformers import PreTrainedTokenizerBase
 
@@ -18,6 +18,7 @@ class Prompt:
     messages: list[dict[str, str]]  # the conversation to answer, ending with a user turn
     text: str  # what a ranker or judge reads: the turns' contents, blank-line separated
     ids: list[int]  # templated prompt with generation prompt, at most max_prompt_length tokens
+    principle: Optional[str] = None  # Linear Alignment's per-prompt principle, when the file has one
 
 
 def load_prompts(
@@ -27,6 +28,7 @@ def load_prompts(
     column: str = "prompt",
     split: str = "train",
     skip_bad_rows: bool = False,
+    principle_column: Optional[str] = None,
 ) -> tuple[list[Prompt], int, list[str]]:
     """Read prompts from a file, saved dataset or hub name.
 
@@ -42,10 +44,15 @@ def load_prompts(
         raise DataError(f"{source}: missing column '{column}'; found {sorted(records[0])} (set data.prompt_column)")
     prompts, skipped, truncated = [], [], 0
     for i, record in enumerate(records):
+        bad_column = column
         try:
             messages = _messages(record.get(column))
+            principle = record.get(principle_column) if principle_column else None
+            if principle is not None and (not isinstance(principle, str) or not principle.strip()):
+                bad_column = principle_column
+                raise ValueError("expected a non-empty principle string")
         except ValueError as err:
-            message = f"{source}: row {i}: column '{column}': {err}"
+            message = f"{source}: row {i}: column '{bad_column}': {err}"
             if not skip_bad_rows:
                 raise DataError(message) from None
             skipped.append(message)
@@ -54,7 +61,7 @@ def load_prompts(
         truncated += len(ids) > max_prompt_length
         ids = keep_end(ids, max_prompt_length, tokenizer.bos_token_id)
         text = "\n\n".join(m["content"] for m in messages if m["role"] != "system")
-        prompts.append(Prompt(i, messages, text, ids))
+        prompts.append(Prompt(i, messages, text, ids, principle))
     if not prompts:
         raise DataError(f"{source}: every prompt is bad ({len(skipped)} skipped); first: {skipped[0]}")
     return prompts, truncated, skipped
