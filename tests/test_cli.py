@@ -114,3 +114,29 @@ def test_bad_row_in_data_file_names_file_row_and_column(tmp_path, tiny_llama):
     result = fit(tmp_path, tiny_llama, "--data.init_args.train_data", bad, check=False)
     assert result.returncode == 2
     assert f"{bad}: row 2: column 'chosen_probs_win': 7." in result.stderr
+
+
+@pytest.mark.parametrize("recipe, keys", [
+    ("asft", ["train/nll", "train/alignment", "train/prob/chosen", "train/prob/rejected", "train/accuracy"]),
+    ("orpo", ["train/nll", "train/alignment"]),
+    ("dpo", ["train/rewards/margins", "train/rewards/accuracy"]),
+    ("ipo", ["train/rewards/margins"]),
+])
+def test_pair_recipes_run_on_the_tiny_model(tmp_path, tiny_llama, recipe, keys):
+    """configs/<recipe>.yaml as shipped, only the model, data and hardware made tiny."""
+    run(
+        "fit", "--config", f"configs/{recipe}.yaml", "--model.model_name_or_path", tiny_llama,
+        "--model.torch_dtype", "float32", "--model.gradient_checkpointing", "false", "--model.lr", "1e-3",
+        "--data.train_data", "configs/data/tiny_preferences.jsonl",
+        "--data.eval_data", "configs/data/tiny_preferences_eval.jsonl", "--data.max_length", "128",
+        "--data.max_prompt_length", "64", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+        "--trainer.precision", "32-true", "--trainer.default_root_dir", tmp_path,
+        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", tmp_path,
+        "--trainer.log_every_n_steps", "1",
+    )
+    run_dir = tmp_path / "lightning_logs" / "version_0"
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    logged = {k for row in rows for k, v in row.items() if v}
+    for key in keys + ["train/loss", "val/loss"]:
+        assert key in logged, key
+    assert (run_dir / "hf_model" / "model.safetensors").exists()

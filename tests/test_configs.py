@@ -30,3 +30,20 @@ def test_config_parses(config, capsys, monkeypatch):
 
 def test_configs_exist():
     assert {"quickstart.yaml", "tiny_pairs.yaml", "sppo_pairs.yaml", "dpo.yaml"} <= {c.name for c in CONFIGS}
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_config_instantiates(config, monkeypatch):
+    """Every class the config names is built (module, data module, callbacks, ranker) with its
+    constructor checks; only the hardware is made CPU. Weights load later, in configure_model."""
+    from sppo_lightning.cli import SPPOLightningCLI
+
+    import lightning as L
+
+    monkeypatch.setattr("sys.argv", ["sppo-lightning"])
+    cli = SPPOLightningCLI(
+        L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
+        args=["--config", str(config), "--trainer.accelerator", "cpu", "--trainer.devices", "1"],
+    )
+    assert cli.model.hparams["model_name_or_path"]
+    assert cli.trainer.callbacks
