@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 
@@ -43,8 +44,57 @@ def sequence_logprobs(logits: Tensor, labels: Tensor) -> SequenceLogps:
     return SequenceLogps(total, total / n_tokens.clamp(min=1), n_tokens)
 
 
-def model_logprobs(model: torch.nn.Module, batch: dict[str, Tensor]) -> SequenceLogps:
+def model_logprobs(model: torch.nn.Module, batch: dict[str, Tensor], chunk_tokens: int = 1024) -> SequenceLogps:
     """Run ``model`` on a collated batch (``input_ids``, ``attention_mask``, ``labels``, each
-    ``[R, T]``) and return the response log-probs of every row."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    return sequence_logprobs(out.logits, batch["labels"])
+    ``[R, T]``) and return the response log-probs of every row.
+
+    For Hugging Face causal LMs (with or without peft) the LM head runs only at response positions,
+    ``chunk_tokens`` at a time and recomputed in backward, so the ``[tokens, vocab]`` logits never
+    exist whole and prompt and padding positions cost no head FLOPs (design-notes §3). Other models
+    take the plain path through full logits; both give the same numbers.
+    """
+    parts = _backbone_and_head(model)
+    if parts is None:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        return sequence_logprobs(out.logits, batch["labels"])
+    backbone, head, softcap = parts
+    hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    hidden = hidden.last_hidden_state[:, :-1]
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE_INDEX
+    rows = mask.nonzero()[:, 0]
+    states, targets = hidden[mask], labels[mask]
+    pieces = []
+    for start in range(0, targets.shape[0], chunk_tokens):
+        args = (states[start : start + chunk_tokens], targets[start : start + chunk_tokens], head.weight, softcap)
+        if torch.is_grad_enabled() and states.requires_grad:
+            pieces.append(checkpoint(_token_logprobs, *args, use_reentrant=False))
+        else:
+            pieces.append(_token_logprobs(*args))
+    token_logps = torch.cat(pieces) if pieces else states.new_zeros(0, dtype=torch.float32)
+    total = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device).index_add(0, rows, token_logps)
+    n_tokens = mask.sum(-1)
+    return SequenceLogps(total, total / n_tokens.clamp(min=1), n_tokens)
+
+
+def _token_logprobs(states: Tensor, targets: Tensor, weight: Tensor, softcap: float | None) -> Tensor:
+    logits = (states @ weight.T).float()
+    if softcap:  # Gemma-2 style final logit soft-capping
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def _backbone_and_head(model: torch.nn.Module):
+    """(backbone, LM head, soft-cap) of a Hugging Face causal LM, peft-wrapped or not; None if the
+    model is not one we can split safely (then the plain path runs)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    prefix = getattr(inner, "base_model_prefix", None)
+    backbone = getattr(inner, prefix, None) if prefix else None
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    config = getattr(inner, "config", None)
+    # Exactly nn.Linear: a LoRA-adapted head (peft's lora.Linear) or a scaled one takes the plain path.
+    if backbone is None or type(head) is not torch.nn.Linear or head.bias is not None or config is None:
+        return None
+    if getattr(config, "logit_scale", None):
+        return None
+    return backbone, head, getattr(config, "final_logit_softcapping", None)

@@ -62,3 +62,31 @@ def test_model_logps_do_not_depend_on_batch_padding(tiny_llama, tokenizer):
     # the EOS is counted: n_tokens = response ids including the EOS
     assert alone.n_tokens[0].item() == len(short["chosen_ids"])
     assert tokenizer.eos_token_id in short["chosen_ids"]
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_fast_response_only_head_equals_full_logits(tiny_llama, tokenizer, lora):
+    from sppo_lightning.logprobs import model_logprobs
+    from sppo_lightning.models import LoraSettings, add_lora
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    if lora:
+        model = add_lora(model, LoraSettings(r=4, alpha=8))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.1)
+    prompt = [{"role": "user", "content": "What is 2 plus 3?"}]
+    rows = [encode_row(tokenizer, PreferenceRow(prompt, c, r, {}, {}), 256, 128)
+            for c, r in (("5.", "six " * 9), ("It is five. " * 12, "no"))]
+    batch = collate_pairs(rows, tokenizer.pad_token_id)
+    fast = model_logprobs(model, batch, chunk_tokens=7)  # several chunks
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    full = sequence_logprobs(logits, batch["labels"])
+    torch.testing.assert_close(fast.sum, full.sum, atol=1e-4, rtol=1e-5)
+    assert torch.equal(fast.n_tokens, full.n_tokens)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads_fast = torch.autograd.grad(fast.sum.sum(), params)
+    grads_full = torch.autograd.grad(full.sum.sum(), params)
+    for a, b in zip(grads_fast, grads_full):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
