@@ -35,6 +35,8 @@ class BondModule(L.LightningModule):
         jeffreys_beta: β of ``(1-β)·forward KL + β·backward KL`` (paper: 0.5).
         torch_dtype, trust_remote_code, lora, gradient_checkpointing: as for ``PreferenceModule``.
         optimizer, lr, weight_decay, warmup_ratio: J-BOND used Adam at 3e-6 with warmup.
+        keep_initial_copy: full fine-tuning only: hold a frozen copy of the initial policy so that
+            KL(π‖π_initial) is logged (LoRA gets it free: the adapters-off base). Costs a model.
     """
 
     def __init__(
@@ -49,6 +51,7 @@ class BondModule(L.LightningModule):
         lr: float = 3e-6,
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.0,
+        keep_initial_copy: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(lora, dict):
@@ -62,6 +65,7 @@ class BondModule(L.LightningModule):
         self.lora = lora
         self.policy: Optional[nn.Module] = None
         self.anchor: Optional[nn.Module] = None  # full fine-tuning only; LoRA keeps an adapter
+        self.initial: Optional[nn.Module] = None  # keep_initial_copy, for KL monitoring
         self.schedule_override: Optional[tuple[int, int]] = None
 
     def configure_model(self) -> None:
@@ -72,6 +76,8 @@ class BondModule(L.LightningModule):
         disable_dropout(policy)
         if self.lora is None:
             self.anchor = copy.deepcopy(policy).eval().requires_grad_(False)
+            if hp.keep_initial_copy:
+                self.initial = copy.deepcopy(self.anchor)
         else:
             policy = add_lora(policy, self.lora)
             policy.add_adapter(ANCHOR, policy.peft_config["default"])
@@ -106,18 +112,19 @@ class BondModule(L.LightningModule):
 
     @contextmanager
     def initial_model(self) -> Iterator[Optional[nn.Module]]:
-        """The initial policy, for KL monitoring: LoRA with adapters off; None for full fine-tuning
-        (keeping a third full copy only to log a number would cost a model's memory)."""
+        """The initial policy, for KL monitoring: LoRA with adapters off; for full fine-tuning the
+        copy ``keep_initial_copy`` holds, else None (no KL is logged)."""
         if self.lora is None:
-            yield None
+            yield self.initial
             return
         with self.policy.disable_adapter():
             yield self.policy
 
     def train(self, mode: bool = True) -> "BondModule":
         super().train(mode)
-        if self.anchor is not None:
-            self.anchor.eval()
+        for frozen in (self.anchor, self.initial):
+            if frozen is not None:
+                frozen.eval()
         return self
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:

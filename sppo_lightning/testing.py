@@ -181,7 +181,8 @@ def make_tiny_pairrm_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast
 
 
 def make_tiny_pairrm(
-    out_dir: str | Path, hidden_size: int = 32, num_layers: int = 2, num_heads: int = 2, seed: int = 0
+    out_dir: str | Path, hidden_size: int = 32, num_layers: int = 2, num_heads: int = 2, seed: int = 0,
+    initializer_range: float = 0.3, head_std: float = 0.5,
 ) -> tuple[Path, Path]:
     """Save one random PairRM twice: ``out_dir/pairrm`` (llm-blender layout, with its backbone in
     ``out_dir/pairrm-backbone``) and ``out_dir/pairrm-hf`` (``DebertaV2PairRM``). Same weights."""
@@ -206,7 +207,7 @@ def make_tiny_pairrm(
         norm_rel_ebd="layer_norm", share_att_key=True, type_vocab_size=0,
         # a wide init makes the candidate positions attend to their content strongly enough
         # that different responses get clearly different scores
-        initializer_range=0.3,
+        initializer_range=initializer_range,
     )
     torch.manual_seed(seed)
     DebertaV2Model(backbone_config).save_pretrained(backbone_dir)
@@ -225,7 +226,7 @@ def make_tiny_pairrm(
     # order 1, so that parity tests at 1e-4 and rankings mean something.
     for layer in ranker.head_layer:
         if isinstance(layer, torch.nn.Linear):
-            torch.nn.init.normal_(layer.weight, std=0.5)
+            torch.nn.init.normal_(layer.weight, std=head_std)
     blender_dir.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in ranker_config.to_dict().items() if k not in ("cache_dir", "load_checkpoint", "device")}
     (blender_dir / "config.json").write_text(json.dumps(config, indent=2))

@@ -90,6 +90,22 @@ def test_bond_rows_rewards_and_ties(tmp_path, tiny_llama, variant):
     assert "kl_to_initial" in manifest["stages"]["train"]  # LoRA: the initial policy is adapters-off
 
 
+def test_full_fine_tuning_logs_kl_with_an_initial_copy(tmp_path, tiny_llama):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in ["Hi", "Name a color."]))
+    module = BondModule(tiny_llama, lr=1e-2, keep_initial_copy=True)
+    callback = BondSelfPlay(FunctionJudge("sppo_lightning.ranking.judges:shorter"), max_new_tokens=6,
+                            run_dir=str(tmp_path / "bond"), show_progress=False)
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback, EMAAnchor(0.5)])
+    trainer.fit(module, datamodule=SelfPlayDataModule(prompts=str(prompts), tokenizer=tiny_llama, batch_size=2))
+    kl = [json.loads((tmp_path / "bond" / f"iteration_{t}" / "manifest.json").read_text())["stages"]["train"]
+          ["kl_to_initial"] for t in (0, 1)]
+    assert kl[0] == pytest.approx(0.0, abs=1e-4)  # iteration 1 samples from the initial policy itself
+    assert kl[1] != pytest.approx(0.0, abs=1e-4)  # after training, the policy has moved
+    assert not any(p.requires_grad for p in module.initial.parameters())
+
+
 def test_jbond_recipe_raises_the_win_rate(tiny_dir, tmp_path):
     """configs/jbond.yaml through the CLI, on the quickstart's models and rule judge."""
     run_fit(REPO / "configs" / "jbond.yaml", tiny_dir, tmp_path)
