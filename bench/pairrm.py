@@ -79,7 +79,6 @@ def main() -> None:
     best_bs = min(best, key=lambda b: statistics.median(best[b]))
     speedup = [b / o for o, b in zip(ours_s, base_s)]
     speedup_best = [b / o for o, b in zip(ours_s, best[best_bs])]
-    import llm_blender as _lb  # noqa: F401
     import transformers
 
     print(json.dumps({

@@ -16,8 +16,6 @@ training rows are per-iteration artifacts, like SPPO's, so a restarted run reuse
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -26,8 +24,9 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from sppo_lightning.artifacts import IterationArtifacts, atomic_write_json, run_stage
+from sppo_lightning.artifacts import IterationArtifacts, RunSummary, run_stage
 from sppo_lightning.callbacks.win_rate import InitialPolicyWinRate
+from sppo_lightning.data.prompts import prompts_fingerprint
 from sppo_lightning.data.self_play import SelfPlayDataModule
 from sppo_lightning.data.tokenize import collate_pairs
 from sppo_lightning.errors import ConfigError
@@ -69,7 +68,6 @@ class BondSelfPlay(L.Callback):
         self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
         self.generation_batch_size, self.seed = generation_batch_size, seed
         self.run_dir_setting, self.eval_samples, self.show_progress = run_dir, eval_samples, show_progress
-        self.summary: list[dict[str, Any]] = []
         self.stats: dict[int, dict[str, Any]] = {}
 
     @property
@@ -93,9 +91,7 @@ class BondSelfPlay(L.Callback):
         trainer.reload_dataloaders_every_n_epochs = 1
         self.win_rate = InitialPolicyWinRate(self.run_dir, self.ranker, self._sampler(anchor=False),
                                              self.eval_samples, seed=self.seed * 7_919 + 999_983)
-        summary_path = self.run_dir / "summary.json"
-        if summary_path.exists():
-            self.summary = json.loads(summary_path.read_text())["iterations"]
+        self.summary = RunSummary(self.run_dir / "summary.json")
 
     def _sampler(self, anchor: bool):
         def sample(prompt_ids: list[list[int]], num_samples: int, seed: int) -> list[list[list[int]]]:
@@ -115,7 +111,7 @@ class BondSelfPlay(L.Callback):
             "variant": self.variant, "n": self.n, "k": self.k, "temperature": self.temperature,
             "top_p": self.top_p, "max_new_tokens": self.max_new_tokens, "seed": self.seed,
             "generation_batch_size": self.generation_batch_size, "ranker": type(self.ranker).__name__,
-            "prompts": hashlib.sha256(json.dumps([p.ids for p in prompts]).encode()).hexdigest()[:16],
+            "prompts": prompts_fingerprint(prompts),
         }
 
     # ------------------------------------------------------------------------------ the stages
@@ -225,8 +221,6 @@ class BondSelfPlay(L.Callback):
                 pl_module.log(f"bond/{key}", float(stats[key]), on_epoch=True, on_step=False)
         if self.variant == "bond":  # Best-of-N's own KL to its reference, for comparison
             row["best_of_n_kl"] = math.log(self.n) - (self.n - 1) / self.n
-        self.summary = [r for r in self.summary if r["iteration"] != row["iteration"]] + [row]
-        if trainer.is_global_zero:
-            atomic_write_json(self.run_dir / "summary.json", {"iterations": self.summary})
+        self.summary.record(row, write=trainer.is_global_zero)
         rank_zero_info(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                   for k, v in row.items() if k != "seconds"))

@@ -18,8 +18,6 @@ summary row is printed and saved to ``<run_dir>/summary.json``.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -30,7 +28,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from sppo_lightning.artifacts import IterationArtifacts, atomic_write_json, run_stage
+from sppo_lightning.artifacts import IterationArtifacts, RunSummary, run_stage
+from sppo_lightning.data.prompts import prompts_fingerprint
 from sppo_lightning.data.self_play import SelfPlayDataModule
 from sppo_lightning.data.tokenize import collate_pairs
 from sppo_lightning.errors import ConfigError, DataError
@@ -95,7 +94,6 @@ class SelfPlay(L.Callback):
         self.generation_batch_size, self.reference_batch_size = generation_batch_size, reference_batch_size
         self.seed, self.run_dir_setting, self.reset_optimizer = seed, run_dir, reset_optimizer
         self.eval_samples, self.log_samples, self.show_progress = eval_samples, log_samples, show_progress
-        self.summary: list[dict[str, Any]] = []
         self.stats: dict[int, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------------------ wiring
@@ -128,12 +126,9 @@ class SelfPlay(L.Callback):
                                              seed=self.seed * 7_919 + 999_983)
         # Each epoch start asks the data module for its loader: the new iteration's pairs.
         trainer.reload_dataloaders_every_n_epochs = 1
-        summary_path = self.run_dir / "summary.json"
-        if summary_path.exists():  # a resumed run keeps the rows of the iterations it finished
-            self.summary = json.loads(summary_path.read_text())["iterations"]
+        self.summary = RunSummary(self.run_dir / "summary.json")
 
     def _settings(self, prompts: list) -> dict[str, Any]:
-        prompt_hash = hashlib.sha256(json.dumps([p.ids for p in prompts]).encode()).hexdigest()[:16]
         ranker = {"class": type(self.ranker).__name__}
         for attr in ("path", "function_path"):
             if hasattr(self.ranker, attr):
@@ -141,7 +136,7 @@ class SelfPlay(L.Callback):
         return {
             "num_samples": self.num_samples, "temperature": self.temperature, "top_p": self.top_p,
             "max_new_tokens": self.max_new_tokens, "seed": self.seed, "ranker": ranker,
-            "prompts": prompt_hash, "generation_batch_size": self.generation_batch_size,
+            "prompts": prompts_fingerprint(prompts), "generation_batch_size": self.generation_batch_size,
             "aligned_sampling": None if self.aligned_sampling is None else vars(self.aligned_sampling),
         }
 
@@ -318,14 +313,12 @@ class SelfPlay(L.Callback):
         row["seconds"] = {**stats.get("seconds", {}),
                           "train": time.perf_counter() - getattr(self, "_train_start", time.perf_counter()),
                           "evaluate": eval_seconds}
-        self.summary = [r for r in self.summary if r["iteration"] != row["iteration"]] + [row]
-        if trainer.is_global_zero:
-            atomic_write_json(self.run_dir / "summary.json", {"iterations": self.summary})
+        self.summary.record(row, write=trainer.is_global_zero)
         rank_zero_info(format_row(row))
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.summary:
-            lines = [format_row(r) for r in self.summary]
+        if self.summary.rows:
+            lines = [format_row(r) for r in self.summary.rows]
             rank_zero_info("Self-play summary (also in {}):\n  {}".format(self.run_dir / "summary.json",
                                                                           "\n  ".join(lines)))
 

@@ -137,3 +137,17 @@ def run_stage(trainer, artifacts: IterationArtifacts, stage: str, compute, on_ev
             artifacts.save(stage, rows, seconds=time.perf_counter() - start, **info)
     trainer.strategy.barrier(f"stage_{stage}")
     return rows if rows is not None else artifacts.load(stage)
+
+
+class RunSummary:
+    """``<run_dir>/summary.json``: one row per finished iteration; a resumed run keeps earlier rows."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.rows: list[dict[str, Any]] = json.loads(self.path.read_text())["iterations"] if self.path.exists() else []
+
+    def record(self, row: dict[str, Any], write: bool = True) -> None:
+        """Add (or replace) the row of ``row["iteration"]``; ``write`` on rank 0 only."""
+        self.rows = [r for r in self.rows if r["iteration"] != row["iteration"]] + [row]
+        if write:
+            atomic_write_json(self.path, {"iterations": self.rows})

@@ -9,7 +9,6 @@ from transformers import AutoModelForCausalLM
 from sppo_lightning.callbacks.self_play import AlignedSampling
 from sppo_lightning.decoding import LinearAlignmentSettings, linear_alignment_generate, linear_alignment_step, nucleus_mask
 from sppo_lightning.decoding.linear_alignment import with_principle
-from sppo_lightning.ranking import FunctionJudge
 from tests.test_quickstart import REPO
 from tests.test_self_play import QUESTIONS, fit
 

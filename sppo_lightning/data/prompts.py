@@ -82,3 +82,11 @@ def _messages(value: Any) -> list[dict[str, str]]:
     if messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
         raise ValueError("the last turn must be a non-empty user turn")
     return messages
+
+
+def prompts_fingerprint(prompts: list[Prompt]) -> str:
+    """A short hash of the prompts' token ids: artifacts made from other prompts are refused."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps([p.ids for p in prompts]).encode()).hexdigest()[:16]
