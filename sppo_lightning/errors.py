@@ -15,3 +15,7 @@ class ConfigError(SPPOLightningError, ValueError):
 
 class LoadError(SPPOLightningError, OSError):
     """A model, tokenizer or dataset could not be found or loaded."""
+
+
+class TrainingError(SPPOLightningError, RuntimeError):
+    """Training cannot go on (a non-finite loss); what was good has been saved."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Literal, Optional
 
 import lightning as L
@@ -11,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from sppo_lightning import losses
-from sppo_lightning.errors import ConfigError, DataError
+from sppo_lightning.errors import ConfigError, DataError, TrainingError
 from sppo_lightning.logprobs import SequenceLogps, model_logprobs
 from sppo_lightning.models import LoraSettings, add_lora, disable_dropout, load_causal_lm
 from sppo_lightning.optim import make_optimizer
@@ -57,6 +58,9 @@ class PreferenceModule(L.LightningModule):
         warmup_ratio: fraction of the schedule spent in linear warmup; then linear decay to 0.
         schedule_epochs: lay the LR schedule over this many epochs though fewer are trained
             (the SPPO model card's "18 epochs, stop at 1"); None = the trained epochs.
+        on_non_finite: a NaN/inf loss either ``stop``s the run with an error, after saving the
+            weights as they were before that batch to ``<default_root_dir>/last_finite.ckpt``, or
+            ``skip``s the batch (no update) and counts it in ``train/skipped_non_finite``.
     """
 
     def __init__(
@@ -78,6 +82,7 @@ class PreferenceModule(L.LightningModule):
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.1,
         schedule_epochs: Optional[float] = None,
+        on_non_finite: Literal["stop", "skip"] = "stop",
     ) -> None:
         super().__init__()
         if isinstance(lora, dict):  # from a checkpoint: hparams hold plain types only
@@ -98,6 +103,7 @@ class PreferenceModule(L.LightningModule):
         # (optimizer steps, epochs they span) of one LR schedule; set by the SelfPlay callback when
         # it restarts the optimizer every iteration. None: the whole fit is one schedule.
         self.schedule_override: Optional[tuple[int, int]] = None
+        self.skipped_non_finite = 0
 
     # ----------------------------------------------------------------------------- models
     def configure_model(self) -> None:
@@ -162,11 +168,25 @@ class PreferenceModule(L.LightningModule):
         return compute_loss(self, policy, reference, batch)
 
     # ----------------------------------------------------------------------------- loops
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Optional[Tensor]:
         per_pair, metrics = self.step(batch)
         loss = per_pair.mean()
+        if not torch.isfinite(loss):
+            return self._non_finite(loss, per_pair, batch_idx)
         self._log("train", loss, metrics, batch)
         return loss
+
+    def _non_finite(self, loss: Tensor, per_pair: Tensor, batch_idx: int) -> None:
+        bad = (~torch.isfinite(per_pair)).nonzero().flatten().tolist()
+        where = f"loss {loss.item()} at step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx}, pairs {bad})"
+        if self.hparams.on_non_finite == "skip":
+            self.skipped_non_finite += 1
+            self.log("train/skipped_non_finite", float(self.skipped_non_finite))
+            return None  # Lightning skips backward and the optimizer step
+        path = Path(self.trainer.default_root_dir) / "last_finite.ckpt"
+        self.trainer.save_checkpoint(path)  # the weights are still those before this batch
+        raise TrainingError(f"non-finite {where}; the last good state is saved in {path}. "
+                            f"Check the data of that batch, or set model.on_non_finite: skip")
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         per_pair, metrics = self.step(batch)

@@ -213,3 +213,43 @@ class _RecordLR(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+class _PoisonedData(L.LightningDataModule):
+    """Real batches of the tiny pairs, with a NaN win probability in batch 1."""
+
+    def __init__(self, pair_file, tiny_llama):
+        super().__init__()
+        self.inner = PreferenceDataModule(train_data=pair_file, tokenizer=tiny_llama, batch_size=2)
+
+    def setup(self, stage):
+        self.inner.setup(stage)
+        self.inner.train_examples[2]["chosen_probs_win"] = float("nan")  # past row validation
+
+    def train_dataloader(self):
+        loader = self.inner.train_dataloader()
+        return torch.utils.data.DataLoader(self.inner.train_examples, batch_size=2, collate_fn=loader.collate_fn)
+
+
+def test_non_finite_loss_stops_after_saving_the_good_state(pair_file, tiny_llama, tmp_path):
+    from sppo_lightning.errors import TrainingError
+
+    module = PreferenceModule(tiny_llama, loss="sppo", eta=10.0, lr=1e-2, warmup_ratio=0.0)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.raises(TrainingError, match=r"non-finite loss nan at step 1 \(epoch 0, batch 1, pairs \[0\]\)"):
+        trainer.fit(module, datamodule=_PoisonedData(pair_file, tiny_llama))
+    saved = torch.load(tmp_path / "last_finite.ckpt", weights_only=True)
+    assert saved["global_step"] == 1
+    for key, value in saved["state_dict"].items():
+        assert torch.isfinite(value).all(), key
+        torch.testing.assert_close(value, module.state_dict()[key])  # nothing moved after the bad batch
+
+
+def test_non_finite_loss_can_skip_the_batch(pair_file, tiny_llama):
+    module = PreferenceModule(tiny_llama, loss="sppo", eta=10.0, lr=1e-2, warmup_ratio=0.0, on_non_finite="skip")
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=_PoisonedData(pair_file, tiny_llama))
+    assert module.skipped_non_finite == 1  # batch 1 of 2
+    assert all(torch.isfinite(p).all() for p in module.policy.parameters())
