@@ -84,7 +84,7 @@ class PairRMRanker:
         source_max_length: Optional[int] = None,
         candidate_max_length: Optional[int] = None,
         torch_dtype: str = "float32",
-        show_progress: bool = False,
+        show_progress: bool = True,
     ) -> None:
         self.path, self.device, self.batch_size = path, device, batch_size
         self.source_max_length, self.candidate_max_length = source_max_length, candidate_max_length
