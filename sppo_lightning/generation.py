@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -38,6 +39,7 @@ def sample_responses(
     rank: int = 0,
     world_size: int = 1,
     show_progress: bool = False,
+    retry_oom: bool = True,
 ) -> list[list[list[int]]]:
     """Sample ``num_samples`` responses for each prompt with ``model.generate``.
 
@@ -48,6 +50,8 @@ def sample_responses(
         seed: with the batch index, fixes every sample: the same seed gives the same responses.
         rank / world_size: this process draws batches ``rank, rank + world_size, ...``; the caller
             gathers. Prompts are not reordered, so batches are identical across world sizes.
+        retry_oom: a batch that runs out of memory (CUDA or CPU) is retried as two halves, down to
+            one prompt, with a warning; the halves draw their own seeds.
 
     Returns:
         ``[N][num_samples]`` response token ids, each ending with its EOS when the model stopped
@@ -72,27 +76,46 @@ def sample_responses(
             for row, ids in enumerate(chunk):
                 input_ids[row, width - len(ids):] = torch.tensor(ids)
                 attention_mask[row, width - len(ids):] = 1
-            devices = [device] if device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(batch_seed(seed, start // batch_size))
-                out = model.generate(
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention_mask.to(device),
-                    do_sample=True,
-                    temperature=temperature,
-                    top_p=top_p,
-                    top_k=0,  # vLLM's and the paper's sampling: no top-k cut
-                    max_new_tokens=max_new_tokens,
-                    num_return_sequences=num_samples,
-                    pad_token_id=pad_id,
-                    use_cache=True,
-                )
-            new_tokens = out[:, width:].tolist()
-            for row, tokens in enumerate(new_tokens):
+            rows = _generate_halving(
+                model, input_ids.to(device), attention_mask.to(device), batch_seed(seed, start // batch_size),
+                retry_oom, dict(do_sample=True, temperature=temperature, top_p=top_p,
+                                top_k=0,  # vLLM's and the paper's sampling: no top-k cut
+                                max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
+                                pad_token_id=pad_id, use_cache=True),
+            )
+            for row, tokens in enumerate(rows):
                 results[start + row // num_samples].append(_cut_at_eos(tokens, stop))
     finally:
         model.train(was_training)
     return results
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and ("out of memory" in str(err) or "can't allocate memory" in str(err))
+    )
+
+
+def _generate_halving(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, seed: int,
+                      retry_oom: bool, options: dict) -> list[list[int]]:
+    """New tokens of every returned row (``num_return_sequences`` per prompt, in order)."""
+    device = input_ids.device
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **options)
+        return out[:, input_ids.shape[1]:].tolist()
+    except (RuntimeError, torch.OutOfMemoryError) as err:
+        if not (retry_oom and _is_out_of_memory(err) and input_ids.shape[0] > 1):
+            raise
+    half = input_ids.shape[0] // 2
+    warnings.warn(f"out of memory generating for {input_ids.shape[0]} prompts; retrying as {half} + "
+                  f"{input_ids.shape[0] - half} (lower generation_batch_size to avoid this)")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    # Left padding stays valid for each half: every row still ends at the last column.
+    return (_generate_halving(model, input_ids[:half], attention_mask[:half], seed * 2 + 1, retry_oom, options)
+            + _generate_halving(model, input_ids[half:], attention_mask[half:], seed * 2 + 2, retry_oom, options))
 
 
 def _cut_at_eos(tokens: list[int], stop: set[int]) -> list[int]:

@@ -69,3 +69,37 @@ def test_policy_mode_is_restored(model, tokenizer):
     model.train()
     sample(model, tokenizer, prompt_ids(tokenizer, 1), k=2)
     assert model.training
+
+
+def test_out_of_memory_retries_with_half_the_batch(model, tokenizer, monkeypatch):
+    """Fault injection on the real model: generate 'runs out of memory' above 2 prompts."""
+    real = model.generate
+    sizes = []
+
+    def generate(input_ids, **kwargs):
+        sizes.append(input_ids.shape[0])
+        if input_ids.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(model, "generate", generate)
+    ids = prompt_ids(tokenizer)
+    with pytest.warns(UserWarning, match="out of memory generating for 5 prompts; retrying as 2 \\+ 3"):
+        out = sample(model, tokenizer, ids, k=2, batch_size=5)
+    assert sizes == [5, 2, 3, 1, 2]  # 5 fails; 2 runs; 3 fails and splits into 1 + 2
+    assert len(out) == 5 and all(len(r) == 2 and all(r) for r in out)
+    with pytest.raises(torch.OutOfMemoryError):
+        sample(model, tokenizer, ids, k=2, batch_size=5, retry_oom=False)
+
+
+def test_other_errors_are_not_retried(model, tokenizer, monkeypatch):
+    calls = []
+
+    def generate(input_ids, **kwargs):
+        calls.append(1)
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(model, "generate", generate)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        sample(model, tokenizer, prompt_ids(tokenizer), batch_size=5)
+    assert calls == [1]
