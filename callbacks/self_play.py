@@ -68,6 +68,7 @@ class SelfPlay(L.Callback):
         show_progress: progress bars for generation and ranking.
         aligned_sampling: sample with Linear Alignment under this principle instead of plain
             sampling (``{principle: ..., alpha: 2.0}``); None samples plainly.
+        retry_oom: a generation batch that runs out of memory is retried as two halves (warned).
     """
 
     def __init__(
@@ -86,8 +87,10 @@ class SelfPlay(L.Callback):
         log_samples: int = 3,
         show_progress: bool = True,
         aligned_sampling: Optional[AlignedSampling] = None,
+        retry_oom: bool = True,
     ) -> None:
         self.ranker = ranker
+        self.retry_oom = retry_oom
         self.aligned_sampling = aligned_sampling
         self.num_samples, self.temperature, self.top_p = num_samples, temperature, top_p
         self.max_new_tokens = max_new_tokens
@@ -177,7 +180,7 @@ class SelfPlay(L.Callback):
             self.module.policy, self.datamodule.tokenizer, prompt_ids, num_samples,
             rank=self.trainer.global_rank, world_size=self.trainer.world_size,
             temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
-            batch_size=self.generation_batch_size, seed=seed,
+            batch_size=self.generation_batch_size, seed=seed, retry_oom=self.retry_oom,
             show_progress=self.show_progress and self.trainer.is_global_zero,
         )
 
