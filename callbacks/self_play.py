@@ -282,9 +282,11 @@ class SelfPlay(L.Callback):
         epoch = trainer.current_epoch
         return epoch // per, epoch % per == 0, (epoch + 1) % per == 0
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        # The first batch of an iteration, not on_train_epoch_start: Lightning skips that hook when a
+        # run resumes from an end-of-epoch checkpoint, and the optimizer reset must happen anyway.
         iteration, starts, _ = self._iteration_bounds(trainer)
-        if not starts:
+        if not starts or batch_idx != 0:
             return
         self._train_start = time.perf_counter()
         if self.reset_optimizer:

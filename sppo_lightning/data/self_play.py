@@ -6,6 +6,7 @@ from functools import partial
 from typing import Any, Callable, Optional
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
@@ -17,6 +18,20 @@ from sppo_lightning.models import load_tokenizer
 
 # What the SelfPlay callback registers: iteration t -> that iteration's training examples.
 IterationBuilder = Callable[[int], list[dict[str, Any]]]
+
+
+class SeededShuffle(torch.utils.data.Sampler):
+    """A permutation fixed by ``seed`` alone: the same order however many times Lightning calls
+    ``iter()`` (twice per epoch in a fresh run, once in a resumed one), so resuming is exact."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed = size, seed
+
+    def __iter__(self):
+        return iter(torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed)).tolist())
+
+    def __len__(self) -> int:
+        return self.size
 
 
 class SelfPlayDataModule(L.LightningDataModule):
@@ -39,6 +54,8 @@ class SelfPlayDataModule(L.LightningDataModule):
         max_prompt_length: prompt tokens kept (from the end, BOS kept); a count is logged.
         batch_size: pairs per training batch.
         skip_bad_rows: skip bad prompts with a counted warning instead of stopping.
+        shuffle_seed: each epoch's batch order comes from (shuffle_seed, epoch) alone, so a run
+            resumed at an epoch boundary sees the same order as an uninterrupted one.
     """
 
     def __init__(
@@ -56,6 +73,7 @@ class SelfPlayDataModule(L.LightningDataModule):
         skip_bad_rows: bool = False,
         num_workers: int = 0,
         trust_remote_code: bool = False,
+        shuffle_seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -68,6 +86,7 @@ class SelfPlayDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.skip_bad_rows, self.num_workers = skip_bad_rows, num_workers
         self.trust_remote_code = trust_remote_code
+        self.shuffle_seed = shuffle_seed
         self.tokenizer: Optional[PreTrainedTokenizerBase] = None
         self.prompts: list[Prompt] = []
         self.eval_prompts: list[Prompt] = []
@@ -115,7 +134,8 @@ class SelfPlayDataModule(L.LightningDataModule):
         return picked + self.prompts[: n - len(picked)]
 
     def train_dataloader(self) -> DataLoader:
-        iteration = self.iteration_of(self.trainer.current_epoch if self.trainer else 0)
+        epoch = self.trainer.current_epoch if self.trainer else 0
+        iteration = self.iteration_of(epoch)
         if self._built_iteration != iteration:
             if self.builder is None:
                 raise ConfigError(
@@ -127,7 +147,7 @@ class SelfPlayDataModule(L.LightningDataModule):
         return DataLoader(
             self.pairs,
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=SeededShuffle(len(self.pairs), self.shuffle_seed * 1_000_003 + epoch),
             collate_fn=partial(collate_pairs, pad_token_id=self.tokenizer.pad_token_id),
             num_workers=self.num_workers,
         )
