@@ -192,16 +192,18 @@ class BondSelfPlay(L.Callback):
         batch = collate_pairs([{"prompt_ids": r["prompt_ids"], "chosen_ids": r["rejected_ids"],
                                 "rejected_ids": r["rejected_ids"]} for r in rows], pad)
         batch = {k: v.to(self.module.device) for k, v in batch.items()}
-        with self.module.initial_model() as initial:
-            if initial is None:
-                return None
-            was_training = initial.training
-            initial.eval()
-            initial_logps = model_logprobs(initial, batch).sum
         policy = self.module.policy
-        policy.eval()
-        policy_logps = model_logprobs(policy, batch).sum
-        policy.train(was_training)
+        was_training = policy.training  # the policy's own mode; a frozen initial copy is always eval
+        try:
+            with self.module.initial_model() as initial:
+                if initial is None:
+                    return None
+                initial.eval()
+                initial_logps = model_logprobs(initial, batch).sum
+            policy.eval()
+            policy_logps = model_logprobs(policy, batch).sum
+        finally:
+            policy.train(was_training)
         return float((policy_logps - initial_logps).mean())
 
     # ------------------------------------------------------------------------------ hooks

@@ -96,14 +96,20 @@ def test_full_fine_tuning_logs_kl_with_an_initial_copy(tmp_path, tiny_llama):
     module = BondModule(tiny_llama, lr=1e-2, keep_initial_copy=True)
     callback = BondSelfPlay(FunctionJudge("sppo_lightning.ranking.judges:shorter"), max_new_tokens=6,
                             run_dir=str(tmp_path / "bond"), show_progress=False)
+    modes = []
+    record = L.Callback()
+    record.on_train_batch_start = lambda trainer, pl_module, batch, i: modes.append(pl_module.policy.training)
     trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback, EMAAnchor(0.5)])
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[callback, EMAAnchor(0.5), record])
     trainer.fit(module, datamodule=SelfPlayDataModule(prompts=str(prompts), tokenizer=tiny_llama, batch_size=2))
     kl = [json.loads((tmp_path / "bond" / f"iteration_{t}" / "manifest.json").read_text())["stages"]["train"]
           ["kl_to_initial"] for t in (0, 1)]
     assert kl[0] == pytest.approx(0.0, abs=1e-4)  # iteration 1 samples from the initial policy itself
     assert kl[1] != pytest.approx(0.0, abs=1e-4)  # after training, the policy has moved
     assert not any(p.requires_grad for p in module.initial.parameters())
+    assert modes and all(modes)  # measuring the KL leaves the policy in train mode
+    assert not module.initial.training
 
 
 def test_jbond_recipe_raises_the_win_rate(tiny_dir, tmp_path):
