@@ -71,5 +71,6 @@ class RewardModelRanker:
         return rewards.view(len(prompts), -1)
 
     def pairwise_logits(self, prompts: list[str], candidates: list[list[str]]) -> Tensor:
-        rewards = self.rewards(prompts, candidates)
-        return rewards.unsqueeze(-1) - rewards.unsqueeze(-2)
+        from sppo_lightning.ranking import pairwise_from_rewards
+
+        return pairwise_from_rewards(self.rewards(prompts, candidates))
