@@ -36,7 +36,7 @@ from sppo_lightning.errors import ConfigError, DataError
 from sppo_lightning.callbacks.win_rate import InitialPolicyWinRate
 from sppo_lightning.decoding.linear_alignment import LinearAlignmentSettings, linear_alignment_generate
 from sppo_lightning.generation import batch_seed, gather_responses, sample_on_ranks
-from sppo_lightning.ranking import Ranker, scores_from_pairwise, select_pairs
+from sppo_lightning.ranking import Ranker, scores_from_pairwise, select_pairs, win_probabilities
 
 
 @dataclass
@@ -232,6 +232,7 @@ class SelfPlay(L.Callback):
     def _estimate(self, generations: list[dict], rankings: list[dict], iteration: int) -> tuple[list[dict], int]:
         scores = torch.tensor([r["rm_scores"] for r in rankings], dtype=torch.float64)
         picked = select_pairs(scores, where=f"iteration {iteration} ranking")
+        probability, _ = win_probabilities(scores)  # the K×K P̂ of every prompt, stored with its pair
         pairs, ties = [], 0
         for n, (gen, rank) in enumerate(zip(generations, rankings)):
             w, l = int(picked.chosen[n]), int(picked.rejected[n])
@@ -239,7 +240,6 @@ class SelfPlay(L.Callback):
                 ties += 1  # never train on chosen == rejected
                 continue
             conversation = gen["prompt_messages"]
-            probability, _ = _probability_row(scores[n])
             pairs.append({
                 "prompt_index": gen["prompt_index"], "prompt": gen["prompt"], "prompt_ids": gen["prompt_ids"],
                 "chosen": conversation + [{"role": "assistant", "content": gen["responses"][w]}],
@@ -249,7 +249,7 @@ class SelfPlay(L.Callback):
                 "chosen_probs": float(picked.chosen_probs[n]),
                 "chosen_probs_win": float(picked.chosen_probs_win[n]),
                 "chosen_probs_lose": float(picked.chosen_probs_lose[n]),
-                "rm_scores": rank["rm_scores"], "probability": probability,
+                "rm_scores": rank["rm_scores"], "probability": probability[n].tolist(),
                 **{f"generate_{k}": conversation + [{"role": "assistant", "content": r}]
                    for k, r in enumerate(gen["responses"])},
             })
@@ -339,13 +339,6 @@ class SelfPlay(L.Callback):
         for logger in self.trainer.loggers:
             if hasattr(logger, "log_text"):  # W&B; others get samples.md in the iteration folder
                 logger.log_text(key="self_play/samples", columns=columns, data=rows)
-
-
-def _probability_row(scores: torch.Tensor) -> tuple[list[list[float]], list[float]]:
-    from sppo_lightning.ranking import win_probabilities
-
-    pairwise, win_rate = win_probabilities(scores.unsqueeze(0))
-    return pairwise[0].tolist(), win_rate[0].tolist()
 
 
 def format_row(row: dict[str, Any]) -> str:
