@@ -8,11 +8,16 @@ from typing import Optional
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
-from sppo_lightning.models import export_hf, load_tokenizer
+from sppo_lightning.footprints import is_sharded
+from sppo_lightning.models import export_hf, is_peft, load_tokenizer
 
 
 class HFExport(L.Callback):
     """Save ``pl_module.policy`` (LoRA merged, safetensors) and its tokenizer after ``fit``.
+
+    With LoRA the adapter is saved too, in ``<dirpath>_adapter`` (loads with
+    ``PeftModel.from_pretrained``). A QLoRA policy is merged into its base dequantised to bf16. An
+    FSDP policy is gathered to rank 0 and written there as one consolidated model.
 
     Args:
         dirpath: output folder; default ``<trainer.log_dir or default_root_dir>/hf_model``.
@@ -23,12 +28,16 @@ class HFExport(L.Callback):
         self.dirpath = dirpath
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
+        sharded = is_sharded(pl_module.policy)
+        if not trainer.is_global_zero and not sharded:
             return
         out = Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "hf_model")
         datamodule = getattr(trainer, "datamodule", None)
         tokenizer = getattr(datamodule, "tokenizer", None) or load_tokenizer(
             pl_module.hparams.model_name_or_path, pl_module.hparams.trust_remote_code
         )
-        export_hf(pl_module.policy, tokenizer, out)
-        rank_zero_info(f"Exported the policy in Hugging Face format to {out}")
+        adapter = out.with_name(out.name + "_adapter") if is_peft(pl_module.policy) else None
+        # Sharded: a collective, every rank takes part and rank 0 writes.
+        export_hf(pl_module.policy, tokenizer if trainer.is_global_zero else None, out, adapter_dir=adapter)
+        extra = f" (LoRA adapter in {adapter})" if adapter is not None else ""
+        rank_zero_info(f"Exported the policy in Hugging Face format to {out}{extra}")

@@ -118,6 +118,9 @@ class SelfPlay(L.Callback):
         datamodule = trainer.datamodule
         if not isinstance(datamodule, SelfPlayDataModule):
             raise ConfigError("the SelfPlay callback needs data.class_path: sppo_lightning.data.SelfPlayDataModule")
+        if self.aligned_sampling is not None and getattr(pl_module, "footprint", None) == "fsdp":
+            raise ConfigError("SelfPlay: aligned_sampling (Linear Alignment) does not run under footprint "
+                              "'fsdp' yet; sample plainly or use footprint full / lora / qlora")
         if getattr(pl_module, "reference_mode", None) == "copy":
             rank_zero_warn("self-play caches π_t's log-probs as the reference; set model.reference: cached "
                            "to free the frozen copy of the initial policy it now holds for nothing")
@@ -154,7 +157,9 @@ class SelfPlay(L.Callback):
         generations = run_stage(trainer, artifacts, "generations", lambda: self._generate(prompts, iteration),
                                 on_every_rank=True)
         rankings = run_stage(trainer, artifacts, "rankings", lambda: self._rank(generations))
-        pairs = run_stage(trainer, artifacts, "train", lambda: self._pairs(generations, rankings, iteration))
+        # Every rank: the reference log-probs are split over the ranks (and are collectives under FSDP).
+        pairs = run_stage(trainer, artifacts, "train", lambda: self._pairs(generations, rankings, iteration),
+                          on_every_rank=True)
         ties = artifacts.info("train").get("ties_dropped", 0)
         if not pairs:
             raise DataError(f"iteration {iteration}: all {len(prompts)} prompts tied (every response scored "
@@ -259,22 +264,41 @@ class SelfPlay(L.Callback):
 
     @torch.no_grad()
     def _reference_logps(self, pairs: list[dict[str, Any]]) -> None:
-        """Summed log-probs of chosen and rejected under π_t (eval mode), stored on each pair."""
+        """Summed log-probs of chosen and rejected under π_t (eval mode), stored on each pair.
+
+        The batches are split over the ranks and gathered. Every rank runs the same number of
+        forwards (a rank short of batches repeats the last one): under FSDP each forward is a
+        collective.
+        """
         policy = self.module.policy
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        starts = list(range(0, len(pairs), self.reference_batch_size))
+        local: dict[int, list[float]] = {}
         was_training = policy.training
         policy.eval()
         pad = self.datamodule.tokenizer.pad_token_id
         try:
-            for begin in range(0, len(pairs), self.reference_batch_size):
-                chunk = pairs[begin : begin + self.reference_batch_size]
-                batch = collate_pairs(chunk, pad)
+            for step in range(math.ceil(len(starts) / world)):
+                index = step * world + rank
+                begin = starts[min(index, len(starts) - 1)]
+                batch = collate_pairs(pairs[begin : begin + self.reference_batch_size], pad)
                 batch = {k: v.to(self.module.device) for k, v in batch.items()}
                 logps = self.module.sequence_logps(policy, batch).sum.cpu().tolist()
-                for k, pair in enumerate(chunk):
-                    pair["reference_chosen_logps"] = logps[k]
-                    pair["reference_rejected_logps"] = logps[len(chunk) + k]
+                if index < len(starts):
+                    local[begin] = logps
         finally:
             policy.train(was_training)
+        if world > 1:
+            import torch.distributed as dist
+
+            parts: list[Optional[dict]] = [None] * world
+            dist.all_gather_object(parts, local)
+            local = {k: v for part in parts for k, v in part.items()}
+        for begin, logps in local.items():
+            chunk = pairs[begin : begin + self.reference_batch_size]
+            for k, pair in enumerate(chunk):
+                pair["reference_chosen_logps"] = logps[k]
+                pair["reference_rejected_logps"] = logps[len(chunk) + k]
 
     # ------------------------------------------------------------------------------ hooks
     def _iteration_bounds(self, trainer: L.Trainer) -> tuple[int, bool, bool]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Optional, Sequence
 
@@ -40,6 +41,7 @@ def sample_responses(
     world_size: int = 1,
     show_progress: bool = False,
     retry_oom: bool = True,
+    synced: bool = False,
 ) -> list[list[list[int]]]:
     """Sample ``num_samples`` responses for each prompt with ``model.generate``.
 
@@ -52,6 +54,11 @@ def sample_responses(
             gathers. Prompts are not reordered, so batches are identical across world sizes.
         retry_oom: a batch that runs out of memory (CUDA or CPU) is retried as two halves, down to
             one prompt, with a warning; the halves draw their own seeds.
+        synced: the model is sharded over the ranks (FSDP), so every forward is a collective: all
+            ranks run the same number of ``generate`` calls (a rank short of batches repeats one
+            and drops its output), each with ``synced_gpus=True`` so that a rank whose sequences
+            have finished keeps stepping with the others. ``retry_oom`` is off: a retry on one
+            rank alone would leave the others waiting.
 
     Returns:
         ``[N][num_samples]`` response token ids, each ending with its EOS when the model stopped
@@ -66,8 +73,14 @@ def sample_responses(
     results: list[list[list[int]]] = [[] for _ in prompt_ids]
     batches = list(range(0, len(prompt_ids), batch_size))
     mine = [b for i, b in enumerate(batches) if i % world_size == rank]
+    rounds = len(mine)
+    if synced:
+        rounds = math.ceil(len(batches) / world_size)
+        retry_oom = False
     try:
-        for start in tqdm(mine, desc="generating", disable=not show_progress):
+        for step in tqdm(range(rounds), desc="generating", disable=not show_progress):
+            real = step < len(mine)
+            start = mine[step] if real else batches[0]
             chunk = prompt_ids[start : start + batch_size]
             width = max(len(p) for p in chunk)
             # Left padding: every prompt ends at the same column, where generation starts.
@@ -81,8 +94,10 @@ def sample_responses(
                 retry_oom, dict(do_sample=True, temperature=temperature, top_p=top_p,
                                 top_k=0,  # vLLM's and the paper's sampling: no top-k cut
                                 max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
-                                pad_token_id=pad_id, use_cache=True),
+                                pad_token_id=pad_id, use_cache=True, synced_gpus=synced),
             )
+            if not real:
+                continue
             for row, tokens in enumerate(rows):
                 results[start + row // num_samples].append(_cut_at_eos(tokens, stop))
     finally:
@@ -139,5 +154,9 @@ def gather_responses(local: list[list[list[int]]], world_size: int) -> list[list
 def sample_on_ranks(model: nn.Module, tokenizer, prompt_ids: Sequence[list[int]], num_samples: int, *,
                     rank: int, world_size: int, **sampling) -> list[list[list[int]]]:
     """``sample_responses`` with this rank's share of the batches, gathered: every rank gets all."""
-    local = sample_responses(model, tokenizer, prompt_ids, num_samples, rank=rank, world_size=world_size, **sampling)
+    from sppo_lightning.footprints import is_sharded
+
+    synced = world_size > 1 and is_sharded(model)
+    local = sample_responses(model, tokenizer, prompt_ids, num_samples, rank=rank, world_size=world_size,
+                             synced=synced, **sampling)
     return gather_responses(local, world_size)

@@ -86,7 +86,15 @@ def _token_logprobs(states: Tensor, targets: Tensor, weight: Tensor, softcap: fl
 
 def _backbone_and_head(model: torch.nn.Module):
     """(backbone, LM head, soft-cap) of a Hugging Face causal LM, peft-wrapped or not; None if the
-    model is not one we can split safely (then the plain path runs)."""
+    model is not one we can split safely (then the plain path runs).
+
+    FSDP-sharded models take the plain path too: calling the backbone and reading the head's
+    weight outside the root module's forward would skip the hooks that gather the shards.
+    """
+    from sppo_lightning.footprints import is_sharded
+
+    if is_sharded(model):
+        return None
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     prefix = getattr(inner, "base_model_prefix", None)
     backbone = getattr(inner, prefix, None) if prefix else None

@@ -37,14 +37,31 @@ def _load_error(name_or_path: str, what: str, err: Exception) -> LoadError:
 
 
 def load_causal_lm(
-    name_or_path: str, torch_dtype: str = "float32", trust_remote_code: bool = False
+    name_or_path: str,
+    torch_dtype: str = "float32",
+    trust_remote_code: bool = False,
+    quantize_4bit: bool = False,
+    device: Optional[torch.device] = None,
 ) -> PreTrainedModel:
-    """``AutoModelForCausalLM.from_pretrained`` with a clear error when the path or id is wrong."""
+    """``AutoModelForCausalLM.from_pretrained`` with a clear error when the path or id is wrong.
+
+    ``quantize_4bit`` loads the linear layers in 4-bit nf4 (double quantisation) computing in
+    ``torch_dtype``; on a GPU ``device`` they are quantised straight onto it while loading, so the
+    full-precision weights never sit in GPU memory.
+    """
     if torch_dtype not in DTYPES:
         raise ConfigError(f"model.torch_dtype must be one of {sorted(DTYPES)}, got {torch_dtype!r}")
+    kwargs: dict = {}
+    if quantize_4bit:
+        from sppo_lightning.footprints import quantization_config, require_bitsandbytes
+
+        require_bitsandbytes()
+        kwargs["quantization_config"] = quantization_config(DTYPES[torch_dtype])
+        if device is not None and device.type != "cpu":
+            kwargs["device_map"] = {"": device}
     try:
         return AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=DTYPES[torch_dtype], trust_remote_code=trust_remote_code
+            name_or_path, dtype=DTYPES[torch_dtype], trust_remote_code=trust_remote_code, **kwargs
         )
     except OSError as err:
         raise _load_error(name_or_path, "model", err) from None
@@ -70,6 +87,9 @@ def add_lora(model: PreTrainedModel, settings: LoraSettings) -> nn.Module:
     """Wrap ``model`` in a peft LoRA model; only the adapter weights train."""
     from peft import LoraConfig, get_peft_model
 
+    from sppo_lightning.footprints import check_lora_targets
+
+    check_lora_targets(model, settings.target_modules)
     config = LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
@@ -96,19 +116,69 @@ def is_peft(model: nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "merge_and_unload")
 
 
+def is_quantized(model: nn.Module) -> bool:
+    return any(type(m).__name__ == "Linear4bit" for m in model.modules())
+
+
 def export_hf(
-    policy: nn.Module, tokenizer: Optional[PreTrainedTokenizerBase], out_dir: str | Path
-) -> Path:
+    policy: nn.Module,
+    tokenizer: Optional[PreTrainedTokenizerBase],
+    out_dir: str | Path,
+    adapter_dir: Optional[str | Path] = None,
+    merged_dtype: torch.dtype = torch.bfloat16,
+) -> Optional[Path]:
     """Save ``policy`` in Hugging Face format (safetensors), LoRA merged into the base weights.
 
-    A LoRA policy is merged on a CPU copy, so the training model is left as it was; the copy costs
-    one model of host memory.
+    - LoRA: merged on a CPU copy, so the training model is left as it was (one model of host memory).
+    - 4-bit (QLoRA): the base is dequantised to ``merged_dtype`` (bf16) first, then the adapter is
+      merged; merging into the 4-bit weights would round the update away.
+    - FSDP-sharded: a collective. Every rank must call it; rank 0 gathers the full weights to CPU
+      and writes them; the other ranks return None.
+
+    ``adapter_dir``: also save the LoRA adapter alone (``PeftModel.from_pretrained`` loads it).
     """
+    from sppo_lightning.footprints import dequantized_model, is_sharded
+
+    if is_sharded(policy):
+        policy = _gather_to_rank0(policy)
+        if policy is None:
+            return None
     out_dir = Path(out_dir)
+    if adapter_dir is not None and is_peft(policy):
+        policy.save_pretrained(adapter_dir, safe_serialization=True)
     model = policy
-    if is_peft(policy):
+    if is_peft(policy) and is_quantized(policy):
+        from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+        plain = dequantized_model(policy.get_base_model(), merged_dtype)
+        merged = get_peft_model(plain, copy.deepcopy(policy.peft_config["default"]))
+        set_peft_model_state_dict(merged, get_peft_model_state_dict(policy))
+        model = merged.merge_and_unload()
+    elif is_peft(policy):
         model = copy.deepcopy(policy).to("cpu").merge_and_unload()
+    elif is_quantized(policy):
+        model = dequantized_model(policy, merged_dtype)
     model.save_pretrained(out_dir, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def _gather_to_rank0(policy: nn.Module) -> Optional[nn.Module]:
+    """An unsharded CPU copy of an FSDP2 policy on rank 0 (None elsewhere); every rank calls it."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return None
+    inner = policy.get_base_model() if is_peft(policy) else policy
+    config = inner.config.__class__.from_dict(inner.config.to_dict())
+    dtype = next(iter(state.values())).dtype
+    copy_ = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if is_peft(policy):
+        from peft import get_peft_model
+
+        copy_ = get_peft_model(copy_, copy.deepcopy(policy.peft_config["default"]))
+    copy_.load_state_dict(state, strict=True)
+    return copy_

@@ -14,7 +14,10 @@ from torch import Tensor, nn
 from sppo_lightning import losses
 from sppo_lightning.errors import ConfigError, DataError, TrainingError
 from sppo_lightning.logprobs import SequenceLogps, model_logprobs
-from sppo_lightning.models import LoraSettings, add_lora, disable_dropout, load_causal_lm
+from sppo_lightning.footprints import (
+    Footprint, ModelShape, check_strategy, device_memory_gib, estimate_memory, resolve_footprint, shard_model,
+)
+from sppo_lightning.models import DTYPES, LoraSettings, add_lora, disable_dropout, load_causal_lm
 from sppo_lightning.optim import make_optimizer
 
 LossName = Literal["sppo", "sppo_single", "sppo_hard", "dpo", "ipo", "orpo", "asft"]
@@ -51,9 +54,16 @@ class PreferenceModule(L.LightningModule):
             never runs a reference model, whatever the mode.
         torch_dtype: dtype the weights are loaded in.
         trust_remote_code: allow model code from the hub; off unless asked for.
-        lora: LoRA settings; None trains all weights.
+        footprint: how the policy uses the hardware (``sppo_lightning.footprints``): ``full``,
+            ``lora``, ``qlora`` (4-bit nf4 base + LoRA, gradient checkpointing on) or ``fsdp``
+            (FSDP2 over every process; needs ``trainer.strategy: ModelParallelStrategy``). None:
+            ``lora`` when ``lora`` is set, else ``full``.
+        lora: LoRA settings; None trains all weights (``lora``/``qlora`` then use the defaults).
         gradient_checkpointing: recompute activations in backward to save memory.
-        optimizer: ``rmsprop`` (SPPO's) or ``adamw``.
+        optimizer: ``rmsprop`` (SPPO's), ``adamw``, or bitsandbytes' ``adamw_8bit`` /
+            ``paged_adamw_8bit`` (QLoRA's; paged needs CUDA and falls back to unpaged on CPU).
+        memory_budget_gib: warn at start when the footprint's memory estimate exceeds this;
+            default: the device's memory.
         lr, weight_decay: optimizer settings (SPPO: 5e-7, 0).
         warmup_ratio: fraction of the schedule spent in linear warmup; then linear decay to 0.
         schedule_epochs: lay the LR schedule over this many epochs though fewer are trained
@@ -75,28 +85,41 @@ class PreferenceModule(L.LightningModule):
         reference: ReferenceMode = "auto",
         torch_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         trust_remote_code: bool = False,
+        footprint: Optional[Footprint] = None,
         lora: Optional[LoraSettings] = None,
         gradient_checkpointing: bool = False,
-        optimizer: Literal["rmsprop", "adamw"] = "rmsprop",
+        optimizer: Literal["rmsprop", "adamw", "adamw_8bit", "paged_adamw_8bit"] = "rmsprop",
         lr: float = 5e-7,
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.1,
         schedule_epochs: Optional[float] = None,
         on_non_finite: Literal["stop", "skip"] = "stop",
+        memory_budget_gib: Optional[float] = None,
     ) -> None:
         super().__init__()
         if isinstance(lora, dict):  # from a checkpoint: hparams hold plain types only
             lora = LoraSettings(**lora)
+        footprint = resolve_footprint(footprint, lora is not None)
+        if footprint in ("lora", "qlora") and lora is None:
+            lora = LoraSettings()
         # Plain types only, so that checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(ignore=["lora"])
         self.hparams["lora"] = None if lora is None else asdict(lora)
+        self.hparams["footprint"] = footprint
         self.lora = lora
+        self.footprint = footprint
         self.loss_name = loss
         self.eta = eta
         self.beta = DEFAULT_BETA.get(loss, 0.1) if beta is None else beta
         self.lam = DEFAULT_LAM.get(loss, 1.0) if lam is None else lam
         self.label_smoothing = label_smoothing
         self.reference_mode = _resolve_reference(loss, reference, lora is not None)
+        if footprint == "qlora" and self.reference_mode == "copy":
+            raise ConfigError("model.footprint 'qlora' never holds a second copy of the model: use reference: "
+                              "adapter (the 4-bit base with adapters off) or cached")
+        # LoRA checkpoints hold the adapters only (the base reloads from model_name_or_path), so the
+        # module's own strict check is replaced by one over the trainable weights (on_load_checkpoint).
+        self.strict_loading = footprint not in ("lora", "qlora")
         _check_hyperparameters(self)
         self.policy: Optional[nn.Module] = None
         self.reference: Optional[nn.Module] = None
@@ -110,15 +133,52 @@ class PreferenceModule(L.LightningModule):
         if self.policy is not None:
             return
         hp = self.hparams
-        policy = load_causal_lm(hp.model_name_or_path, hp.torch_dtype, hp.trust_remote_code)
+        device = self.trainer.strategy.root_device if self._trainer is not None else None
+        policy = load_causal_lm(hp.model_name_or_path, hp.torch_dtype, hp.trust_remote_code,
+                                quantize_4bit=self.footprint == "qlora", device=device)
         disable_dropout(policy)
+        self._check_memory(policy, device)
         if self.reference_mode == "copy":
             self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
         if self.lora is not None:
             policy = add_lora(policy, self.lora)
-        if hp.gradient_checkpointing:
+        if hp.gradient_checkpointing or self.footprint == "qlora":
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.footprint == "fsdp":
+            mesh = self.device_mesh["data_parallel"]
+            shard_model(policy, mesh, DTYPES[hp.torch_dtype])
+            if self.reference is not None:
+                shard_model(self.reference, mesh, DTYPES[hp.torch_dtype])
         self.policy = policy.train()  # from_pretrained returns eval mode; Lightning keeps modes as found
+
+    def setup(self, stage: str) -> None:
+        check_strategy(self.trainer, self.footprint)
+
+    def _check_memory(self, policy: nn.Module, device: Optional[torch.device]) -> None:
+        """Warn, with the numbers, when the footprint's estimate exceeds the device's memory."""
+        hp = self.hparams
+        budget = hp.memory_budget_gib
+        if budget is None and device is not None:
+            budget = device_memory_gib(device)
+        if budget is None or not hasattr(policy.config, "intermediate_size"):
+            return
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        estimate = estimate_memory(
+            ModelShape.from_config(policy.config), self.footprint,
+            world_size=self.trainer.world_size if self._trainer is not None else 1,
+            pairs_per_device=getattr(datamodule, "batch_size", 1),
+            seq_len=getattr(datamodule, "max_length", 1024),
+            lora_r=self.lora.r if self.lora is not None else 16, optimizer=hp.optimizer,
+            gradient_checkpointing=hp.gradient_checkpointing or self.footprint == "qlora",
+            reference_copy=self.reference_mode == "copy", dtype_bytes=DTYPES[hp.torch_dtype].itemsize,
+        )
+        if estimate.total > budget:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(f"footprint {self.footprint!r} of {hp.model_name_or_path} needs about "
+                           f"{estimate.describe()} per device, more than the {budget:.1f} GiB available: "
+                           f"expect an out-of-memory error. Lower data.batch_size or data.max_length, or "
+                           f"use footprint qlora / fsdp")
 
     def train(self, mode: bool = True) -> "PreferenceModule":
         super().train(mode)
@@ -129,14 +189,32 @@ class PreferenceModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The reference is the initial weights, reloaded from `model_name_or_path` on resume:
         # storing it would double every checkpoint.
-        state = checkpoint["state_dict"]
+        # A sharded (distributed) checkpoint is loaded in place, strictly, by the strategy: there
+        # the reference stays in (one shard per rank).
+        state = checkpoint.get("state_dict")
+        if state is None or self.footprint == "fsdp":
+            return
         for key in [k for k in state if k.startswith("reference.")]:
             del state[key]
+        if self.footprint in ("lora", "qlora"):  # the adapters only: the base is model_name_or_path
+            trainable = self._trainable_keys()
+            for key in [k for k in state if k not in trainable]:
+                del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict")
+        if state is None or self.footprint == "fsdp":
+            return
         if self.reference is not None:
-            ref_state = {f"reference.{k}": v for k, v in self.reference.state_dict().items()}
-            checkpoint["state_dict"].update(ref_state)
+            state.update({f"reference.{k}": v for k, v in self.reference.state_dict().items()})
+        if self.footprint in ("lora", "qlora"):
+            missing = sorted(self._trainable_keys() - set(state))
+            if missing:
+                raise TrainingError(f"the checkpoint lacks {len(missing)} adapter weight(s) of this model "
+                                    f"(e.g. {missing[0]}): were model.lora settings changed since it was saved?")
+
+    def _trainable_keys(self) -> set[str]:
+        return {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
 
     # ----------------------------------------------------------------------------- forward
     def sequence_logps(self, model: nn.Module, batch: dict[str, Tensor]) -> SequenceLogps:

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
 from sppo_lightning.data.rows import load_records, parse_rows
@@ -32,6 +32,7 @@ class PreferenceDataModule(L.LightningDataModule):
         skip_bad_rows: skip invalid rows with a warning that counts them, instead of stopping at
             the first one with an error that names file, row and column.
         num_workers: DataLoader workers.
+        shuffle: shuffle the training pairs every epoch (off: file order, e.g. to compare runs).
         trust_remote_code: allow the tokenizer's own code from the hub (off unless asked for).
     """
 
@@ -48,6 +49,7 @@ class PreferenceDataModule(L.LightningDataModule):
         eval_batch_size: Optional[int] = None,
         skip_bad_rows: bool = False,
         num_workers: int = 0,
+        shuffle: bool = True,
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
@@ -60,6 +62,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.skip_bad_rows = skip_bad_rows
         self.num_workers = num_workers
+        self.shuffle = shuffle
         self.trust_remote_code = trust_remote_code
         self.tokenizer: Optional[PreTrainedTokenizerBase] = None
         self.train_examples: list[dict[str, Any]] = []
@@ -116,7 +119,15 @@ class PreferenceDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_examples, self.batch_size, shuffle=True)
+        trainer = self.trainer
+        if self.shuffle or trainer is None or trainer.world_size == 1:
+            return self._loader(self.train_examples, self.batch_size, shuffle=self.shuffle)
+        # Lightning shuffles every distributed training loader it is handed a plain sampler for;
+        # a sampler of our own, in file order, keeps the order asked for.
+        sampler = DistributedSampler(self.train_examples, shuffle=False, **trainer.distributed_sampler_kwargs)
+        return DataLoader(self.train_examples, batch_size=self.batch_size, sampler=sampler,
+                          collate_fn=partial(collate_pairs, pad_token_id=self.tokenizer.pad_token_id),
+                          num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader | list:
         # fit without eval data simply runs no validation.
