@@ -68,14 +68,17 @@ def dequantize_4bit_weight(weight: nn.Parameter) -> torch.Tensor:
     """The full-precision ``[out, in]`` matrix behind a bitsandbytes 4-bit weight.
 
     On CPU, bitsandbytes ≥ 0.49 repacks a 4-bit weight into an AVX-512 layout after its first
-    eval-mode forward; ``dequantize_4bit`` reads that layout as garbage, so it is undone first.
+    eval-mode forward; ``dequantize_4bit`` reads that layout as garbage, so it is undone first, on
+    a copy of the quantisation state: bitsandbytes' own inverse rewrites the state in place (and
+    re-quantises its scales), which would change the live model.
     """
+    import copy
+
     import bitsandbytes.functional as bnbf
 
     data, state = weight.data, weight.quant_state
     if getattr(state, "packing_format_for_cpu", False):
-        data, state = bnbf._convert_weight_packed_for_cpu_inverse(data, state)
-        weight.data, weight.quant_state = data, state
+        data, state = bnbf._convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(state))
     return bnbf.dequantize_4bit(data, state)
 
 

@@ -208,10 +208,12 @@ class PreferenceModule(L.LightningModule):
         if self.reference is not None:
             state.update({f"reference.{k}": v for k, v in self.reference.state_dict().items()})
         if self.footprint in ("lora", "qlora"):
-            missing = sorted(self._trainable_keys() - set(state))
-            if missing:
-                raise TrainingError(f"the checkpoint lacks {len(missing)} adapter weight(s) of this model "
-                                    f"(e.g. {missing[0]}): were model.lora settings changed since it was saved?")
+            saved = {k for k in state if not k.startswith("reference.")}
+            trainable = self._trainable_keys()
+            for what, keys in (("lacks", trainable - saved), ("has extra", saved - trainable)):
+                if keys:
+                    raise TrainingError(f"the checkpoint {what} {len(keys)} adapter weight(s) for this model (e.g. "
+                                        f"{sorted(keys)[0]}): were model.lora settings changed since it was saved?")
 
     def _trainable_keys(self) -> set[str]:
         return {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}

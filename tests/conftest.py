@@ -5,6 +5,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import json  # noqa: E402
+
 import pytest  # noqa: E402
 
 from sppo_lightning.testing import make_tiny_llama  # noqa: E402
@@ -41,3 +43,22 @@ def tiny_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("quickstart") / "tiny"
     subprocess.run([sys.executable, "-m", "sppo_lightning.testing", str(out)], check=True, capture_output=True)
     return out
+
+
+PROMPTS = ["What is 2 plus 3?", "Name a color.", "Count to three.", "What is the sky?"]
+CHOSEN = ["2 plus 3 is 5.", "Blue.", "one two three.", "The sky is blue."]
+REJECTED = ["I do not know.", "Numbers are hard.", "one and so on.", "Red."]
+
+
+@pytest.fixture()
+def pair_file(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    with path.open("w") as f:
+        for i, (p, c, r) in enumerate(zip(PROMPTS, CHOSEN, REJECTED)):
+            row = {
+                "chosen": [{"role": "user", "content": p}, {"role": "assistant", "content": c}],
+                "rejected": [{"role": "user", "content": p}, {"role": "assistant", "content": r}],
+                "chosen_probs": 0.8, "chosen_probs_win": 0.6 + 0.05 * i, "chosen_probs_lose": 0.3,
+            }
+            f.write(json.dumps(row) + "\n")
+    return str(path)

@@ -58,7 +58,7 @@ def trainer_for(devices: int, out: Path, callbacks: list, **kwargs) -> L.Trainer
     strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1) if devices > 1 else "auto"
     return L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, logger=False,
                      enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
-                     default_root_dir=str(out), **kwargs)
+                     default_root_dir=str(out), gradient_clip_val=1.0, **kwargs)
 
 
 def train(model_dir: str, out: Path, devices: int, kill_marker: str, resume: bool) -> None:

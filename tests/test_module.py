@@ -10,24 +10,6 @@ from sppo_lightning.errors import ConfigError, DataError
 from sppo_lightning.models import LoraSettings
 from sppo_lightning.module import PreferenceModule
 
-PROMPTS = ["What is 2 plus 3?", "Name a color.", "Count to three.", "What is the sky?"]
-CHOSEN = ["2 plus 3 is 5.", "Blue.", "one two three.", "The sky is blue."]
-REJECTED = ["I do not know.", "Numbers are hard.", "one and so on.", "Red."]
-
-
-@pytest.fixture()
-def pair_file(tmp_path):
-    path = tmp_path / "pairs.jsonl"
-    with path.open("w") as f:
-        for i, (p, c, r) in enumerate(zip(PROMPTS, CHOSEN, REJECTED)):
-            row = {
-                "chosen": [{"role": "user", "content": p}, {"role": "assistant", "content": c}],
-                "rejected": [{"role": "user", "content": p}, {"role": "assistant", "content": r}],
-                "chosen_probs": 0.8, "chosen_probs_win": 0.6 + 0.05 * i, "chosen_probs_lose": 0.3,
-            }
-            f.write(json.dumps(row) + "\n")
-    return str(path)
-
 
 def batch_of(pair_file, tiny_llama, batch_size=4):
     dm = PreferenceDataModule(train_data=pair_file, tokenizer=tiny_llama, batch_size=batch_size)
