@@ -2,6 +2,7 @@
 
     sppo-lightning fit --config configs/quickstart.yaml
     sppo-lightning export <checkpoint.ckpt> <out_dir>
+    sppo-lightning generate <model> <prompts> <out> --format alpaca_eval|mt_bench
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def export_main(argv: list[str]) -> None:
         prog="sppo-lightning export",
         description="Save a checkpoint's policy in Hugging Face format (LoRA merged, safetensors).",
     )
-    parser.add_argument("checkpoint", help="a .ckpt written by `sppo-lightning fit`")
+    parser.add_argument("checkpoint", help="a .ckpt written by `sppo-lightning fit`, or a sharded checkpoint "
+                                           "folder of the fsdp footprint")
     parser.add_argument("out_dir", help="folder for config.json, model.safetensors and the tokenizer")
     args = parser.parse_args(argv)
     module = _load_for_export(args.checkpoint)
@@ -52,9 +54,27 @@ def export_main(argv: list[str]) -> None:
 
 
 def _load_for_export(checkpoint: str) -> PreferenceModule:
+    """The module of a ``.ckpt`` file, or of a sharded checkpoint folder (footprint ``fsdp``),
+    unsharded on CPU and without a reference model (export does not need one)."""
+    from pathlib import Path
+
     import torch
 
-    # The reference is not needed to export: load without one ("cached" holds no reference model).
+    path = Path(checkpoint)
+    if not path.exists():
+        raise ConfigError(f"no checkpoint at {checkpoint}")
+    if path.is_dir():
+        from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+        full = _load_distributed_checkpoint(path)
+        hparams = dict(full["hyper_parameters"])
+        hparams["reference"] = "none" if hparams.get("loss") in ("orpo", "asft") else "cached"
+        hparams["footprint"] = "lora" if hparams.get("lora") else "full"
+        module = PreferenceModule(**hparams)
+        module.configure_model()
+        state = {k: v for k, v in full["state_dict"].items() if not k.startswith("reference.")}
+        module.load_state_dict(state, strict=True)  # a sharded checkpoint holds every weight
+        return module
     hparams = torch.load(checkpoint, map_location="cpu", weights_only=True)["hyper_parameters"]
     reference = "none" if hparams.get("loss") in ("orpo", "asft") else "cached"
     return PreferenceModule.load_from_checkpoint(checkpoint, map_location="cpu", reference=reference, weights_only=True)
@@ -65,6 +85,10 @@ def main(args: Optional[list[str]] = None) -> None:
     try:
         if argv and argv[0] == "export":
             export_main(argv[1:])
+        elif argv and argv[0] == "generate":
+            from sppo_lightning.evaluation import generate_main
+
+            generate_main(argv[1:])
         else:
             run_cli(args)
     except SPPOLightningError as err:

@@ -49,6 +49,7 @@ def sample_responses(
         prompt_ids: N templated prompts (token ids, generation prompt included).
         batch_size: prompts per ``generate`` call (each expands to ``batch_size * num_samples`` rows
             with ``num_return_sequences``: one prefill per prompt, not K).
+        temperature: 0 decodes greedily (evaluation answers); > 0 samples.
         seed: with the batch index, fixes every sample: the same seed gives the same responses.
         rank / world_size: this process draws batches ``rank, rank + world_size, ...``; the caller
             gathers. Prompts are not reordered, so batches are identical across world sizes.
@@ -71,6 +72,10 @@ def sample_responses(
     was_training = model.training
     model.eval()
     results: list[list[list[int]]] = [[] for _ in prompt_ids]
+    if temperature > 0:  # vLLM's and the paper's sampling: no top-k cut
+        options = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    else:
+        options = dict(do_sample=False)
     batches = list(range(0, len(prompt_ids), batch_size))
     mine = [b for i, b in enumerate(batches) if i % world_size == rank]
     rounds = len(mine)
@@ -91,9 +96,7 @@ def sample_responses(
                 attention_mask[row, width - len(ids):] = 1
             rows = _generate_halving(
                 model, input_ids.to(device), attention_mask.to(device), batch_seed(seed, start // batch_size),
-                retry_oom, dict(do_sample=True, temperature=temperature, top_p=top_p,
-                                top_k=0,  # vLLM's and the paper's sampling: no top-k cut
-                                max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
+                retry_oom, dict(options, max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
                                 pad_token_id=pad_id, use_cache=True, synced_gpus=synced),
             )
             if not real:

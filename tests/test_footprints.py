@@ -164,13 +164,20 @@ def test_footprint_defaults_follow_the_lora_setting():
     assert resolve_footprint(None, has_lora=False) == "full"
 
 
-def test_fsdp_on_one_device_is_one_clear_error(pair_file, tiny_llama):
+def test_fsdp_on_one_device_is_one_clear_error(pair_file, tiny_llama, monkeypatch):
+    import torch.distributed as dist
     from lightning.pytorch.strategies import ModelParallelStrategy
 
+    for name in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
+        monkeypatch.delenv(name, raising=False)  # the strategy sets them; undone after the test
     dm, _ = batch_of(pair_file, tiny_llama)
     module = PreferenceModule(tiny_llama, footprint="fsdp")
-    with pytest.raises(ConfigError, match="with one device shards nothing"):
-        fit(module, dm, epochs=1, strategy=ModelParallelStrategy(), devices=1)
+    try:
+        with pytest.raises(ConfigError, match="with one device shards nothing"):
+            fit(module, dm, epochs=1, strategy=ModelParallelStrategy(), devices=1)
+    finally:
+        if dist.is_initialized():  # free its port for the multi-process tests that follow
+            dist.destroy_process_group()
 
 
 def test_fsdp_without_the_model_parallel_strategy_is_one_clear_error(pair_file, tiny_llama):

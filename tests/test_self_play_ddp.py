@@ -13,6 +13,8 @@ SCRIPT = Path(__file__).with_name("ddp_self_play.py")
 
 def run(model_dir, out_dir, devices):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(SCRIPT.parent.parent))
+    for name in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
+        env.pop(name, None)  # a fresh rendezvous on a free port, whatever ran in this process before
     result = subprocess.run([sys.executable, str(SCRIPT), model_dir, str(out_dir), str(devices)],
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
