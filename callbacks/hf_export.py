@@ -27,11 +27,15 @@ class HFExport(L.Callback):
     def __init__(self, dirpath: Optional[str] = None) -> None:
         self.dirpath = dirpath
 
+    def target(self, trainer: L.Trainer) -> Path:
+        """Where the model is (or will be) written."""
+        return Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "hf_model")
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         sharded = is_sharded(pl_module.policy)
         if not trainer.is_global_zero and not sharded:
             return
-        out = Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "hf_model")
+        out = self.target(trainer)
         datamodule = getattr(trainer, "datamodule", None)
         tokenizer = getattr(datamodule, "tokenizer", None) or load_tokenizer(
             pl_module.hparams.model_name_or_path, pl_module.hparams.trust_remote_code

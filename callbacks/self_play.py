@@ -18,6 +18,7 @@ summary row is printed and saved to ``<run_dir>/summary.json``.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from sppo_lightning.callbacks.win_rate import InitialPolicyWinRate
 from sppo_lightning.decoding.linear_alignment import LinearAlignmentSettings, linear_alignment_generate
 from sppo_lightning.generation import batch_seed, gather_responses, sample_on_ranks
 from sppo_lightning.ranking import Ranker, scores_from_pairwise, select_pairs, win_probabilities
+from sppo_lightning.report import PLOTS, log_images, write_report
 
 
 @dataclass
@@ -167,6 +169,7 @@ class SelfPlay(L.Callback):
         self.stats[iteration] = {
             "pairs": len(pairs),
             "ties_dropped": ties,
+            "prompts_truncated": sum(p.truncated for p in prompts),
             "chosen_p_win": sum(p["chosen_probs_win"] for p in pairs) / len(pairs),
             "rejected_p_win": sum(p["chosen_probs_lose"] for p in pairs) / len(pairs),
             "seconds": {s: artifacts.info(n).get("seconds", 0.0) for s, n in
@@ -323,6 +326,16 @@ class SelfPlay(L.Callback):
             if key in stats:
                 pl_module.log(f"self_play/{key}", float(stats[key]), on_epoch=True, on_step=False)
 
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is None or not trainer.is_global_zero:
+            return  # a skipped non-finite batch has no loss
+        iteration, _, _ = self._iteration_bounds(trainer)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with (self.run_dir / "losses.jsonl").open("a") as f:  # for loss.png; survives restarts
+            f.write(json.dumps({"step": trainer.global_step, "iteration": iteration, "loss": float(loss)}) + "\n")
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         iteration, _, ends = self._iteration_bounds(trainer)
         if not ends:
@@ -344,12 +357,29 @@ class SelfPlay(L.Callback):
                           "evaluate": eval_seconds}
         self.summary.record(row, write=trainer.is_global_zero)
         rank_zero_info(format_row(row))
+        if trainer.is_global_zero:
+            paths = write_report(self.run_dir, self.summary.rows, self._where(trainer))
+            log_images(trainer.loggers, paths, trainer.global_step)
+
+    def _where(self, trainer: L.Trainer) -> dict[str, str]:
+        from sppo_lightning.callbacks.hf_export import HFExport
+
+        where = {"iterations' data (generations, rankings, train pairs)": str(self.run_dir / "iteration_<t>")}
+        checkpoint = trainer.checkpoint_callback
+        if checkpoint is not None and getattr(checkpoint, "dirpath", None):
+            where["checkpoints (resume with --ckpt_path last)"] = str(checkpoint.dirpath)
+        for callback in trainer.callbacks:
+            if isinstance(callback, HFExport):
+                where["Hugging Face export (written when fit ends)"] = str(callback.target(trainer))
+        return where
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.summary.rows:
             lines = [format_row(r) for r in self.summary.rows]
             rank_zero_info("Self-play summary (also in {}):\n  {}".format(self.run_dir / "summary.json",
                                                                           "\n  ".join(lines)))
+            plots = ", ".join(str(self.run_dir / name) for name in PLOTS)
+            rank_zero_info(f"Report: {self.run_dir / 'report.md'}\nPlots: {plots}")
 
     def _write_samples(self, folder: Path, pairs: list[dict[str, Any]]) -> None:
         if not self.trainer.is_global_zero or self.log_samples <= 0:
@@ -371,7 +401,8 @@ def format_row(row: dict[str, Any]) -> str:
         parts.append(f"win rate vs initial {row['win_rate_vs_initial']:.3f}")
     if "chosen_p_win" in row:
         parts.append(f"p_win chosen {row['chosen_p_win']:.3f} / rejected {row['rejected_p_win']:.3f}")
-    parts.append(f"pairs {row.get('pairs', 0)} (ties dropped {row.get('ties_dropped', 0)})")
+    truncated = f", prompts truncated {row['prompts_truncated']}" if row.get("prompts_truncated") else ""
+    parts.append(f"pairs {row.get('pairs', 0)} (ties dropped {row.get('ties_dropped', 0)}{truncated})")
     if row.get("final_loss") is not None:
         parts.append(f"final loss {row['final_loss']:.4g}")
     seconds = row.get("seconds", {})

@@ -58,6 +58,18 @@ def test_quickstart_win_rate_rises_every_iteration(tiny_dir, tmp_path):
     assert "Self-play summary" in result.stderr + result.stdout
     assert (tmp_path / "lightning_logs" / "version_0" / "hf_model" / "model.safetensors").exists()
     assert elapsed < 600
+    # The report: plots and markdown in the run dir, and the output points to them.
+    run_dir = tmp_path / "self_play"
+    for name in ("win_rate.png", "p_win.png", "loss.png"):
+        assert (run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert str(run_dir / name) in result.stderr + result.stdout
+    report = (run_dir / "report.md").read_text()
+    assert str(run_dir / "report.md") in result.stderr + result.stdout
+    rows = [line for line in report.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [row.split(" | ")[1] for row in rows] == [f"{w:.3f}" for w in win_rates]
+    assert str(tmp_path / "checkpoints") in report and "hf_model" in report
+    losses = [json.loads(line) for line in (run_dir / "losses.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in losses] == sorted(r["iteration"] for r in losses) and {r["iteration"] for r in losses} == {0, 1, 2}
 
 
 def test_quickstart_with_pairrm_instead_of_the_judge(tiny_dir, tmp_path):

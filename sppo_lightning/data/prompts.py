@@ -19,6 +19,7 @@ class Prompt:
     text: str  # what a ranker or judge reads: the turns' contents, blank-line separated
     ids: list[int]  # templated prompt with generation prompt, at most max_prompt_length tokens
     principle: Optional[str] = None  # Linear Alignment's per-prompt principle, when the file has one
+    truncated: bool = False  # longer than max_prompt_length: its start was cut
 
 
 def load_prompts(
@@ -58,10 +59,11 @@ def load_prompts(
             skipped.append(message)
             continue
         ids = encode_prompt(tokenizer, messages)
-        truncated += len(ids) > max_prompt_length
+        cut = len(ids) > max_prompt_length
+        truncated += cut
         ids = keep_end(ids, max_prompt_length, tokenizer.bos_token_id)
         text = "\n\n".join(m["content"] for m in messages if m["role"] != "system")
-        prompts.append(Prompt(i, messages, text, ids, principle))
+        prompts.append(Prompt(i, messages, text, ids, principle, cut))
     if not prompts:
         raise DataError(f"{source}: every prompt is bad ({len(skipped)} skipped); first: {skipped[0]}")
     return prompts, truncated, skipped

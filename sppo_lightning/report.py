@@ -1,0 +1,170 @@
+"""The run report people look at: plots and a markdown summary in the run directory.
+
+Written by the ``SelfPlay`` callback at the end of every iteration (rank 0), from what the run
+already stored: ``summary.json`` rows, the per-step losses in ``losses.jsonl`` and the win
+probabilities of each ``iteration_<t>/train.parquet``. Files:
+
+- ``win_rate.png``: win rate of the policy against the initial one, per iteration;
+- ``p_win.png``: the distribution of chosen and rejected P(win) per iteration;
+- ``loss.png``: the training loss per step, iterations marked;
+- ``report.md``: one table row per iteration (time per stage, pairs, ties dropped, prompts
+  truncated, win rate) and where the checkpoints and exports are.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from sppo_lightning.artifacts import atomic_write_bytes
+
+PLOTS = ("win_rate.png", "p_win.png", "loss.png")
+
+
+def read_losses(path: Path) -> dict[int, tuple[int, float]]:
+    """``{step: (iteration, loss)}`` from ``losses.jsonl``; a step replayed after a resume keeps
+    its last record, and a line cut by a crash is ignored."""
+    losses: dict[int, tuple[int, float]] = {}
+    if not path.exists():
+        return losses
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+            losses[int(row["step"])] = (int(row["iteration"]), float(row["loss"]))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue
+    return losses
+
+
+def read_p_wins(run_dir: Path, iteration: int) -> Optional[tuple[list[float], list[float]]]:
+    """Chosen and rejected P(win) of one iteration's training pairs, or None if not there."""
+    path = Path(run_dir) / f"iteration_{iteration}" / "train.parquet"
+    if not path.exists():
+        return None
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=["chosen_probs_win", "chosen_probs_lose"])
+    return table.column("chosen_probs_win").to_pylist(), table.column("chosen_probs_lose").to_pylist()
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 3.6), dpi=100)
+    return plt, figure, axis
+
+
+def _save(plt, figure, path: Path) -> Path:
+    import io
+
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def plot_win_rate(rows: list[dict[str, Any]], path: Path) -> Path:
+    plt, figure, axis = _figure()
+    points = [(r["iteration"], r["win_rate_vs_initial"]) for r in rows if r.get("win_rate_vs_initial") is not None]
+    if points:
+        x, y = zip(*points)
+        axis.plot(x, y, marker="o")
+        for xi, yi in points:
+            axis.annotate(f"{yi:.3f}", (xi, yi), textcoords="offset points", xytext=(0, 6), ha="center")
+    axis.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    axis.set(xlabel="iteration", ylabel="win rate vs initial policy", ylim=(0, 1),
+             title="Win rate against the initial policy" + ("" if points else " (no eval_prompts)"))
+    axis.set_xticks([r["iteration"] for r in rows])
+    return _save(plt, figure, path)
+
+
+def plot_p_win(p_wins: dict[int, tuple[list[float], list[float]]], path: Path) -> Path:
+    plt, figure, axis = _figure()
+    iterations = sorted(p_wins)
+    positions, data, colors = [], [], []
+    for k, t in enumerate(iterations):
+        chosen, rejected = p_wins[t]
+        positions += [3 * k + 1, 3 * k + 2]
+        data += [chosen or [float("nan")], rejected or [float("nan")]]
+        colors += ["tab:green", "tab:red"]
+    if data:
+        parts = axis.violinplot(data, positions=positions, showmedians=True)
+        for body, color in zip(parts["bodies"], colors):
+            body.set_facecolor(color)
+    axis.set_xticks([3 * k + 1.5 for k in range(len(iterations))], [str(t + 1) for t in iterations])
+    axis.set(xlabel="iteration (green: chosen, red: rejected)", ylabel="estimated P(win)", ylim=(0, 1),
+             title="Win probabilities of the training pairs")
+    return _save(plt, figure, path)
+
+
+def plot_losses(losses: dict[int, tuple[int, float]], path: Path) -> Path:
+    plt, figure, axis = _figure()
+    steps = sorted(losses)
+    if steps:
+        axis.plot(steps, [losses[s][1] for s in steps], linewidth=1)
+        for before, step in zip(steps, steps[1:]):
+            if losses[step][0] != losses[before][0]:
+                axis.axvline(step - 0.5, color="grey", linestyle=":", linewidth=1)
+    axis.set(xlabel="optimizer step", ylabel="training loss", title="Loss (dotted: a new iteration)")
+    return _save(plt, figure, path)
+
+
+def markdown(rows: list[dict[str, Any]], where: dict[str, str]) -> str:
+    """The report: one row per iteration, then where things are."""
+    lines = ["# Self-play run report", "",
+             "| iteration | win rate vs initial | pairs | ties dropped | prompts truncated | chosen / rejected P(win) "
+             "| final loss | generate | rank | reference | train | evaluate |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        seconds = r.get("seconds", {})
+        win = r.get("win_rate_vs_initial")
+        loss = r.get("final_loss")
+        p_win = f"{r['chosen_p_win']:.3f} / {r['rejected_p_win']:.3f}" if "chosen_p_win" in r else "-"
+        cells = [str(r["iteration"]), "-" if win is None else f"{win:.3f}", str(r.get("pairs", "-")),
+                 str(r.get("ties_dropped", 0)), str(r.get("prompts_truncated", 0)), p_win,
+                 "-" if loss is None else f"{loss:.4g}"]
+        cells += [f"{seconds[k]:.1f}s" if k in seconds else "-" for k in ("generate", "rank", "reference", "train", "evaluate")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Plots: " + ", ".join(f"[{name}]({name})" for name in PLOTS), ""]
+    lines += [f"- {what}: `{place}`" for what, place in where.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run_dir: Path, rows: list[dict[str, Any]], where: dict[str, str]) -> dict[str, Path]:
+    """Write the three plots and ``report.md`` into ``run_dir``; returns their paths by name."""
+    run_dir = Path(run_dir)
+    p_wins = {}
+    for row in rows:
+        found = read_p_wins(run_dir, row["iteration"] - 1)
+        if found is not None:
+            p_wins[row["iteration"] - 1] = found
+    paths = {
+        "win_rate": plot_win_rate(rows, run_dir / "win_rate.png"),
+        "p_win": plot_p_win(p_wins, run_dir / "p_win.png"),
+        "loss": plot_losses(read_losses(run_dir / "losses.jsonl"), run_dir / "loss.png"),
+    }
+    report = run_dir / "report.md"
+    atomic_write_bytes(report, markdown(rows, where).encode())
+    paths["report"] = report
+    return paths
+
+
+def log_images(loggers: list, paths: dict[str, Path], step: int) -> None:
+    """Send the plots to loggers that take images (W&B and others with ``log_image``, TensorBoard)."""
+    for logger in loggers:
+        for name in ("win_rate", "p_win", "loss"):
+            if name not in paths:
+                continue
+            if hasattr(logger, "log_image"):
+                logger.log_image(key=f"self_play/{name}", images=[str(paths[name])], step=step)
+            elif hasattr(getattr(logger, "experiment", None), "add_image"):
+                import matplotlib.image
+
+                image = matplotlib.image.imread(str(paths[name]))
+                logger.experiment.add_image(f"self_play/{name}", image, step, dataformats="HWC")

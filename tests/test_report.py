@@ -1,0 +1,32 @@
+"""The run report: losses survive restarts and torn lines, the markdown table, plots without data."""
+
+import json
+
+from sppo_lightning.report import markdown, read_losses, write_report
+
+
+def test_losses_keep_the_last_record_of_a_replayed_step_and_skip_a_torn_line(tmp_path):
+    path = tmp_path / "losses.jsonl"
+    rows = [{"step": 1, "iteration": 0, "loss": 3.0}, {"step": 2, "iteration": 0, "loss": 2.0},
+            {"step": 2, "iteration": 0, "loss": 2.5}, {"step": 3, "iteration": 1, "loss": 1.0}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "itera')
+    assert read_losses(path) == {1: (0, 3.0), 2: (0, 2.5), 3: (1, 1.0)}
+
+
+def test_markdown_row_per_iteration_and_where_things_are():
+    rows = [{"iteration": 1, "win_rate_vs_initial": 0.6123, "pairs": 10, "ties_dropped": 2, "prompts_truncated": 1,
+             "chosen_p_win": 0.8, "rejected_p_win": 0.25, "final_loss": 12.5,
+             "seconds": {"generate": 1.25, "rank": 0.5, "reference": 0.2, "train": 3.0, "evaluate": 0.75}},
+            {"iteration": 2, "pairs": 9, "final_loss": None, "seconds": {}}]
+    text = markdown(rows, {"checkpoints": "/runs/x/checkpoints"})
+    lines = text.splitlines()
+    assert "| 1 | 0.612 | 10 | 2 | 1 | 0.800 / 0.250 | 12.5 | 1.2s | 0.5s | 0.2s | 3.0s | 0.8s |" in lines
+    assert "| 2 | - | 9 | 0 | 0 | - | - | - | - | - | - | - |" in lines
+    assert "- checkpoints: `/runs/x/checkpoints`" in lines
+
+
+def test_report_without_eval_prompts_or_pairs_still_writes_every_file(tmp_path):
+    paths = write_report(tmp_path, [{"iteration": 1, "pairs": 0, "seconds": {}}], {})
+    for name in ("win_rate", "p_win", "loss"):
+        assert paths[name].read_bytes()[:4] == b"\x89PNG"
+    assert paths["report"].read_text().startswith("# Self-play run report")
