@@ -71,6 +71,10 @@ class SelfPlay(L.Callback):
         aligned_sampling: sample with Linear Alignment under this principle instead of plain
             sampling (``{principle: ..., alpha: 2.0}``); None samples plainly.
         retry_oom: a generation batch that runs out of memory is retried as two halves (warned).
+        generation_shard_size: prompts per shard of generation output (rounded up to whole
+            generation batches). Each shard is written as it finishes, so a run killed while
+            generating resumes from the last written shard; the shards become
+            ``generations.parquet`` when the stage is done. Results do not depend on it.
     """
 
     def __init__(
@@ -90,8 +94,10 @@ class SelfPlay(L.Callback):
         show_progress: bool = True,
         aligned_sampling: Optional[AlignedSampling] = None,
         retry_oom: bool = True,
+        generation_shard_size: int = 512,
     ) -> None:
         self.ranker = ranker
+        self.generation_shard_size = generation_shard_size
         self.retry_oom = retry_oom
         self.aligned_sampling = aligned_sampling
         self.num_samples, self.temperature, self.top_p = num_samples, temperature, top_p
@@ -111,6 +117,7 @@ class SelfPlay(L.Callback):
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {self.max_new_tokens}"),
             (self.generation_batch_size >= 1 and self.reference_batch_size >= 1, "batch sizes must be at least 1"),
+            (self.generation_shard_size >= 1, f"generation_shard_size must be at least 1, got {self.generation_shard_size}"),
             (self.eval_samples >= 1, f"eval_samples must be at least 1, got {self.eval_samples}"),
             (hasattr(self.ranker, "pairwise_logits"), "ranker must have pairwise_logits(prompts, candidates)"),
         ]
@@ -156,8 +163,11 @@ class SelfPlay(L.Callback):
         if iteration == 0 and self.datamodule.eval_prompts:
             self.win_rate.initial(self.trainer, self.datamodule.eval_prompts)
         trainer = self.trainer
-        generations = run_stage(trainer, artifacts, "generations", lambda: self._generate(prompts, iteration),
-                                on_every_rank=True)
+        generations = run_stage(trainer, artifacts, "generations",
+                                lambda: self._generate(prompts, iteration, artifacts), on_every_rank=True)
+        if trainer.is_global_zero:
+            for stage in artifacts.stages(prefix="generations.shard_"):
+                artifacts.remove(stage)  # generations.parquet holds them all now
         rankings = run_stage(trainer, artifacts, "rankings", lambda: self._rank(generations))
         # Every rank: the reference log-probs are split over the ranks (and are collectives under FSDP).
         pairs = run_stage(trainer, artifacts, "train", lambda: self._pairs(generations, rankings, iteration),
@@ -182,17 +192,18 @@ class SelfPlay(L.Callback):
             for p in pairs
         ]
 
-    def _sample(self, prompt_ids: list[list[int]], num_samples: int, seed: int) -> list[list[list[int]]]:
+    def _sample(self, prompt_ids: list[list[int]], num_samples: int, seed: int,
+                batch_offset: int = 0) -> list[list[list[int]]]:
         """Every rank samples its share of the prompt batches; all ranks get the whole result."""
         return sample_on_ranks(
             self.module.policy, self.datamodule.tokenizer, prompt_ids, num_samples,
             rank=self.trainer.global_rank, world_size=self.trainer.world_size,
             temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
             batch_size=self.generation_batch_size, seed=seed, retry_oom=self.retry_oom,
-            show_progress=self.show_progress and self.trainer.is_global_zero,
+            show_progress=self.show_progress and self.trainer.is_global_zero, batch_offset=batch_offset,
         )
 
-    def _aligned_sample(self, prompts: list, num_samples: int, seed: int) -> list[list[list[int]]]:
+    def _aligned_sample(self, prompts: list, num_samples: int, seed: int, batch_offset: int = 0) -> list[list[list[int]]]:
         """Linear Alignment sampling, K per prompt, split over ranks by batch like plain sampling."""
         settings = LinearAlignmentSettings(self.aligned_sampling.alpha, self.temperature, self.top_p, do_sample=True)
         rank, world = self.trainer.global_rank, self.trainer.world_size
@@ -204,19 +215,31 @@ class SelfPlay(L.Callback):
             ids = linear_alignment_generate(
                 self.module.policy, self.datamodule.tokenizer, [p.messages for p in chunk for _ in range(num_samples)],
                 self.aligned_sampling.principle, settings, max_new_tokens=self.max_new_tokens,
-                batch_size=len(chunk) * num_samples, seed=batch_seed(seed, index),
+                batch_size=len(chunk) * num_samples, seed=batch_seed(seed, batch_offset + index),
             )
             for j in range(len(chunk)):
                 local[start + j] = ids[j * num_samples : (j + 1) * num_samples]
         return gather_responses(local, world)
 
-    def _generate(self, prompts: list, iteration: int) -> tuple[list[dict[str, Any]], dict]:
+    def _generate(self, prompts: list, iteration: int, artifacts: IterationArtifacts) -> tuple[list[dict[str, Any]], dict]:
+        """All K responses of every prompt, shard by shard: a finished shard is read back, not redone."""
+        batch = self.generation_batch_size
+        size = math.ceil(self.generation_shard_size / batch) * batch  # shards cut at batch boundaries
+        rows: list[dict[str, Any]] = []
+        starts = range(0, len(prompts), size)
+        for k, begin in enumerate(starts):
+            part = prompts[begin : begin + size]
+            rows += run_stage(self.trainer, artifacts, f"generations.shard_{k:05d}",
+                              lambda: self._generate_shard(part, iteration, begin // batch), on_every_rank=True)
+        return rows, {"shards": len(starts)}
+
+    def _generate_shard(self, prompts: list, iteration: int, batch_offset: int) -> tuple[list[dict[str, Any]], dict]:
         tokenizer = self.datamodule.tokenizer
         seed = self.seed * 7_919 + iteration
         if self.aligned_sampling is not None:
-            responses = self._aligned_sample(prompts, self.num_samples, seed)
+            responses = self._aligned_sample(prompts, self.num_samples, seed, batch_offset)
         else:
-            responses = self._sample([p.ids for p in prompts], self.num_samples, seed=seed)
+            responses = self._sample([p.ids for p in prompts], self.num_samples, seed=seed, batch_offset=batch_offset)
         rows = []
         for prompt, ids in zip(prompts, responses):
             rows.append({

@@ -113,6 +113,19 @@ class IterationArtifacts:
         manifest.setdefault("stages", {})[stage] = {"rows": len(rows), "sha256": _sha256(path), **info}
         atomic_write_json(self.manifest_path, manifest)
 
+    def stages(self, prefix: str = "") -> list[str]:
+        """Names of the finished stages recorded in the manifest, optionally by prefix."""
+        return sorted(k for k in self._read_manifest().get("stages", {}) if k.startswith(prefix))
+
+    def remove(self, stage: str) -> None:
+        """Forget a stage: its manifest entry first, then its file (a crash in between leaves an
+        orphan file that nothing reads)."""
+        manifest = self._read_manifest()
+        if stage in manifest.get("stages", {}):
+            del manifest["stages"][stage]
+            atomic_write_json(self.manifest_path, manifest)
+        self.path(stage).unlink(missing_ok=True)
+
     def info(self, stage: str) -> dict[str, Any]:
         return self._read_manifest().get("stages", {}).get(stage, {})
 

@@ -42,6 +42,7 @@ def sample_responses(
     show_progress: bool = False,
     retry_oom: bool = True,
     synced: bool = False,
+    batch_offset: int = 0,
 ) -> list[list[list[int]]]:
     """Sample ``num_samples`` responses for each prompt with ``model.generate``.
 
@@ -51,6 +52,8 @@ def sample_responses(
             with ``num_return_sequences``: one prefill per prompt, not K).
         temperature: 0 decodes greedily (evaluation answers); > 0 samples.
         seed: with the batch index, fixes every sample: the same seed gives the same responses.
+        batch_offset: global index of the first batch, when ``prompt_ids`` is one shard of a longer
+            list cut at batch boundaries: every batch keeps the seed it has in the whole list.
         rank / world_size: this process draws batches ``rank, rank + world_size, ...``; the caller
             gathers. Prompts are not reordered, so batches are identical across world sizes.
         retry_oom: a batch that runs out of memory (CUDA or CPU) is retried as two halves, down to
@@ -95,7 +98,7 @@ def sample_responses(
                 input_ids[row, width - len(ids):] = torch.tensor(ids)
                 attention_mask[row, width - len(ids):] = 1
             rows = _generate_halving(
-                model, input_ids.to(device), attention_mask.to(device), batch_seed(seed, start // batch_size),
+                model, input_ids.to(device), attention_mask.to(device), batch_seed(seed, batch_offset + start // batch_size),
                 retry_oom, dict(options, max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
                                 pad_token_id=pad_id, use_cache=True, synced_gpus=synced),
             )

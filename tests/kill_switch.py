@@ -36,3 +36,63 @@ def killing_judge(prompt: str, response: str) -> float:
     if marker:
         _kill_once(marker)
     return positive_words(prompt, response)
+
+
+def _self_play_run_dir(trainer) -> Path:
+    from sppo_lightning.callbacks.self_play import SelfPlay
+
+    return next(c.run_dir for c in trainer.callbacks if isinstance(c, SelfPlay))
+
+
+class KillInGeneration(L.Callback):
+    """SIGKILL inside ``generate`` once iteration ``iteration``'s first generation shard is written
+    and its second is not (once). With ``log``, every ``generate`` call appends its prompts (token
+    ids without padding) to that JSON-lines file, so a test can see what a resumed run redid."""
+
+    def __init__(self, marker: str, iteration: int = 1, log: str = "") -> None:
+        self.marker, self.iteration, self.calls_log = marker, iteration, log
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        import json
+
+        policy, folder = pl_module.policy, _self_play_run_dir(trainer) / f"iteration_{self.iteration}"
+        original = policy.generate
+
+        def generate(*args, **kwargs):
+            if self.calls_log:
+                ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
+                prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+                with open(self.calls_log, "a") as f:
+                    f.write(json.dumps(prompts) + "\n")
+            if (folder / "generations.shard_00000.parquet").exists() and \
+                    not (folder / "generations.shard_00001.parquet").exists():
+                _kill_once(self.marker)
+            return original(*args, **kwargs)
+
+        policy.generate = generate
+
+
+class KillWhileWriting(L.Callback):
+    """SIGKILL while iteration ``iteration``'s ``stage`` file is being written (once):
+    ``temp``: half of its bytes are in the temporary file, the final name does not exist yet;
+    ``unrecorded``: the file is complete under its final name, but the manifest does not list it."""
+
+    def __init__(self, marker: str, mode: str = "temp", iteration: int = 1, stage: str = "rankings") -> None:
+        self.marker, self.mode, self.iteration, self.stage = marker, mode, iteration, stage
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        import sppo_lightning.artifacts as artifacts
+
+        target = _self_play_run_dir(trainer) / f"iteration_{self.iteration}" / f"{self.stage}.parquet"
+        original = artifacts.atomic_write_bytes
+
+        def write(path, data):
+            if Path(path) != target or Path(self.marker).exists():
+                return original(path, data)
+            if self.mode == "temp":
+                (target.parent / f".{target.name}.crash.tmp").write_bytes(data[: len(data) // 2])
+            else:
+                original(path, data)
+            _kill_once(self.marker)
+
+        artifacts.atomic_write_bytes = write

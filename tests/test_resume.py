@@ -2,9 +2,11 @@
 the same per-step losses and the same final weights as an uninterrupted run with the same seeds."""
 
 import csv
+import json
 import signal
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
@@ -18,6 +20,7 @@ def config_with_killing_judge(tmp_path: Path) -> Path:
     judge but can die at its first call: one config serves the baseline, the killed and the resumed run."""
     data = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
     data["trainer"]["max_epochs"] = 2
+    data["trainer"]["callbacks"][0]["init_args"]["generation_shard_size"] = 16  # 4 shards of one batch
     data["trainer"]["callbacks"][0]["init_args"]["ranker"]["init_args"]["function"] = "tests.kill_switch:killing_judge"
     path = tmp_path / "source.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -48,12 +51,20 @@ def baseline(tiny_dir, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("where", ["ranking", "training"])
+@pytest.mark.parametrize("where", ["generation", "ranking", "writing_temp", "writing_unrecorded", "training"])
 def test_killed_run_resumes_to_the_same_result(tiny_dir, tmp_path, baseline, where):
     config = config_with_killing_judge(tmp_path)
     marker = tmp_path / "killed"
-    if where == "ranking":  # dies inside the judge, while ranking iteration 1's responses
+    calls = tmp_path / "generate_calls.jsonl"
+    if where == "generation":  # dies in generate, iteration 2's first shard written, its second not
+        first = run_fit(config, tiny_dir, tmp_path, "--trainer.callbacks+=tests.kill_switch.KillInGeneration",
+                        f"--trainer.callbacks.marker={marker}", f"--trainer.callbacks.log={calls}", check=False)
+    elif where == "ranking":  # dies inside the judge, while ranking iteration 1's responses
         first = run_fit(config, tiny_dir, tmp_path, env={"KILL_MARKER": str(marker)}, check=False)
+    elif where.startswith("writing"):  # dies writing iteration 2's rankings file
+        first = run_fit(config, tiny_dir, tmp_path, "--trainer.callbacks+=tests.kill_switch.KillWhileWriting",
+                        f"--trainer.callbacks.marker={marker}", f"--trainer.callbacks.mode={where[8:]}",
+                        check=False)
     else:  # dies mid-training of iteration 2 (epoch 1, batch 3)
         first = run_fit(config, tiny_dir, tmp_path, "--trainer.callbacks+=tests.kill_switch.KillSwitch",
                         f"--trainer.callbacks.marker={marker}", check=False)
@@ -62,9 +73,22 @@ def test_killed_run_resumes_to_the_same_result(tiny_dir, tmp_path, baseline, whe
     assert generations.exists()
     before = generations.stat().st_mtime_ns
 
-    resumed = run_fit(config, tiny_dir, tmp_path, "--ckpt_path", "last",
+    shard = tmp_path / "self_play" / "iteration_1" / "generations.shard_00000.parquet"
+    if where == "generation":
+        assert shard.exists() and not shard.with_name("generations.shard_00001.parquet").exists()
+        calls.unlink()
+    resumed_args = ["--trainer.callbacks+=tests.kill_switch.KillInGeneration", f"--trainer.callbacks.marker={marker}",
+                    f"--trainer.callbacks.log={calls}"] if where == "generation" else []
+    resumed = run_fit(config, tiny_dir, tmp_path, "--ckpt_path", "last", *resumed_args,
                       env={"KILL_MARKER": str(marker)})
     assert resumed.returncode == 0
+    if where == "generation":  # resumed from the last written shard: the first one was not redone
+        train = [g["prompt_ids"] for g in pq.read_table(
+            baseline / "self_play" / "iteration_1" / "generations.parquet").to_pylist()]
+        calls_made = [json.loads(line) for line in calls.read_text().splitlines()]
+        training_calls = [c for c in calls_made if all(p in train for p in c)]  # the rest: win-rate evaluation
+        assert training_calls == [train[16:32], train[32:48], train[48:64]]  # shards 2-4, not shard 1
+        assert not shard.exists()  # merged into generations.parquet, then removed
     assert generations.stat().st_mtime_ns == before  # the finished stage was reused, not redone
     expected, got = losses(baseline), losses(tmp_path)
     assert set(got) == set(expected)

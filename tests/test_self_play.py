@@ -123,6 +123,19 @@ def test_same_seed_same_data(tmp_path, tiny_llama):
     assert a == b
 
 
+def test_generation_shards_do_not_change_the_samples_and_are_merged(tmp_path, tiny_llama):
+    fit(tmp_path, tiny_llama, run_dir=tmp_path / "whole")
+    fit(tmp_path, tiny_llama, run_dir=tmp_path / "shards", generation_shard_size=3)  # rounds up to 4 (a batch)
+    whole = pq.read_table(tmp_path / "whole" / "iteration_0" / "generations.parquet").to_pylist()
+    shards = pq.read_table(tmp_path / "shards" / "iteration_0" / "generations.parquet").to_pylist()
+    assert whole == shards
+    folder = tmp_path / "shards" / "iteration_0"
+    assert not list(folder.glob("generations.shard_*"))  # merged, then removed
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["stages"]["generations"]["shards"] == 2
+    assert not [k for k in manifest["stages"] if "shard" in k]
+
+
 def half_ties(prompt, response):
     return 1.0 if "plus" in prompt else -float(len(response))
 
