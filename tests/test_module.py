@@ -1,6 +1,7 @@
 import json
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -235,3 +236,43 @@ def test_non_finite_loss_can_skip_the_batch(pair_file, tiny_llama):
     trainer.fit(module, datamodule=_PoisonedData(pair_file, tiny_llama))
     assert module.skipped_non_finite == 1  # batch 1 of 2
     assert all(torch.isfinite(p).all() for p in module.policy.parameters())
+
+
+def test_preference_data_resumes_with_the_same_batch_order(tmp_path, tiny_llama):
+    """Fixed pair files: epoch e's order is fixed by (shuffle_seed, e), not by the global RNG, so a
+    run resumed from epoch 1's checkpoint trains on the same batches, with the same losses."""
+    import random
+
+    from tests.conftest import CHOSEN, PROMPTS, REJECTED
+
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"chosen": [{"role": "user", "content": p}, {"role": "assistant", "content": c * (k + 1)}],
+             "rejected": [{"role": "user", "content": p}, {"role": "assistant", "content": r}]}
+            for k in range(3) for p, c, r in zip(PROMPTS, CHOSEN, REJECTED)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    class Losses(L.Callback):
+        def __init__(self):
+            self.by_step = {}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.by_step[trainer.global_step] = float(outputs["loss"])
+
+    def run(ckpt_path=None, rng_noise=0):
+        L.seed_everything(0)
+        torch.manual_seed(rng_noise)  # a resumed process starts with some other RNG state
+        random.seed(rng_noise)
+        module = PreferenceModule(tiny_llama, loss="dpo", lr=1e-3, optimizer="adamw", warmup_ratio=0.0)
+        dm = PreferenceDataModule(train_data=str(path), tokenizer=tiny_llama, batch_size=3)
+        losses = Losses()
+        checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+        trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, default_root_dir=tmp_path, callbacks=[losses, checkpoints])
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        return losses.by_step
+
+    straight = run()
+    resumed = run(ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt"), rng_noise=123)
+    assert sorted(resumed) == list(range(5, 13))  # epochs 2 and 3: 4 batches each
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(straight[step], rel=1e-6), step

@@ -3,17 +3,33 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from transformers import PreTrainedTokenizerBase
 
 from sppo_lightning.data.rows import load_records, parse_rows
 from sppo_lightning.errors import ConfigError, DataError
 from sppo_lightning.data.tokenize import TemplateError, collate_pairs, encode_row
 from sppo_lightning.models import load_tokenizer
+
+
+class EpochShuffle(Sampler[int]):
+    """A permutation of ``range(size)`` fixed by (seed, epoch); ``epoch()`` is read when an epoch's
+    iteration starts, so one loader serves every epoch."""
+
+    def __init__(self, size: int, seed: int, epoch: Callable[[], int]) -> None:
+        self.size, self.seed, self.epoch = size, seed, epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch())
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
 
 
 class PreferenceDataModule(L.LightningDataModule):
@@ -33,6 +49,8 @@ class PreferenceDataModule(L.LightningDataModule):
             the first one with an error that names file, row and column.
         num_workers: DataLoader workers.
         shuffle: shuffle the training pairs every epoch (off: file order, e.g. to compare runs).
+        shuffle_seed: the order of epoch e is fixed by (shuffle_seed, e), so a resumed run sees
+            the same batches as an uninterrupted one.
         trust_remote_code: allow the tokenizer's own code from the hub (off unless asked for).
     """
 
@@ -50,6 +68,7 @@ class PreferenceDataModule(L.LightningDataModule):
         skip_bad_rows: bool = False,
         num_workers: int = 0,
         shuffle: bool = True,
+        shuffle_seed: int = 0,
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
@@ -63,6 +82,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.skip_bad_rows = skip_bad_rows
         self.num_workers = num_workers
         self.shuffle = shuffle
+        self.shuffle_seed = shuffle_seed
         self.trust_remote_code = trust_remote_code
         self.tokenizer: Optional[PreTrainedTokenizerBase] = None
         self.train_examples: list[dict[str, Any]] = []
@@ -120,13 +140,18 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
-        if self.shuffle or trainer is None or trainer.world_size == 1:
-            return self._loader(self.train_examples, self.batch_size, shuffle=self.shuffle)
-        # Lightning shuffles every distributed training loader it is handed a plain sampler for;
-        # a sampler of our own, in file order, keeps the order asked for.
-        sampler = DistributedSampler(self.train_examples, shuffle=False, **trainer.distributed_sampler_kwargs)
-        return DataLoader(self.train_examples, batch_size=self.batch_size, sampler=sampler,
-                          collate_fn=partial(collate_pairs, pad_token_id=self.tokenizer.pad_token_id),
+        collate = partial(collate_pairs, pad_token_id=self.tokenizer.pad_token_id)
+        if self.shuffle:
+            # Not the global RNG: its state at an epoch's start differs between a fresh and a resumed run.
+            epoch = (lambda: trainer.current_epoch) if trainer is not None else (lambda: 0)
+            sampler = EpochShuffle(len(self.train_examples), self.shuffle_seed, epoch)
+        elif trainer is not None and trainer.world_size > 1:
+            # Lightning shuffles every distributed training loader it is handed a plain sampler for;
+            # a distributed sampler of our own, in file order, keeps the order asked for.
+            sampler = DistributedSampler(self.train_examples, shuffle=False, **trainer.distributed_sampler_kwargs)
+        else:
+            sampler = None
+        return DataLoader(self.train_examples, batch_size=self.batch_size, sampler=sampler, collate_fn=collate,
                           num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader | list:
