@@ -21,6 +21,12 @@ from sppo_lightning.module import PreferenceModule
 
 
 class SPPOLightningCLI(LightningCLI):
+    def init_parser(self, **kwargs):
+        # Raise parse errors instead of printing the whole usage block: main() prints one line.
+        parser = super().init_parser(**kwargs)
+        parser.exit_on_error = False
+        return parser
+
     def instantiate_classes(self) -> None:
         # jsonargparse re-raises what a constructor raised as a plain ValueError/TypeError, so our
         # ConfigError loses its type on the way. Anything raised while building the configured
@@ -30,7 +36,7 @@ class SPPOLightningCLI(LightningCLI):
         except (ValueError, TypeError) as err:
             if isinstance(err, SPPOLightningError) or os.environ.get("SPPO_LIGHTNING_DEBUG"):
                 raise
-            raise ConfigError(" ".join(str(err).split())) from err
+            raise ConfigError(condense(str(err))) from err
 
     def add_arguments_to_parser(self, parser) -> None:
         # One model id configures both the policy and the tokenizer the data is encoded with.
@@ -91,13 +97,39 @@ def main(args: Optional[list[str]] = None) -> None:
             generate_main(argv[1:])
         else:
             run_cli(args)
-    except SPPOLightningError as err:
+    except (SPPOLightningError, argparse.ArgumentError) as err:
         # Bad data, files or settings: one readable line, not a traceback wall.
         # SPPO_LIGHTNING_DEBUG=1 shows the traceback.
         if os.environ.get("SPPO_LIGHTNING_DEBUG"):
             raise
-        print(f"sppo-lightning: error: {err}", file=sys.stderr)
+        message = str(err) if isinstance(err, SPPOLightningError) else config_error_line(str(err), argv)
+        print(f"sppo-lightning: error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+# Lines of jsonargparse's nested Union reports that say nothing about the actual mistake.
+_NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value type:",
+          "Given value:", "Expected a <class 'NoneType'>", "Problem with given class_path",
+          "Not a valid subclass of", "Subclass types expect one of", "a class path", "a dict with", "a class name")
+
+
+def condense(message: str) -> str:
+    """jsonargparse's multi-line report of a bad config as one line: the key path and the reason,
+    e.g. ``model.eta: Expected a <class 'float'>. Got value: abc``."""
+    import re
+
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    lines = [line.strip().lstrip("- ").strip() for line in message.splitlines()]
+    reasons = [line for line in lines if line and not line.startswith(_NOISE) and not line.startswith("Parser key")]
+    reason = "; ".join(dict.fromkeys(reasons)) or message.strip().splitlines()[0]
+    where = ".".join(keys)
+    return f"{where + ': ' if where else ''}{' '.join(reason.split())}"
+
+
+def config_error_line(message: str, argv: list[str]) -> str:
+    """``condense`` plus where to look up the keys."""
+    command = argv[0] if argv and not argv[0].startswith("-") else "fit"
+    return f"{condense(message)} (see `sppo-lightning {command} --help`)"
 
 
 def run_cli(args: Optional[list[str]] = None) -> SPPOLightningCLI:
