@@ -402,7 +402,8 @@ class SelfPlay(L.Callback):
             rank_zero_info("Self-play summary (also in {}):\n  {}".format(self.run_dir / "summary.json",
                                                                           "\n  ".join(lines)))
             plots = ", ".join(str(self.run_dir / name) for name in PLOTS)
-            rank_zero_info(f"Report: {self.run_dir / 'report.md'}\nPlots: {plots}")
+            where = "".join(f"\n{what}: {place}" for what, place in self._where(trainer).items())
+            rank_zero_info(f"Report: {self.run_dir / 'report.md'}\nPlots: {plots}{where}")
 
     def _write_samples(self, folder: Path, pairs: list[dict[str, Any]]) -> None:
         if not self.trainer.is_global_zero or self.log_samples <= 0:

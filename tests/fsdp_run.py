@@ -73,8 +73,9 @@ def train(model_dir: str, out: Path, devices: int, kill_marker: str, resume: boo
     L.seed_everything(0)
     datamodule = PreferenceDataModule(train_data=str(pairs), tokenizer=model_dir, batch_size=4 // devices,
                                       max_prompt_length=32, max_length=64, shuffle=False)
+    # Activation checkpointing on, as on GPUs: it must compose with the sharding.
     module = PreferenceModule(model_dir, loss="sppo", eta=10.0, reference="copy", lr=5e-4, warmup_ratio=0.0,
-                              footprint="fsdp" if devices > 1 else "full")
+                              footprint="fsdp" if devices > 1 else "full", gradient_checkpointing=True)
     callbacks = [LossLog(out), ModelCheckpoint(dirpath=str(out / "checkpoints"), save_last=True),
                  HFExport(str(out / "hf_model"))]
     if kill_marker:

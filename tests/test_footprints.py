@@ -136,6 +136,36 @@ def test_a_checkpoint_of_other_lora_settings_is_refused(trained_qlora, tmp_path)
         PreferenceModule.load_from_checkpoint(path, weights_only=True, lora=LoraSettings(r=8, alpha=16, target_modules=["q_proj", "v_proj", "up_proj"]))
 
 
+def test_qlora_self_play_generates_with_the_4bit_model(llama64, tmp_path):
+    from sppo_lightning.callbacks.self_play import SelfPlay
+    from sppo_lightning.data import SelfPlayDataModule
+    from sppo_lightning.ranking import FunctionJudge
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "{q}"}}\n' for q in ("Name a color.", "What is 2 plus 3?", "Why?")))
+    seen = []
+
+    class Watch(L.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            original = pl_module.policy.generate
+
+            def generate(*args, **kwargs):
+                seen.append(is_quantized(pl_module.policy))
+                return original(*args, **kwargs)
+
+            pl_module.policy.generate = generate
+
+    module = PreferenceModule(llama64, footprint="qlora", loss="sppo", eta=10.0, reference="cached", lr=1e-3)
+    datamodule = SelfPlayDataModule(prompts=str(prompts), tokenizer=llama64, batch_size=2, max_prompt_length=32)
+    callback = SelfPlay(FunctionJudge("sppo_lightning.ranking.judges:shorter"), num_samples=3, max_new_tokens=6,
+                        generation_batch_size=3, show_progress=False, run_dir=str(tmp_path / "self_play"))
+    # Iteration 1's data is built when the LR schedule is set up, before on_fit_start; iteration 2's after.
+    fit(module, datamodule, epochs=2, callbacks=[Watch(), callback], default_root_dir=str(tmp_path))
+    assert seen and all(seen)  # every generate call ran on the 4-bit base (+ LoRA), no other copy
+    assert module.reference is None
+    assert (tmp_path / "self_play" / "iteration_0" / "train.parquet").exists()
+
+
 def test_qlora_without_bitsandbytes_is_one_clear_error(tiny_llama, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # what `import bitsandbytes` does when absent
     module = PreferenceModule(tiny_llama, footprint="qlora")
