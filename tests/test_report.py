@@ -30,3 +30,23 @@ def test_report_without_eval_prompts_or_pairs_still_writes_every_file(tmp_path):
     for name in ("win_rate", "p_win", "loss"):
         assert paths[name].read_bytes()[:4] == b"\x89PNG"
     assert paths["report"].read_text().startswith("# Self-play run report")
+
+
+def test_plots_go_to_loggers_that_take_images(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    from sppo_lightning.report import log_images
+
+    class ImageLogger(CSVLogger):  # the W&B / Neptune interface: log_image(key, images, step)
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.images = []
+
+        def log_image(self, key, images, step=None):
+            self.images.append((key, images, step))
+
+    paths = write_report(tmp_path, [{"iteration": 1, "win_rate_vs_initial": 0.7, "seconds": {}}], {})
+    image_logger, plain = ImageLogger(tmp_path), CSVLogger(tmp_path)
+    log_images([image_logger, plain], paths, step=5)
+    assert [key for key, _, _ in image_logger.images] == ["self_play/win_rate", "self_play/p_win", "self_play/loss"]
+    assert all(step == 5 and images == [str(paths[key.split("/")[1]])] for key, images, step in image_logger.images)
