@@ -111,6 +111,12 @@ class SelfPlay(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        for name, kind in (("num_samples", int), ("temperature", float), ("top_p", float), ("max_new_tokens", int),
+                           ("generation_batch_size", int), ("reference_batch_size", int), ("eval_samples", int),
+                           ("log_samples", int), ("seed", int), ("generation_shard_size", int)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+                raise ConfigError(f"SelfPlay: {name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
         checks = [
             (self.num_samples >= 2, f"num_samples (K) must be at least 2 to form a pair, got {self.num_samples}"),
             (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),

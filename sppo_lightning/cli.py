@@ -13,6 +13,7 @@ import sys
 from typing import Optional
 
 import lightning as L
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
 from sppo_lightning.errors import ConfigError, SPPOLightningError
@@ -26,6 +27,17 @@ class SPPOLightningCLI(LightningCLI):
         parser = super().init_parser(**kwargs)
         parser.exit_on_error = False
         return parser
+
+    def before_instantiate_classes(self) -> None:
+        # jsonargparse lets `key: null` through for typed init args of subclasses; our classes would
+        # then fail deep inside with a TypeError. Refuse it here, naming the key.
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        sections = [("model", config.get("model")), ("data", config.get("data"))]
+        trainer = config.get("trainer")
+        callbacks = (trainer.get("callbacks") if trainer is not None else None) or []
+        sections += [(f"trainer.callbacks[{i}]", c) for i, c in enumerate(callbacks if isinstance(callbacks, list) else [])]
+        for where, section in sections:
+            check_nulls(where, section)
 
     def instantiate_classes(self) -> None:
         # jsonargparse re-raises what a constructor raised as a plain ValueError/TypeError, so our
@@ -42,6 +54,37 @@ class SPPOLightningCLI(LightningCLI):
         # One model id configures both the policy and the tokenizer the data is encoded with.
         parser.link_arguments("model.init_args.model_name_or_path", "data.init_args.tokenizer")
         parser.link_arguments("model.init_args.trust_remote_code", "data.init_args.trust_remote_code")
+
+
+def check_nulls(where: str, section) -> None:
+    """ConfigError for an init arg set to null whose type does not allow None."""
+    import typing
+
+    from jsonargparse import Namespace
+
+    class_path = getattr(section, "class_path", None) if isinstance(section, Namespace) else None
+    init_args = getattr(section, "init_args", None)
+    if not class_path or not isinstance(init_args, Namespace):
+        return
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(__import__(module_name, fromlist=[name]), name)
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # not ours to judge: jsonargparse has checked what it could
+        return
+    for key, value in vars(init_args).items():
+        if value is None and key in hints and not _allows_none(hints[key]):
+            hint = hints[key]
+            expected = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+            raise ConfigError(f"{where}.{key}: null is not allowed here (expected {expected})")
+
+
+def _allows_none(hint) -> bool:
+    import typing
+
+    if hint is type(None) or hint is typing.Any:
+        return True
+    return typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
 
 
 def export_main(argv: list[str]) -> None:
@@ -97,12 +140,14 @@ def main(args: Optional[list[str]] = None) -> None:
             generate_main(argv[1:])
         else:
             run_cli(args)
-    except (SPPOLightningError, argparse.ArgumentError) as err:
+    except (SPPOLightningError, argparse.ArgumentError, MisconfigurationException) as err:
+        # Lightning's MisconfigurationException: impossible trainer settings (max_epochs -2, ...).
         # Bad data, files or settings: one readable line, not a traceback wall.
         # SPPO_LIGHTNING_DEBUG=1 shows the traceback.
         if os.environ.get("SPPO_LIGHTNING_DEBUG"):
             raise
-        message = str(err) if isinstance(err, SPPOLightningError) else config_error_line(str(err), argv)
+        message = config_error_line(str(err), argv) if isinstance(err, argparse.ArgumentError) else \
+            " ".join(str(err).split())
         print(f"sppo-lightning: error: {message}", file=sys.stderr)
         sys.exit(2)
 
