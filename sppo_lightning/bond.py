@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from sppo_lightning import losses
 from sppo_lightning.errors import ConfigError
 from sppo_lightning.logprobs import model_logprobs
-from sppo_lightning.models import LoraSettings, add_lora, disable_dropout, load_causal_lm
+from sppo_lightning.models import LoraSettings, add_lora, disable_dropout, enable_checkpointing, load_causal_lm
 from sppo_lightning.optim import make_optimizer
 
 ANCHOR = "anchor"
@@ -86,7 +86,7 @@ class BondModule(L.LightningModule):
                 for anchor_param, policy_param in self.anchor_parameter_pairs(policy):
                     anchor_param.copy_(policy_param)
         if hp.gradient_checkpointing:
-            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(policy)
         self.policy = policy.train()
 
     def anchor_parameter_pairs(self, policy: Optional[nn.Module] = None) -> list[tuple[Tensor, Tensor]]:

@@ -101,6 +101,24 @@ def add_lora(model: PreTrainedModel, settings: LoraSettings) -> nn.Module:
     return get_peft_model(model, config)
 
 
+def enable_checkpointing(model: nn.Module) -> None:
+    """Recompute each layer's activations in backward (non-reentrant, so frozen inputs and LoRA work).
+
+    transformers 5 renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable``
+    (the old name goes in v6); 4.x has only the old one.
+    """
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def is_checkpointing(model: nn.Module) -> bool:
+    if hasattr(model, "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))
+
+
 def disable_dropout(model: nn.Module) -> None:
     """Set every dropout probability to 0, as the SPPO/DPO trainers do (``disable_dropout=True``)."""
     for module in model.modules():

@@ -17,7 +17,7 @@ from sppo_lightning.logprobs import SequenceLogps, model_logprobs
 from sppo_lightning.footprints import (
     Footprint, ModelShape, check_strategy, device_memory_gib, estimate_memory, resolve_footprint, shard_model,
 )
-from sppo_lightning.models import DTYPES, LoraSettings, add_lora, disable_dropout, load_causal_lm
+from sppo_lightning.models import DTYPES, LoraSettings, add_lora, disable_dropout, enable_checkpointing, load_causal_lm
 from sppo_lightning.optim import make_optimizer
 
 LossName = Literal["sppo", "sppo_single", "sppo_hard", "dpo", "ipo", "orpo", "asft"]
@@ -143,7 +143,7 @@ class PreferenceModule(L.LightningModule):
         if self.lora is not None:
             policy = add_lora(policy, self.lora)
         if hp.gradient_checkpointing or self.footprint == "qlora":
-            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(policy)
         if self.footprint == "fsdp":
             mesh = self.device_mesh["data_parallel"]
             shard_model(policy, mesh, DTYPES[hp.torch_dtype])

@@ -17,7 +17,7 @@ from sppo_lightning.footprints import (
     GIB, LLAMA3_8B, MISTRAL_7B, ModelShape, estimate_memory, memory_table, resolve_footprint,
 )
 from sppo_lightning.logprobs import model_logprobs
-from sppo_lightning.models import LoraSettings, export_hf, is_quantized, load_causal_lm, load_tokenizer
+from sppo_lightning.models import LoraSettings, export_hf, is_checkpointing, is_quantized, load_causal_lm, load_tokenizer
 from sppo_lightning.module import PreferenceModule
 from tests.test_module import batch_of
 
@@ -69,7 +69,7 @@ def test_qlora_loads_4bit_trains_lora_only_and_the_loss_drops(trained_qlora):
     policy = module.policy
     assert is_quantized(policy)
     assert module.reference is None and module.reference_mode == "adapter"  # never a second copy
-    assert policy.get_base_model().is_gradient_checkpointing
+    assert is_checkpointing(policy.get_base_model())
     trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     with torch.no_grad():

@@ -276,3 +276,21 @@ def test_preference_data_resumes_with_the_same_batch_order(tmp_path, tiny_llama)
     assert sorted(resumed) == list(range(5, 13))  # epochs 2 and 3: 4 batches each
     for step, loss in resumed.items():
         assert loss == pytest.approx(straight[step], rel=1e-6), step
+
+
+def test_gradient_checkpointing_recomputes_to_the_same_loss_and_gradients(pair_file, tiny_llama):
+    from sppo_lightning.models import is_checkpointing
+
+    _, batch = batch_of(pair_file, tiny_llama)
+    results = []
+    for checkpointing in (False, True):
+        module = PreferenceModule(tiny_llama, loss="dpo", gradient_checkpointing=checkpointing)
+        module.configure_model()
+        assert is_checkpointing(module.policy) == checkpointing
+        loss = module.step(batch)[0].mean()
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in module.policy.parameters()]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
