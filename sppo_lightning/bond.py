@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from sppo_lightning import losses
 from sppo_lightning.errors import ConfigError
+from sppo_lightning.footprints import check_strategy, resolve_footprint
 from sppo_lightning.logprobs import model_logprobs
 from sppo_lightning.models import LoraSettings, add_lora, disable_dropout, enable_checkpointing, load_causal_lm
 from sppo_lightning.optim import make_optimizer
@@ -34,6 +35,8 @@ class BondModule(L.LightningModule):
         model_name_or_path: Hugging Face causal LM id or local folder (the initial policy and anchor).
         jeffreys_beta: β of ``(1-β)·forward KL + β·backward KL`` (paper: 0.5).
         torch_dtype, trust_remote_code, lora, gradient_checkpointing: as for ``PreferenceModule``.
+        footprint: ``full``, ``lora`` or ``qlora`` (4-bit base; the policy and the anchor are two
+            LoRA adapters on it). ``fsdp`` is not supported here yet. None: from ``lora``.
         optimizer, lr, weight_decay, warmup_ratio: J-BOND used Adam at 3e-6 with warmup.
         keep_initial_copy: full fine-tuning only: hold a frozen copy of the initial policy so that
             KL(π‖π_initial) is logged (LoRA gets it free: the adapters-off base). Costs a model.
@@ -46,8 +49,9 @@ class BondModule(L.LightningModule):
         torch_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         trust_remote_code: bool = False,
         lora: Optional[LoraSettings] = None,
+        footprint: Optional[Literal["full", "lora", "qlora"]] = None,
         gradient_checkpointing: bool = False,
-        optimizer: Literal["rmsprop", "adamw"] = "adamw",
+        optimizer: Literal["rmsprop", "adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw",
         lr: float = 3e-6,
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.0,
@@ -56,13 +60,21 @@ class BondModule(L.LightningModule):
         super().__init__()
         if isinstance(lora, dict):
             lora = LoraSettings(**lora)
+        footprint = resolve_footprint(footprint, lora is not None)
+        if footprint == "fsdp":
+            raise ConfigError("BondModule does not support footprint 'fsdp' yet: use full, lora or qlora "
+                              "(with DDP over several GPUs)")
+        if footprint in ("lora", "qlora") and lora is None:
+            lora = LoraSettings()
         if not 0.0 <= jeffreys_beta <= 1.0:
             raise ConfigError(f"model.jeffreys_beta must be in [0, 1], got {jeffreys_beta}")
         if lr <= 0:
             raise ConfigError(f"model.lr must be > 0, got {lr}")
         self.save_hyperparameters(ignore=["lora"])
         self.hparams["lora"] = None if lora is None else asdict(lora)
+        self.hparams["footprint"] = footprint
         self.lora = lora
+        self.footprint = footprint
         self.policy: Optional[nn.Module] = None
         self.anchor: Optional[nn.Module] = None  # full fine-tuning only; LoRA keeps an adapter
         self.initial: Optional[nn.Module] = None  # keep_initial_copy, for KL monitoring
@@ -72,7 +84,9 @@ class BondModule(L.LightningModule):
         if self.policy is not None:
             return
         hp = self.hparams
-        policy = load_causal_lm(hp.model_name_or_path, hp.torch_dtype, hp.trust_remote_code)
+        device = self.trainer.strategy.root_device if self._trainer is not None else None
+        policy = load_causal_lm(hp.model_name_or_path, hp.torch_dtype, hp.trust_remote_code,
+                                quantize_4bit=self.footprint == "qlora", device=device)
         disable_dropout(policy)
         if self.lora is None:
             self.anchor = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -85,9 +99,12 @@ class BondModule(L.LightningModule):
             with torch.no_grad():
                 for anchor_param, policy_param in self.anchor_parameter_pairs(policy):
                     anchor_param.copy_(policy_param)
-        if hp.gradient_checkpointing:
+        if hp.gradient_checkpointing or self.footprint == "qlora":
             enable_checkpointing(policy)
         self.policy = policy.train()
+
+    def setup(self, stage: str) -> None:
+        check_strategy(self.trainer, self.footprint)
 
     def anchor_parameter_pairs(self, policy: Optional[nn.Module] = None) -> list[tuple[Tensor, Tensor]]:
         """(anchor tensor, policy tensor) pairs the EMA moves: every weight, or the adapters only."""

@@ -8,6 +8,7 @@ from sppo_lightning.bond import BondModule
 from sppo_lightning.callbacks.bond import BondSelfPlay
 from sppo_lightning.callbacks.ema_anchor import EMAAnchor
 from sppo_lightning.data import SelfPlayDataModule
+from sppo_lightning.errors import ConfigError
 from sppo_lightning.models import LoraSettings
 from sppo_lightning.ranking import FunctionJudge
 from tests.test_quickstart import REPO, run_fit
@@ -120,3 +121,30 @@ def test_jbond_recipe_raises_the_win_rate(tiny_dir, tmp_path):
     assert len(win_rates) == 3
     assert win_rates[-1] > 0.6 and win_rates[-1] > win_rates[0], win_rates
     assert (tmp_path / "lightning_logs" / "version_0" / "hf_model" / "model.safetensors").exists()
+
+
+def test_jbond_runs_on_the_qlora_footprint(tmp_path):
+    """J-BOND on a 4-bit base: policy and anchor are two LoRA adapters on it, the EMA moves the anchor's."""
+    from sppo_lightning.models import is_quantized
+    from sppo_lightning.testing import make_tiny_llama
+
+    model = str(make_tiny_llama(tmp_path / "llama64", hidden_size=64))  # bitsandbytes' CPU blocks need 64
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in ["Hi", "Name a color.", "Why?"]))
+    callback = BondSelfPlay(FunctionJudge("sppo_lightning.ranking.judges:shorter"), n=3, max_new_tokens=6,
+                            generation_batch_size=2, run_dir=str(tmp_path / "bond"), show_progress=False)
+    module = BondModule(model, footprint="qlora", lr=1e-2, lora=LoraSettings(r=4, alpha=8))
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback, EMAAnchor(0.5)])
+    module.configure_model()
+    before = [a.detach().clone() for a, _ in module.anchor_parameter_pairs()]
+    trainer.fit(module, datamodule=SelfPlayDataModule(prompts=str(prompts), tokenizer=model, batch_size=2))
+    assert is_quantized(module.policy) and module.anchor is None
+    after = [a for a, _ in module.anchor_parameter_pairs()]
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))  # the EMA moved the anchor adapter
+    assert (tmp_path / "bond" / "iteration_0" / "train.parquet").exists()
+
+
+def test_bond_refuses_fsdp_in_one_line(tiny_llama):
+    with pytest.raises(ConfigError, match="does not support footprint 'fsdp' yet"):
+        BondModule(tiny_llama, footprint="fsdp")
