@@ -3,33 +3,18 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Optional
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from transformers import PreTrainedTokenizerBase
 
 from sppo_lightning.data.rows import load_records, parse_rows
+from sppo_lightning.data.shuffle import EpochShuffle
 from sppo_lightning.errors import ConfigError, DataError
 from sppo_lightning.data.tokenize import TemplateError, collate_pairs, encode_row
 from sppo_lightning.models import load_tokenizer
-
-
-class EpochShuffle(Sampler[int]):
-    """A permutation of ``range(size)`` fixed by (seed, epoch); ``epoch()`` is read when an epoch's
-    iteration starts, so one loader serves every epoch."""
-
-    def __init__(self, size: int, seed: int, epoch: Callable[[], int]) -> None:
-        self.size, self.seed, self.epoch = size, seed, epoch
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch())
-        return iter(torch.randperm(self.size, generator=generator).tolist())
-
-    def __len__(self) -> int:
-        return self.size
 
 
 class PreferenceDataModule(L.LightningDataModule):
@@ -128,19 +113,19 @@ class PreferenceDataModule(L.LightningDataModule):
                 raise DataError(f"{source}: row {i}: {err}") from None
         return examples
 
-    def _loader(self, examples: list[dict[str, Any]], batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, examples: list[dict[str, Any]], batch_size: int, sampler: Optional[Sampler] = None) -> DataLoader:
+        """In order, or in ``sampler``'s order."""
         pad_id = self.tokenizer.pad_token_id
         return DataLoader(
             examples,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             collate_fn=partial(collate_pairs, pad_token_id=pad_id),
             num_workers=self.num_workers,
         )
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
-        collate = partial(collate_pairs, pad_token_id=self.tokenizer.pad_token_id)
         if self.shuffle:
             # Not the global RNG: its state at an epoch's start differs between a fresh and a resumed run.
             epoch = (lambda: trainer.current_epoch) if trainer is not None else (lambda: 0)
@@ -151,16 +136,15 @@ class PreferenceDataModule(L.LightningDataModule):
             sampler = DistributedSampler(self.train_examples, shuffle=False, **trainer.distributed_sampler_kwargs)
         else:
             sampler = None
-        return DataLoader(self.train_examples, batch_size=self.batch_size, sampler=sampler, collate_fn=collate,
-                          num_workers=self.num_workers)
+        return self._loader(self.train_examples, self.batch_size, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader | list:
         # fit without eval data simply runs no validation.
-        return self._loader(self.eval_examples, self.eval_batch_size, False) if self.eval_examples else []
+        return self._loader(self.eval_examples, self.eval_batch_size) if self.eval_examples else []
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.eval_examples, self.eval_batch_size, shuffle=False)
+        return self._loader(self.eval_examples, self.eval_batch_size)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.eval_examples, self.eval_batch_size, shuffle=False)
+        return self._loader(self.eval_examples, self.eval_batch_size)
 

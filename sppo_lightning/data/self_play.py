@@ -6,32 +6,18 @@ from functools import partial
 from typing import Any, Callable, Optional
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from sppo_lightning.data.prompts import Prompt, load_prompts
+from sppo_lightning.data.shuffle import EpochShuffle
 from sppo_lightning.data.tokenize import collate_pairs
 from sppo_lightning.errors import ConfigError
 from sppo_lightning.models import load_tokenizer
 
 # What the SelfPlay callback registers: iteration t -> that iteration's training examples.
 IterationBuilder = Callable[[int], list[dict[str, Any]]]
-
-
-class SeededShuffle(torch.utils.data.Sampler):
-    """A permutation fixed by ``seed`` alone: the same order however many times Lightning calls
-    ``iter()`` (twice per epoch in a fresh run, once in a resumed one), so resuming is exact."""
-
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed = size, seed
-
-    def __iter__(self):
-        return iter(torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed)).tolist())
-
-    def __len__(self) -> int:
-        return self.size
 
 
 class SelfPlayDataModule(L.LightningDataModule):
@@ -147,7 +133,7 @@ class SelfPlayDataModule(L.LightningDataModule):
         return DataLoader(
             self.pairs,
             batch_size=self.batch_size,
-            sampler=SeededShuffle(len(self.pairs), self.shuffle_seed * 1_000_003 + epoch),
+            sampler=EpochShuffle(len(self.pairs), self.shuffle_seed, lambda: epoch),
             collate_fn=partial(collate_pairs, pad_token_id=self.tokenizer.pad_token_id),
             num_workers=self.num_workers,
         )
