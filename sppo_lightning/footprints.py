@@ -122,20 +122,25 @@ def dequantized_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 # ------------------------------------------------------------------------------------ lora
 def check_lora_targets(model: nn.Module, target_modules: Any) -> None:
-    """Fail in one line, naming the model's linear layers, when no module matches the targets."""
+    """Fail in one line, naming the model's linear layers, when no module matches the targets.
+
+    Matches as peft does: one string is a regular expression over full module names
+    (``model.layers.0.self_attn.q_proj``), a list holds names or name suffixes.
+    """
+    import re
+
     if target_modules == "all-linear":
         return
-    targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Linear4bit"]
-    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
-    if isinstance(target_modules, str) and len(targets) == 1 and not target_modules.isidentifier():
-        import re  # peft treats a single string as a regex on the full name
-
+    if isinstance(target_modules, str):
         matched = any(re.fullmatch(target_modules, n) for n in names)
+        hint = " (one string is a regular expression over full names; a list matches name suffixes)"
     else:
-        matched = any(n == t or n.endswith(f".{t}") for n in names for t in targets)
+        matched = any(n == t or n.endswith(f".{t}") for n in names for t in target_modules)
+        hint = ""
     if not matched:
-        raise ConfigError(f"model.lora.target_modules {target_modules!r} match no layer of this model; "
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise ConfigError(f"model.lora.target_modules {target_modules!r} match no layer of this model{hint}; "
                           f"its linear layers are {', '.join(leaves)} (or use 'all-linear')")
 
 

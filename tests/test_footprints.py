@@ -179,6 +179,17 @@ def test_lora_targets_that_match_nothing_name_the_real_layers(tiny_llama):
         module.configure_model()
 
 
+def test_lora_targets_as_one_string_match_like_peft(tiny_llama):
+    # peft reads a single string as a regular expression over full module names: "q_proj" alone
+    # matches nothing there (peft would fail deep inside get_peft_model), r".*\.q_proj" matches.
+    module = PreferenceModule(tiny_llama, lora=LoraSettings(target_modules="q_proj"))
+    with pytest.raises(ConfigError, match="one string is a regular expression over full names"):
+        module.configure_model()
+    module = PreferenceModule(tiny_llama, lora=LoraSettings(target_modules=r".*\.q_proj"))
+    module.configure_model()
+    assert any(".q_proj.lora_A" in n for n, _ in module.policy.named_parameters())
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"footprint": "full", "lora": LoraSettings()}, "use footprint: lora"),
     ({"footprint": "qlora", "reference": "copy"}, "never holds a second copy"),
