@@ -1,14 +1,16 @@
 """One self-play iteration, stage by stage, and how it scales with the number of prompts.
 
-    python bench/iteration.py                 # about 3 minutes on 2 cores
+    python bench/iteration.py                 # about 4 minutes on 2 cores
 
 On the quickstart's models (tiny warmed-up Llama, ``positive_words`` judge, K = 5, 24 new tokens):
 
 1. one SPPO iteration (generate, rank, reference log-probs, train) at 64 prompts: seconds per stage;
 2. our generation (one batched ``generate`` with ``num_return_sequences=K``: one prefill per prompt)
    against K separate sampling passes, the official pipeline's structure;
-3. the same iteration at 1x, 2x and 4x the prompts, each in its own process: time (with the fitted
-   seconds per prompt) and peak RSS.
+3. the same iteration at 1x, 2x and 4x the prompts (256, 512, 1024), each in its own process:
+   time (with the fitted seconds per prompt) and peak RSS, with the stages streamed in shards of
+   64 prompts (``generation_shard_size``) and, side by side, with the whole iteration as one shard
+   (every row in memory at once, as before the stages were sharded).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def write_prompts(path: Path, n: int) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def one_iteration(model_dir: str, prompts: str, run_dir: str) -> dict:
+def one_iteration(model_dir: str, prompts: str, run_dir: str, shard_size: str) -> dict:
     import lightning as L
 
     from sppo_lightning.callbacks.self_play import SelfPlay
@@ -46,7 +48,8 @@ def one_iteration(model_dir: str, prompts: str, run_dir: str) -> dict:
 
     L.seed_everything(0)
     callback = SelfPlay(FunctionJudge("sppo_lightning.ranking.judges:positive_words"), num_samples=5,
-                        max_new_tokens=24, generation_batch_size=16, run_dir=run_dir, show_progress=False)
+                        max_new_tokens=24, generation_batch_size=16, run_dir=run_dir, show_progress=False,
+                        generation_shard_size=int(shard_size))
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
     start = time.perf_counter()
@@ -84,7 +87,7 @@ def generation_comparison(model_dir: str, prompts_file: str, repeats: int) -> di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     if args.one:
@@ -97,26 +100,36 @@ def main() -> None:
         tmp = Path(tmp)
         model_dir = str(make_tiny_llama(tmp / "llama", hidden_size=64, sft_steps=300))
         env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-        scaling = {}
-        for n in (64, 128, 256):
-            write_prompts(tmp / f"prompts_{n}.jsonl", n)
-            done = subprocess.run([sys.executable, __file__, "--one", model_dir, str(tmp / f"prompts_{n}.jsonl"),
-                                   str(tmp / f"run_{n}")], env=env, capture_output=True, text=True)
+
+        def run(n: int, shard_size: int) -> dict:
+            prompts = tmp / f"prompts_{n}.jsonl"
+            if not prompts.exists():
+                write_prompts(prompts, n)
+            done = subprocess.run([sys.executable, __file__, "--one", model_dir, str(prompts),
+                                   str(tmp / f"run_{n}_{shard_size}"), str(shard_size)],
+                                  env=env, capture_output=True, text=True)
             lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
             if not lines:
                 raise SystemExit(done.stderr[-3000:])
-            scaling[n] = json.loads(lines[-1][len("RESULT "):])
-        report["iteration_64_prompts_stage_seconds"] = scaling[64]["stages"]
+            return json.loads(lines[-1][len("RESULT "):])
+
+        report["iteration_64_prompts_stage_seconds"] = run(64, 512)["stages"]
         report["generation_one_generate_vs_k_passes"] = generation_comparison(
             model_dir, str(tmp / "prompts_64.jsonl"), args.repeats)
-    xs = list(scaling)
-    ys = [scaling[n]["total_seconds"] for n in xs]
-    mean_x, mean_y = statistics.mean(xs), statistics.mean(ys)
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
-    report["scaling"] = {str(n): {"seconds": round(scaling[n]["total_seconds"], 2),
-                                  "peak_rss_mb": round(scaling[n]["peak_rss_mb"], 1)} for n in xs}
-    report["fitted_seconds_per_prompt"] = round(slope, 4)
-    report["fitted_intercept_seconds"] = round(mean_y - slope * mean_x, 2)
+        for label, shard_size in (("shards_of_64", 64), ("one_shard", 1 << 20)):
+            scaling = {n: run(n, shard_size) for n in (256, 512, 1024)}
+            xs = list(scaling)
+            ys = [scaling[n]["total_seconds"] for n in xs]
+            mean_x, mean_y = statistics.mean(xs), statistics.mean(ys)
+            slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
+            mems = [scaling[n]["peak_rss_mb"] for n in xs]
+            report[f"scaling_{label}"] = {
+                **{str(n): {"seconds": round(scaling[n]["total_seconds"], 2),
+                            "peak_rss_mb": round(scaling[n]["peak_rss_mb"], 1)} for n in xs},
+                "fitted_seconds_per_prompt": round(slope, 4),
+                "fitted_intercept_seconds": round(mean_y - slope * mean_x, 2),
+                "rss_growth_1x_to_4x_mb": round(mems[-1] - mems[0], 1),
+            }
     print(json.dumps(report, indent=2))
 
 

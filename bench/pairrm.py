@@ -7,6 +7,10 @@ llm-blender's layout and loaded by both), same 64 prompts with K = 5 candidates 
 ordered pairs per prompt). Baseline: ``Blender.rank(..., return_scores=True, batch_size=1)`` as the
 official SPPO pipeline calls it, and llm-blender's best batch size among 4, 8 and 16. The scores
 must agree to 1e-4 in the same run. Reported: seconds per call and the speed-up, min/median/max.
+
+Both sides run the same K(K-1) cross-encoder passes, so the script also counts their matmul FLOPs
+(``torch.utils.flop_counter``) and measures this machine's fp32 matmul ceiling: each side's
+achieved FLOP rate against the ceiling bounds what any exact (score-preserving) speed-up can reach.
 """
 
 from __future__ import annotations
@@ -46,6 +50,30 @@ def timed(fn, repeats: int) -> tuple[list[float], object]:
     return seconds, result
 
 
+def matmul_ceiling(seconds: float = 2.0) -> float:
+    """This machine's fp32 matmul rate (FLOP/s): the best of shapes like PairRM's layers and a square one."""
+    best = 0.0
+    for m, k, n in ((4096, 256, 1024), (4096, 1024, 256), (1024, 1024, 1024)):
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        torch.mm(a, b)
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 3:
+            torch.mm(a, b)
+            count += 1
+        best = max(best, 2 * m * k * n * count / (time.perf_counter() - start))
+    return best
+
+
+def pass_flops(ranker, prompts: list[str], candidates: list[list[str]]) -> int:
+    """Matmul FLOPs of one ``pairwise_logits`` call (the same passes llm-blender runs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        ranker.pairwise_logits(prompts, candidates)
+    return counter.get_total_flops()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -74,6 +102,8 @@ def main() -> None:
         for bs in (4, 8, 16):
             best[bs], scores = timed(
                 lambda: blender.rank(prompts, candidates, return_scores=True, batch_size=bs), args.repeats)
+        flops = pass_flops(ours, prompts, candidates)
+    ceiling = matmul_ceiling()
     agreement = float((ours_scores - torch.tensor(base_scores)).abs().max())
     assert agreement < 1e-4, f"scores disagree by {agreement}"
     best_bs = min(best, key=lambda b: statistics.median(best[b]))
@@ -90,6 +120,13 @@ def main() -> None:
         "speedup_vs_bs1_min_median_max": f"{min(speedup):.2f} / {statistics.median(speedup):.2f} / {max(speedup):.2f}",
         f"speedup_vs_bs{best_bs}_min_median_max":
             f"{min(speedup_best):.2f} / {statistics.median(speedup_best):.2f} / {max(speedup_best):.2f}",
+        "matmul_gflop_per_call": round(flops / 1e9, 1),
+        "fp32_matmul_ceiling_gflops": round(ceiling / 1e9, 1),
+        "ours_gflops_fraction_of_ceiling": f"{flops / statistics.median(ours_s) / 1e9:.1f} "
+                                           f"({flops / statistics.median(ours_s) / ceiling:.0%})",
+        "blender_bs1_gflops_fraction_of_ceiling": f"{flops / statistics.median(base_s) / 1e9:.1f} "
+                                                  f"({flops / statistics.median(base_s) / ceiling:.0%})",
+        "exact_speedup_bound_vs_bs1": round(statistics.median(base_s) * ceiling / flops, 2),
     }, indent=2))
 
 

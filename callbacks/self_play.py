@@ -23,13 +23,15 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import lightning as L
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from sppo_lightning.artifacts import IterationArtifacts, RunSummary, run_stage
+from sppo_lightning.artifacts import IterationArtifacts, RunSummary, run_sharded_stage
 from sppo_lightning.data.prompts import prompts_fingerprint
 from sppo_lightning.data.self_play import SelfPlayDataModule
 from sppo_lightning.data.tokenize import collate_pairs
@@ -39,6 +41,11 @@ from sppo_lightning.decoding.linear_alignment import LinearAlignmentSettings, li
 from sppo_lightning.generation import batch_seed, gather_responses, sample_on_ranks
 from sppo_lightning.ranking import Ranker, scores_from_pairwise, select_pairs, win_probabilities
 from sppo_lightning.report import PLOTS, log_images, write_report
+
+
+# What training reads of train.parquet (the other columns are for people and the official format).
+TRAINING_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "chosen_probs", "chosen_probs_win",
+                    "chosen_probs_lose", "reference_chosen_logps", "reference_rejected_logps"]
 
 
 @dataclass
@@ -71,10 +78,11 @@ class SelfPlay(L.Callback):
         aligned_sampling: sample with Linear Alignment under this principle instead of plain
             sampling (``{principle: ..., alpha: 2.0}``); None samples plainly.
         retry_oom: a generation batch that runs out of memory is retried as two halves (warned).
-        generation_shard_size: prompts per shard of generation output (rounded up to whole
-            generation batches). Each shard is written as it finishes, so a run killed while
-            generating resumes from the last written shard; the shards become
-            ``generations.parquet`` when the stage is done. Results do not depend on it.
+        generation_shard_size: prompts per shard (rounded up to whole generation batches). Every
+            stage (generate, rank, pairs with reference log-probs) runs shard by shard and writes
+            each shard as it finishes: memory holds one shard's rows whatever the number of
+            prompts, and a killed run resumes from the last written shard. The shards of a stage
+            are merged into its parquet file when it is done. Results do not depend on it.
     """
 
     def __init__(
@@ -162,41 +170,58 @@ class SelfPlay(L.Callback):
         }
 
     # ------------------------------------------------------------------------------ the stages
-    def build_iteration(self, iteration: int) -> list[dict[str, Any]]:
-        """Make (or reload) iteration t's training pairs. Called by the data module."""
+    def build_iteration(self, iteration: int) -> Sequence[dict[str, Any]]:
+        """Make (or reload) iteration t's training pairs. Called by the data module.
+
+        Each stage runs shard by shard (``generation_shard_size`` prompts) and is merged on disk,
+        so an iteration holds one shard's rows in memory whatever the number of prompts; the
+        training pairs come back memory-mapped from ``train.parquet``'s training columns.
+        """
         prompts = self.datamodule.iteration_prompts(iteration)
         artifacts = IterationArtifacts(self.run_dir, iteration, self._settings(prompts))
         if iteration == 0 and self.datamodule.eval_prompts:
             self.win_rate.initial(self.trainer, self.datamodule.eval_prompts)
         trainer = self.trainer
-        generations = run_stage(trainer, artifacts, "generations",
-                                lambda: self._generate(prompts, iteration, artifacts), on_every_rank=True)
-        if trainer.is_global_zero:
-            for stage in artifacts.stages(prefix="generations.shard_"):
-                artifacts.remove(stage)  # generations.parquet holds them all now
-        rankings = run_stage(trainer, artifacts, "rankings", lambda: self._rank(generations))
+        batch = self.generation_batch_size
+        size = math.ceil(self.generation_shard_size / batch) * batch  # shards cut at batch boundaries
+        starts = range(0, len(prompts), size)
+        run_sharded_stage(
+            trainer, artifacts, "generations", len(starts),
+            lambda k: self._generate_shard(prompts[starts[k] : starts[k] + size], iteration, starts[k] // batch),
+            on_every_rank=True, expect=lambda k: {"first_prompt": starts[k]},
+        )
+        # The rankings and pairs of shard k are made from the generations of shard k (one row group each).
+        shards = artifacts.num_shards("generations")
+        source = {"generations": artifacts.checksum("generations")}
+        run_sharded_stage(trainer, artifacts, "rankings", shards,
+                          lambda k: self._rank(artifacts.read_shard("generations", k),
+                                               artifacts.shard_start("generations", k)), source=source)
+        source["rankings"] = artifacts.checksum("rankings")
         # Every rank: the reference log-probs are split over the ranks (and are collectives under FSDP).
-        pairs = run_stage(trainer, artifacts, "train", lambda: self._pairs(generations, rankings, iteration),
-                          on_every_rank=True)
-        ties = artifacts.info("train").get("ties_dropped", 0)
-        if not pairs:
+        run_sharded_stage(trainer, artifacts, "train", shards,
+                          lambda k: self._pairs(artifacts.read_shard("generations", k),
+                                                artifacts.read_shard("rankings", k), iteration,
+                                                first_row=artifacts.shard_start("generations", k)),
+                          on_every_rank=True, source=source)
+        info = artifacts.info("train")
+        if info["rows"] == 0:
             raise DataError(f"iteration {iteration}: all {len(prompts)} prompts tied (every response scored "
                             f"the same); nothing to train on. Raise temperature or num_samples, or check the ranker")
+        means = pq.read_table(artifacts.path("train"), columns=["chosen_probs_win", "chosen_probs_lose"])
         self.stats[iteration] = {
-            "pairs": len(pairs),
-            "ties_dropped": ties,
+            "pairs": info["rows"],
+            "ties_dropped": info.get("ties_dropped", 0),
             "prompts_truncated": sum(p.truncated for p in prompts),
-            "chosen_p_win": sum(p["chosen_probs_win"] for p in pairs) / len(pairs),
-            "rejected_p_win": sum(p["chosen_probs_lose"] for p in pairs) / len(pairs),
+            "chosen_p_win": pc.mean(means.column("chosen_probs_win")).as_py(),
+            "rejected_p_win": pc.mean(means.column("chosen_probs_lose")).as_py(),
             "seconds": {s: artifacts.info(n).get("seconds", 0.0) for s, n in
                         (("generate", "generations"), ("rank", "rankings"), ("reference", "train"))},
         }
-        self._write_samples(artifacts.dir, pairs)
-        return [
-            {k: p[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids", "chosen_probs", "chosen_probs_win",
-                               "chosen_probs_lose", "reference_chosen_logps", "reference_rejected_logps")}
-            for p in pairs
-        ]
+        if trainer.is_global_zero:
+            self._write_samples(artifacts.dir, artifacts.read_shard("train", 0)[: self.log_samples])
+            pairs = artifacts.memory_mapped("train", TRAINING_COLUMNS)  # rank 0 writes the Arrow file
+        trainer.strategy.barrier("train_arrow")
+        return pairs if trainer.is_global_zero else artifacts.memory_mapped("train", TRAINING_COLUMNS)
 
     def _sample(self, prompt_ids: list[list[int]], num_samples: int, seed: int,
                 batch_offset: int = 0) -> list[list[list[int]]]:
@@ -227,18 +252,6 @@ class SelfPlay(L.Callback):
                 local[start + j] = ids[j * num_samples : (j + 1) * num_samples]
         return gather_responses(local, world)
 
-    def _generate(self, prompts: list, iteration: int, artifacts: IterationArtifacts) -> tuple[list[dict[str, Any]], dict]:
-        """All K responses of every prompt, shard by shard: a finished shard is read back, not redone."""
-        batch = self.generation_batch_size
-        size = math.ceil(self.generation_shard_size / batch) * batch  # shards cut at batch boundaries
-        rows: list[dict[str, Any]] = []
-        starts = range(0, len(prompts), size)
-        for k, begin in enumerate(starts):
-            part = prompts[begin : begin + size]
-            rows += run_stage(self.trainer, artifacts, f"generations.shard_{k:05d}",
-                              lambda: self._generate_shard(part, iteration, begin // batch), on_every_rank=True)
-        return rows, {"shards": len(starts)}
-
     def _generate_shard(self, prompts: list, iteration: int, batch_offset: int) -> tuple[list[dict[str, Any]], dict]:
         tokenizer = self.datamodule.tokenizer
         seed = self.seed * 7_919 + iteration
@@ -255,20 +268,31 @@ class SelfPlay(L.Callback):
             })
         return rows, {}
 
-    def _rank(self, generations: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict]:
-        pairwise = self.ranker.pairwise_logits([g["prompt"] for g in generations], [g["responses"] for g in generations])
+    def _rank(self, generations: list[dict[str, Any]], first_row: int = 0) -> tuple[list[dict[str, Any]], dict]:
+        try:
+            pairwise = self.ranker.pairwise_logits([g["prompt"] for g in generations],
+                                                   [g["responses"] for g in generations])
+        except DataError as error:  # the ranker counts rows from the shard's first
+            if first_row == 0:
+                raise
+            raise DataError(f"ranking the shard that starts at prompt row {first_row} of generations.parquet "
+                            f"(add {first_row} to the row below): {error}") from error
         scores = scores_from_pairwise(pairwise.double())
         return [{"prompt_index": g["prompt_index"], "pairwise_logits": m.tolist(), "rm_scores": s.tolist()}
                 for g, m, s in zip(generations, pairwise, scores)], {}
 
-    def _pairs(self, generations: list[dict], rankings: list[dict], iteration: int) -> tuple[list[dict], dict]:
-        pairs, ties = self._estimate(generations, rankings, iteration)
+    def _pairs(self, generations: list[dict], rankings: list[dict], iteration: int,
+               first_row: int = 0) -> tuple[list[dict], dict]:
+        """One shard's pairs with their reference log-probs; ``first_row``: the shard's first row in
+        the iteration, so that errors name the row of ``generations.parquet``."""
+        pairs, ties = self._estimate(generations, rankings, iteration, first_row)
         self._reference_logps(pairs)
         return pairs, {"ties_dropped": ties}
 
-    def _estimate(self, generations: list[dict], rankings: list[dict], iteration: int) -> tuple[list[dict], int]:
+    def _estimate(self, generations: list[dict], rankings: list[dict], iteration: int,
+                  first_row: int = 0) -> tuple[list[dict], int]:
         scores = torch.tensor([r["rm_scores"] for r in rankings], dtype=torch.float64)
-        picked = select_pairs(scores, where=f"iteration {iteration} ranking")
+        picked = select_pairs(scores, where=f"iteration {iteration} ranking", first_row=first_row)
         probability, _ = win_probabilities(scores)  # the K×K P̂ of every prompt, stored with its pair
         pairs, ties = [], 0
         for n, (gen, rank) in enumerate(zip(generations, rankings)):

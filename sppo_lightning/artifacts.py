@@ -4,6 +4,11 @@
     <run_dir>/iteration_<t>/rankings.parquet      the K×K pair logits and scores per prompt
     <run_dir>/iteration_<t>/train.parquet         chosen/rejected pairs, probabilities, reference log-probs
     <run_dir>/iteration_<t>/manifest.json         what is finished: rows and sha256 of each file
+    <run_dir>/iteration_<t>/train.<sha>.arrow     train.parquet's training columns, memory-mapped
+
+A stage is made shard by shard (``<stage>.shard_<k>.parquet``, each recorded as it is written) and
+then merged by streaming, one parquet row group per shard, so the next stage reads shard k alone
+and no step holds more than one shard's rows.
 
 Every file is written to a temporary name and renamed into place, so a crash leaves either the old
 state or the new one. A stage counts as finished only when the manifest lists it and the file's
@@ -19,7 +24,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, BinaryIO, Callable, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -27,18 +32,25 @@ import pyarrow.parquet as pq
 from sppo_lightning.errors import ConfigError
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Call ``write(f)`` on a temporary file next to ``path``, then rename it into place: a crash
+    leaves the old file or the new one, never half of one. ``write`` may stream (no whole copy in memory)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_write_json(path: Path, value: Any) -> None:
@@ -87,30 +99,112 @@ class IterationArtifacts:
     def path(self, stage: str) -> Path:
         return self.dir / f"{stage}.parquet"
 
-    def load(self, stage: str) -> Optional[list[dict[str, Any]]]:
-        """The stage's rows if it finished intact, else None (a damaged file warns)."""
+    def finished(self, stage: str, expect: Optional[dict[str, Any]] = None) -> bool:
+        """Whether the stage is recorded in the manifest and its file is intact (checksum and row
+        count; a damaged file warns). Reads no rows. ``expect``: manifest entries the stage must
+        have (a shard's first row, the input it was made from); one that differs is redone, warned."""
         entry = self._read_manifest().get("stages", {}).get(stage)
         path = self.path(stage)
         if entry is None or not path.exists():
-            return None
+            return False
+        differs = [k for k, v in (expect or {}).items() if entry.get("input", {}).get(k) != v]
+        if differs:
+            warnings.warn(f"{path} was made from other input ({', '.join(differs)} differ: another shard size, or "
+                          f"a redone earlier stage); redoing {stage}")
+            return False
         if _sha256(path) != entry["sha256"]:
             warnings.warn(f"{path} does not match its manifest checksum (truncated or edited); redoing {stage}")
-            return None
-        rows = pq.read_table(path).to_pylist()
-        if len(rows) != entry["rows"]:
-            warnings.warn(f"{path} has {len(rows)} rows, its manifest says {entry['rows']}; redoing {stage}")
-            return None
-        return rows
+            return False
+        rows = pq.read_metadata(path).num_rows
+        if rows != entry["rows"]:
+            warnings.warn(f"{path} has {rows} rows, its manifest says {entry['rows']}; redoing {stage}")
+            return False
+        return True
+
+    def load(self, stage: str) -> Optional[list[dict[str, Any]]]:
+        """The stage's rows if it finished intact, else None (a damaged file warns)."""
+        return pq.read_table(self.path(stage)).to_pylist() if self.finished(stage) else None
+
+    def num_shards(self, stage: str) -> int:
+        """How many shards a merged stage holds (one parquet row group each, see ``merge``)."""
+        return pq.ParquetFile(self.path(stage)).num_row_groups
+
+    def read_shard(self, stage: str, shard: int) -> list[dict[str, Any]]:
+        """The rows of one shard of a merged stage: only that row group is read."""
+        return pq.ParquetFile(self.path(stage)).read_row_group(shard).to_pylist()
+
+    def shard_start(self, stage: str, shard: int) -> int:
+        """The row number, in the whole merged stage, of the first row of ``shard``."""
+        metadata = pq.read_metadata(self.path(stage))
+        return sum(metadata.row_group(g).num_rows for g in range(shard))
+
+    def merge(self, stage: str, parts: list[str], **info: Any) -> None:
+        """Concatenate finished shard stages into ``stage``, one row group per non-empty shard,
+        reading one shard at a time; then record it and remove the shards.
+
+        The manifest entry gets ``info`` plus the sum of the shards' numeric entries (seconds,
+        counts). Shards whose inferred column types differ (an all-empty list is ``null``-typed)
+        are cast to one schema.
+        """
+        entries = [self.info(part) for part in parts]
+        tables = [self.path(part) for part, entry in zip(parts, entries) if entry["rows"] > 0]
+        schema = pa.unify_schemas([pq.read_schema(p) for p in tables], promote_options="permissive") if tables \
+            else pa.schema([])
+
+        def write(f: BinaryIO) -> None:
+            with pq.ParquetWriter(f, schema) as writer:
+                for path in tables:
+                    table = pq.read_table(path)
+                    writer.write_table(table.select(schema.names).cast(schema), row_group_size=table.num_rows)
+
+        atomic_write(self.path(stage), write)
+        totals: dict[str, Any] = {}
+        for entry in entries:
+            for key, value in entry.items():
+                if key not in ("rows", "sha256") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    totals[key] = totals.get(key, 0) + value
+        self._record(stage, sum(e["rows"] for e in entries), **{**totals, **info})
+        for part in parts:
+            self.remove(part)
+
+    def checksum(self, stage: str) -> str:
+        """A short checksum of a finished stage's file: what a later stage records as its source."""
+        return self.info(stage)["sha256"][:16]
+
+    def memory_mapped(self, stage: str, columns: list[str]):
+        """``columns`` of a finished stage as a ``datasets.Dataset`` memory-mapped from an Arrow file
+        next to it (``<stage>.<checksum>.arrow``, written once, streamed from the parquet file by row
+        group): a training set of any size costs page cache, not process memory."""
+        from datasets import Dataset
+
+        target = self.dir / f"{stage}.{self.checksum(stage)}.arrow"
+        if not target.exists():
+            source = pq.ParquetFile(self.path(stage))
+            schema = source.schema_arrow
+            schema = pa.schema([schema.field(c) for c in columns])
+
+            def write(f: BinaryIO) -> None:
+                with pa.ipc.new_stream(f, schema) as writer:
+                    for group in range(source.num_row_groups):
+                        writer.write_table(source.read_row_group(group, columns=columns))
+
+            atomic_write(target, write)
+            for old in self.dir.glob(f"{stage}.*.arrow"):
+                if old != target:
+                    old.unlink(missing_ok=True)  # made from an earlier, redone version of the stage
+        return Dataset.from_file(str(target))
 
     def save(self, stage: str, rows: list[dict[str, Any]], **info: Any) -> None:
         """Write the stage's rows atomically, then record it in the manifest (also atomically)."""
-        path = self.path(stage)
         sink = pa.BufferOutputStream()
         pq.write_table(pa.Table.from_pylist(rows), sink)
-        atomic_write_bytes(path, sink.getvalue().to_pybytes())
+        atomic_write_bytes(self.path(stage), sink.getvalue().to_pybytes())
+        self._record(stage, len(rows), **info)
+
+    def _record(self, stage: str, rows: int, **info: Any) -> None:
         manifest = self._read_manifest()
         manifest["settings"] = self.settings
-        manifest.setdefault("stages", {})[stage] = {"rows": len(rows), "sha256": _sha256(path), **info}
+        manifest.setdefault("stages", {})[stage] = {"rows": rows, "sha256": _sha256(self.path(stage)), **info}
         atomic_write_json(self.manifest_path, manifest)
 
     def stages(self, prefix: str = "") -> list[str]:
@@ -130,26 +224,62 @@ class IterationArtifacts:
         return self._read_manifest().get("stages", {}).get(stage, {})
 
 
-def run_stage(trainer, artifacts: IterationArtifacts, stage: str, compute, on_every_rank: bool = False) -> list[dict]:
+def run_stage(trainer, artifacts: IterationArtifacts, stage: str, compute, on_every_rank: bool = False,
+              load: bool = True, expect: Optional[dict[str, Any]] = None) -> Optional[list[dict]]:
     """Read a finished stage back, or make it: ``compute()`` returns ``(rows, info)`` and rank 0 writes.
 
     ``on_every_rank``: every rank computes (generation: each samples its share, then all gather);
     otherwise rank 0 alone computes (ranking, reference log-probs) and the others read its file.
     Rank 0 decides whether the stage is finished and every rank follows: a rank that looked for
     itself could see the file rank 0 has just written and skip a collective the others are in.
+    ``load=False`` returns None instead of the rows (the caller reads the file when it needs them).
+    ``expect``: manifest entries the stage must have to count as finished; they are recorded with it.
     """
     import time
 
-    rows = artifacts.load(stage) if trainer.is_global_zero else None
-    if trainer.strategy.broadcast(rows is not None):
-        return rows if rows is not None else artifacts.load(stage)
+    done = artifacts.finished(stage, expect) if trainer.is_global_zero else False
+    if trainer.strategy.broadcast(done):
+        return artifacts.load(stage) if load else None
+    rows = None
     if on_every_rank or trainer.is_global_zero:
         start = time.perf_counter()
         rows, info = compute()
         if trainer.is_global_zero:
-            artifacts.save(stage, rows, seconds=time.perf_counter() - start, **info)
+            artifacts.save(stage, rows, seconds=time.perf_counter() - start, **info,
+                           **({"input": expect} if expect else {}))
     trainer.strategy.barrier(f"stage_{stage}")
+    if not load:
+        return None
     return rows if rows is not None else artifacts.load(stage)
+
+
+def run_sharded_stage(trainer, artifacts: IterationArtifacts, stage: str, shards: int,
+                      compute_shard: Callable[[int], tuple[list[dict], dict]], on_every_rank: bool = False,
+                      source: Optional[dict[str, Any]] = None,
+                      expect: Optional[Callable[[int], dict[str, Any]]] = None) -> None:
+    """Make ``stage`` shard by shard, so that no more than one shard's rows are in memory.
+
+    ``compute_shard(k)`` returns shard k's ``(rows, info)``; each shard is written as it finishes
+    (stage ``<stage>.shard_<k>``), so a killed run redoes only the shard it was in. When all are
+    written, rank 0 merges them into ``<stage>.parquet`` (one row group per shard, read back with
+    ``read_shard``) and removes them. ``source``: what the stage is made from (checksums of earlier
+    stages), recorded with it and with every shard: one made from anything else is redone.
+    ``expect(k)``: what else shard k's entry must record (which prompts it holds).
+    """
+    source = source or {}
+    done = artifacts.finished(stage, source) if trainer.is_global_zero else False
+    if trainer.strategy.broadcast(done):
+        if trainer.is_global_zero:  # shards left behind by a run killed between merging and removing
+            for part in artifacts.stages(prefix=f"{stage}.shard_"):
+                artifacts.remove(part)
+        return
+    parts = [f"{stage}.shard_{k:05d}" for k in range(shards)]
+    for k, part in enumerate(parts):
+        run_stage(trainer, artifacts, part, lambda k=k: compute_shard(k), on_every_rank, load=False,
+                  expect={**source, **(expect(k) if expect else {})} or None)
+    if trainer.is_global_zero:
+        artifacts.merge(stage, parts, shards=shards, **({"input": source} if source else {}))
+    trainer.strategy.barrier(f"merge_{stage}")
 
 
 class RunSummary:

@@ -3,6 +3,7 @@
 The marker file makes each kill happen once: the resumed run passes the same point and goes on.
 """
 
+import io
 import os
 import signal
 from pathlib import Path
@@ -84,15 +85,18 @@ class KillWhileWriting(L.Callback):
         import sppo_lightning.artifacts as artifacts
 
         target = _self_play_run_dir(trainer) / f"iteration_{self.iteration}" / f"{self.stage}.parquet"
-        original = artifacts.atomic_write_bytes
+        original = artifacts.atomic_write
 
-        def write(path, data):
+        def write(path, writer):
             if Path(path) != target or Path(self.marker).exists():
-                return original(path, data)
+                return original(path, writer)
             if self.mode == "temp":
+                buffer = io.BytesIO()
+                writer(buffer)
+                data = buffer.getvalue()
                 (target.parent / f".{target.name}.crash.tmp").write_bytes(data[: len(data) // 2])
             else:
-                original(path, data)
+                original(path, writer)
             _kill_once(self.marker)
 
-        artifacts.atomic_write_bytes = write
+        artifacts.atomic_write = write

@@ -43,3 +43,46 @@ def test_other_settings_are_refused(tmp_path):
     IterationArtifacts(tmp_path, 0, {"num_samples": 5, "seed": 0}).save("generations", ROWS)
     with pytest.raises(ConfigError, match=r"iteration_0 was made with other settings \(num_samples differ\)"):
         IterationArtifacts(tmp_path, 0, {"num_samples": 4, "seed": 0})
+
+
+SHARDS = [
+    [{"prompt": "a", "response_ids": [[1, 2], [3]]}, {"prompt": "b", "response_ids": [[4], [5]]}],
+    [],  # every prompt of this shard tied: no rows
+    [{"prompt": "c", "response_ids": [[], []]}],  # empty responses: a null-typed column in this shard alone
+]
+
+
+def test_merge_streams_shards_into_row_groups_and_sums_their_counts(tmp_path):
+    art = IterationArtifacts(tmp_path, 0, {})
+    for k, rows in enumerate(SHARDS):
+        art.save(f"train.shard_{k:05d}", rows, seconds=1.5, ties_dropped=k, input={"generations": "abc"})
+    art.merge("train", [f"train.shard_{k:05d}" for k in range(3)], shards=3)
+    assert art.load("train") == SHARDS[0] + SHARDS[2]
+    assert art.num_shards("train") == 2 and art.read_shard("train", 1) == SHARDS[2]
+    assert art.shard_start("train", 1) == 2
+    entry = art.info("train")
+    assert (entry["rows"], entry["seconds"], entry["ties_dropped"], entry["shards"]) == (3, 4.5, 3, 3)
+    assert art.stages() == ["train"] and not list(art.dir.glob("*.shard_*"))
+
+
+def test_a_shard_made_from_other_input_is_redone(tmp_path):
+    art = IterationArtifacts(tmp_path, 0, {})
+    art.save("rankings.shard_00001", ROWS, input={"generations": "abc", "first_prompt": 4})
+    assert art.finished("rankings.shard_00001", {"generations": "abc", "first_prompt": 4})
+    with pytest.warns(UserWarning, match=r"made from other input \(first_prompt differ"):
+        assert not art.finished("rankings.shard_00001", {"generations": "abc", "first_prompt": 8})
+
+
+def test_memory_mapped_serves_columns_from_an_arrow_file_made_once(tmp_path):
+    art = IterationArtifacts(tmp_path, 0, {})
+    art.save("train", ROWS)
+    served = art.memory_mapped("train", ["response_ids", "score"])
+    (arrow,) = art.dir.glob("train.*.arrow")
+    assert [f["filename"] for f in served.cache_files] == [str(arrow)]
+    assert [dict(served[i]) for i in range(2)] == [{"response_ids": r["response_ids"], "score": r["score"]} for r in ROWS]
+    made = arrow.stat().st_mtime_ns
+    art.memory_mapped("train", ["response_ids", "score"])
+    assert arrow.stat().st_mtime_ns == made  # reused
+    art.save("train", ROWS[:1])  # the stage was redone: a new file, the stale one removed
+    assert len(art.memory_mapped("train", ["score"])) == 1
+    assert len(list(art.dir.glob("train.*.arrow"))) == 1

@@ -123,17 +123,47 @@ def test_same_seed_same_data(tmp_path, tiny_llama):
     assert a == b
 
 
-def test_generation_shards_do_not_change_the_samples_and_are_merged(tmp_path, tiny_llama):
-    fit(tmp_path, tiny_llama, run_dir=tmp_path / "whole")
-    fit(tmp_path, tiny_llama, run_dir=tmp_path / "shards", generation_shard_size=3)  # rounds up to 4 (a batch)
-    whole = pq.read_table(tmp_path / "whole" / "iteration_0" / "generations.parquet").to_pylist()
-    shards = pq.read_table(tmp_path / "shards" / "iteration_0" / "generations.parquet").to_pylist()
-    assert whole == shards
+class CountingJudge(FunctionJudge):
+    """The ``shorter`` judge, recording how many prompts each call ranks."""
+
+    def __init__(self):
+        super().__init__("sppo_lightning.ranking.judges:shorter")
+        self.sizes = []
+
+    def pairwise_logits(self, prompts, candidates):
+        self.sizes.append(len(prompts))
+        return super().pairwise_logits(prompts, candidates)
+
+
+def test_shards_change_no_stage_hold_one_shard_and_are_merged(tmp_path, tiny_llama):
+    whole_judge, shard_judge = CountingJudge(), CountingJudge()
+    fit(tmp_path, tiny_llama, ranker=whole_judge, run_dir=tmp_path / "whole")
+    trainer, _, _ = fit(tmp_path, tiny_llama, ranker=shard_judge, run_dir=tmp_path / "shards",
+                        generation_shard_size=3)  # rounds up to 4 (a batch): shards of 4 and 2 prompts
+    for stage in ("generations", "rankings", "train"):
+        whole = pq.read_table(tmp_path / "whole" / "iteration_0" / f"{stage}.parquet").to_pylist()
+        shards = pq.read_table(tmp_path / "shards" / "iteration_0" / f"{stage}.parquet").to_pylist()
+        assert len(whole) == len(shards) == len(QUESTIONS)
+        for a, b in zip(whole, shards):
+            for key in ("reference_chosen_logps", "reference_rejected_logps"):  # other batches, other padding
+                if key in a:
+                    assert a.pop(key) == pytest.approx(b.pop(key), rel=1e-5)
+            assert a == b
+    # Ranking saw one shard at a time (the 3s are the win-rate evaluation's held-out prompts).
+    assert max(whole_judge.sizes) == 6 and sorted(set(shard_judge.sizes)) == [2, 3, 4]
     folder = tmp_path / "shards" / "iteration_0"
-    assert not list(folder.glob("generations.shard_*"))  # merged, then removed
+    assert not list(folder.glob("*.shard_*"))  # merged, then removed
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["stages"]["generations"]["shards"] == 2
+    assert [manifest["stages"][s]["shards"] for s in ("generations", "rankings", "train")] == [2, 2, 2]
+    assert pq.ParquetFile(folder / "train.parquet").num_row_groups == 2
     assert not [k for k in manifest["stages"] if "shard" in k]
+    # Training reads train.parquet's training columns memory-mapped from an Arrow file, not a list.
+    served = trainer.datamodule.pairs
+    (arrow,) = folder.glob("train.*.arrow")
+    assert [f["filename"] for f in served.cache_files] == [str(arrow)]
+    train = pq.read_table(folder / "train.parquet").to_pylist()
+    assert [dict(served[i]) for i in range(len(served))] == [{k: r[k] for k in served.column_names} for r in train]
+    assert set(served.column_names) == set(self_play_module.TRAINING_COLUMNS)
 
 
 def half_ties(prompt, response):
@@ -159,17 +189,23 @@ def test_all_ties_is_a_clear_error(tmp_path, tiny_llama):
 
 
 class NaNRanker:
+    """NaN for the last prompt (row 5) only."""
+
     def pairwise_logits(self, prompts, candidates):
         m = torch.zeros(len(prompts), len(candidates[0]), len(candidates[0]))
-        m[1, 0, 1] = float("nan")
+        for n, prompt in enumerate(prompts):
+            if "dog" in prompt:
+                m[n, 0, 1] = float("nan")
         return m
 
 
-def test_a_nan_ranker_is_an_error_and_keeps_the_generations(tmp_path, tiny_llama):
-    with pytest.raises(DataError, match="prompt row 1: the ranker returned a non-finite score"):
-        fit(tmp_path, tiny_llama, ranker=NaNRanker())
+@pytest.mark.parametrize("shard_size", [512, 4])
+def test_a_nan_ranker_is_an_error_and_keeps_the_generations(tmp_path, tiny_llama, shard_size):
+    with pytest.raises(DataError, match="prompt row 5: the ranker returned a non-finite score"):
+        fit(tmp_path, tiny_llama, ranker=NaNRanker(), generation_shard_size=shard_size)
     manifest = json.loads((tmp_path / "self_play" / "iteration_0" / "manifest.json").read_text())
-    assert set(manifest["stages"]) == {"generations", "rankings"}  # nothing lost, nothing trained on
+    finished = {"generations", "rankings"} | ({"train.shard_00000"} if shard_size == 4 else set())
+    assert set(manifest["stages"]) == finished  # nothing lost, nothing trained on
 
 
 @pytest.mark.parametrize("options, message", [

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -16,8 +16,9 @@ from sppo_lightning.data.tokenize import collate_pairs
 from sppo_lightning.errors import ConfigError
 from sppo_lightning.models import load_tokenizer
 
-# What the SelfPlay callback registers: iteration t -> that iteration's training examples.
-IterationBuilder = Callable[[int], list[dict[str, Any]]]
+# What the SelfPlay callback registers: iteration t -> that iteration's training examples (a list,
+# or a memory-mapped ``datasets.Dataset``: anything with len() and integer indexing).
+IterationBuilder = Callable[[int], Sequence[dict[str, Any]]]
 
 
 class SelfPlayDataModule(L.LightningDataModule):
@@ -77,7 +78,7 @@ class SelfPlayDataModule(L.LightningDataModule):
         self.prompts: list[Prompt] = []
         self.eval_prompts: list[Prompt] = []
         self.builder: Optional[IterationBuilder] = None
-        self.pairs: list[dict[str, Any]] = []
+        self.pairs: Sequence[dict[str, Any]] = []
         self._built_iteration: Optional[int] = None
 
     def setup(self, stage: str) -> None:

@@ -63,16 +63,18 @@ class PairSelection:
     chosen_probs_lose: Tensor  # [N] p_win(l)
 
 
-def select_pairs(scores: Tensor, where: str = "ranker") -> PairSelection:
+def select_pairs(scores: Tensor, where: str = "ranker", first_row: int = 0) -> PairSelection:
     """Best and worst candidate per prompt with their win probabilities.
 
     A NaN or infinite score raises ``DataError`` naming the prompt row: a broken ranker must not
-    silently become training targets. ``where`` names the source in that message.
+    silently become training targets. ``where`` names the source in that message, and
+    ``first_row`` is the row number of ``scores[0]`` there (when scores come in shards).
     """
     bad = ~torch.isfinite(scores)
     if bad.any():
         row = int(bad.any(-1).nonzero()[0])
-        raise DataError(f"{where}: prompt row {row}: the ranker returned a non-finite score {scores[row].tolist()}")
+        raise DataError(f"{where}: prompt row {first_row + row}: the ranker returned a non-finite score "
+                        f"{scores[row].tolist()}")
     pairwise, win_rate = win_probabilities(scores)
     chosen, rejected = scores.argmax(-1), scores.argmin(-1)
     rows = torch.arange(scores.shape[0])
