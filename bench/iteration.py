@@ -1,6 +1,6 @@
 """One self-play iteration, stage by stage, and how it scales with the number of prompts.
 
-    python bench/iteration.py                 # about 4 minutes on 2 cores
+    python bench/iteration.py                 # about 8 minutes on 2 cores
 
 On the quickstart's models (tiny warmed-up Llama, ``positive_words`` judge, K = 5, 24 new tokens):
 
@@ -60,6 +60,10 @@ def one_iteration(model_dir: str, prompts: str, run_dir: str, shard_size: str) -
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def spread(values: list[float]) -> tuple[float, float, float]:
+    return min(values), statistics.median(values), max(values)
+
+
 def generation_comparison(model_dir: str, prompts_file: str, repeats: int) -> dict:
     from transformers import AutoModelForCausalLM
 
@@ -101,12 +105,12 @@ def main() -> None:
         model_dir = str(make_tiny_llama(tmp / "llama", hidden_size=64, sft_steps=300))
         env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
-        def run(n: int, shard_size: int) -> dict:
+        def run(n: int, shard_size: int, repeat: int = 0) -> dict:
             prompts = tmp / f"prompts_{n}.jsonl"
             if not prompts.exists():
                 write_prompts(prompts, n)
             done = subprocess.run([sys.executable, __file__, "--one", model_dir, str(prompts),
-                                   str(tmp / f"run_{n}_{shard_size}"), str(shard_size)],
+                                   str(tmp / f"run_{n}_{shard_size}_{repeat}"), str(shard_size)],
                                   env=env, capture_output=True, text=True)
             lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
             if not lines:
@@ -117,18 +121,23 @@ def main() -> None:
         report["generation_one_generate_vs_k_passes"] = generation_comparison(
             model_dir, str(tmp / "prompts_64.jsonl"), args.repeats)
         for label, shard_size in (("shards_of_64", 64), ("one_shard", 1 << 20)):
-            scaling = {n: run(n, shard_size) for n in (256, 512, 1024)}
-            xs = list(scaling)
-            ys = [scaling[n]["total_seconds"] for n in xs]
-            mean_x, mean_y = statistics.mean(xs), statistics.mean(ys)
-            slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
-            mems = [scaling[n]["peak_rss_mb"] for n in xs]
+            sizes = (256, 512, 1024)
+            # a fresh run directory each time: a reused one would resume its finished stages
+            runs = {n: [run(n, shard_size, r) for r in range(args.repeats)] for n in sizes}
+            medians = [statistics.median(r["total_seconds"] for r in runs[n]) for n in sizes]
+            mean_x, mean_y = statistics.mean(sizes), statistics.mean(medians)
+            slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(sizes, medians)) / \
+                sum((x - mean_x) ** 2 for x in sizes)
+            residual = max(abs(y - (mean_y + slope * (x - mean_x))) / y for x, y in zip(sizes, medians))
+            peaks = [max(r["peak_rss_mb"] for r in runs[n]) for n in sizes]
             report[f"scaling_{label}"] = {
-                **{str(n): {"seconds": round(scaling[n]["total_seconds"], 2),
-                            "peak_rss_mb": round(scaling[n]["peak_rss_mb"], 1)} for n in xs},
+                **{str(n): {"seconds_min_median_max": " / ".join(
+                                f"{v:.2f}" for v in spread([r["total_seconds"] for r in runs[n]])),
+                            "peak_rss_mb_max": round(peak, 1)} for n, peak in zip(sizes, peaks)},
                 "fitted_seconds_per_prompt": round(slope, 4),
                 "fitted_intercept_seconds": round(mean_y - slope * mean_x, 2),
-                "rss_growth_1x_to_4x_mb": round(mems[-1] - mems[0], 1),
+                "largest_relative_residual_of_linear_fit": round(residual, 3),
+                "rss_growth_1x_to_4x_mb": round(peaks[-1] - peaks[0], 1),
             }
     print(json.dumps(report, indent=2))
 
