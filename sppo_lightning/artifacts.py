@@ -123,7 +123,11 @@ class IterationArtifacts:
 
     def load(self, stage: str) -> Optional[list[dict[str, Any]]]:
         """The stage's rows if it finished intact, else None (a damaged file warns)."""
-        return pq.read_table(self.path(stage)).to_pylist() if self.finished(stage) else None
+        return self.rows(stage) if self.finished(stage) else None
+
+    def rows(self, stage: str) -> list[dict[str, Any]]:
+        """The stage's rows, unchecked: for a stage that ``finished`` has just verified."""
+        return pq.read_table(self.path(stage)).to_pylist()
 
     def num_shards(self, stage: str) -> int:
         """How many shards a merged stage holds (one parquet row group each, see ``merge``)."""
@@ -164,8 +168,7 @@ class IterationArtifacts:
                 if key not in ("rows", "sha256") and isinstance(value, (int, float)) and not isinstance(value, bool):
                     totals[key] = totals.get(key, 0) + value
         self._record(stage, sum(e["rows"] for e in entries), **{**totals, **info})
-        for part in parts:
-            self.remove(part)
+        self.remove(*parts)
 
     def checksum(self, stage: str) -> str:
         """A short checksum of a finished stage's file: what a later stage records as its source."""
@@ -211,14 +214,17 @@ class IterationArtifacts:
         """Names of the finished stages recorded in the manifest, optionally by prefix."""
         return sorted(k for k in self._read_manifest().get("stages", {}) if k.startswith(prefix))
 
-    def remove(self, stage: str) -> None:
-        """Forget a stage: its manifest entry first, then its file (a crash in between leaves an
-        orphan file that nothing reads)."""
+    def remove(self, *stages: str) -> None:
+        """Forget stages: their manifest entries first (one manifest write), then their files (a
+        crash in between leaves orphan files that nothing reads)."""
         manifest = self._read_manifest()
-        if stage in manifest.get("stages", {}):
-            del manifest["stages"][stage]
+        recorded = manifest.get("stages", {})
+        if any(stage in recorded for stage in stages):
+            for stage in stages:
+                recorded.pop(stage, None)
             atomic_write_json(self.manifest_path, manifest)
-        self.path(stage).unlink(missing_ok=True)
+        for stage in stages:
+            self.path(stage).unlink(missing_ok=True)
 
     def info(self, stage: str) -> dict[str, Any]:
         return self._read_manifest().get("stages", {}).get(stage, {})
@@ -238,8 +244,8 @@ def run_stage(trainer, artifacts: IterationArtifacts, stage: str, compute, on_ev
     import time
 
     done = artifacts.finished(stage, expect) if trainer.is_global_zero else False
-    if trainer.strategy.broadcast(done):
-        return artifacts.load(stage) if load else None
+    if trainer.strategy.broadcast(done):  # rank 0 has just checked the file: read it, do not check it again
+        return artifacts.rows(stage) if load else None
     rows = None
     if on_every_rank or trainer.is_global_zero:
         start = time.perf_counter()
@@ -250,7 +256,7 @@ def run_stage(trainer, artifacts: IterationArtifacts, stage: str, compute, on_ev
     trainer.strategy.barrier(f"stage_{stage}")
     if not load:
         return None
-    return rows if rows is not None else artifacts.load(stage)
+    return rows if rows is not None else artifacts.rows(stage)  # the others read what rank 0 wrote
 
 
 def run_sharded_stage(trainer, artifacts: IterationArtifacts, stage: str, shards: int,
@@ -270,8 +276,7 @@ def run_sharded_stage(trainer, artifacts: IterationArtifacts, stage: str, shards
     done = artifacts.finished(stage, source) if trainer.is_global_zero else False
     if trainer.strategy.broadcast(done):
         if trainer.is_global_zero:  # shards left behind by a run killed between merging and removing
-            for part in artifacts.stages(prefix=f"{stage}.shard_"):
-                artifacts.remove(part)
+            artifacts.remove(*artifacts.stages(prefix=f"{stage}.shard_"))
         return
     parts = [f"{stage}.shard_{k:05d}" for k in range(shards)]
     for k, part in enumerate(parts):
