@@ -33,18 +33,17 @@ def bytes_of(model: torch.nn.Module) -> int:
 
 
 def main() -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from sppo_lightning.footprints import GIB, ModelShape, estimate_memory
     from sppo_lightning.models import LoraSettings, add_lora, load_causal_lm
-    from sppo_lightning.testing import make_tiny_tokenizer
+    from sppo_lightning.testing import llama_config, make_tiny_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = make_tiny_tokenizer()
-        config = LlamaConfig(vocab_size=32_000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-                             num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
-                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+        config = llama_config(tokenizer, vocab_size=32_000, hidden_size=512, intermediate_size=1536,
+                              num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                              max_position_embeddings=2048)
         torch.manual_seed(0)
         LlamaForCausalLM(config).save_pretrained(Path(tmp) / "model")
         tokenizer.save_pretrained(Path(tmp) / "model")

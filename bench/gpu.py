@@ -28,31 +28,12 @@ import time
 from pathlib import Path
 
 import torch
+from ceiling import matmul_ceiling, sync  # bench/ceiling.py (the script's folder is on sys.path)
 
 SIZES = {  # hidden, layers, intermediate, heads, kv heads (TinyLlama-1.1B's shape for "1b")
     "1b": (2048, 22, 5632, 32, 4),
     "tiny": (128, 2, 256, 4, 2),
 }
-
-
-def matmul_ceiling(device: torch.device, n: int) -> float:
-    """Best bf16 matmul TFLOP/s over a few repeats."""
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    best = 0.0
-    for _ in range(5):
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(10):
-            a @ b
-        _sync(device)
-        best = max(best, 10 * 2 * n**3 / (time.perf_counter() - start) / 1e12)
-    return best
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def synthetic_batch(vocab: int, pairs: int, seq: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -75,13 +56,13 @@ def train_steps(module, batch: dict, steps: int, device: torch.device, optimizer
     optimizer = make_optimizer(module.policy.parameters(), optimizer_name, 1e-6, 0.0, 0.0, steps + 1)["optimizer"]
     times = []
     for step in range(steps + 1):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         loss = module.step(batch)[0].mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        _sync(device)
+        sync(device)
         if step:  # the first step allocates optimizer state and warms kernels up
             times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
@@ -98,24 +79,24 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
 
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from sppo_lightning.footprints import GIB, ModelShape, estimate_memory
     from sppo_lightning.models import LoraSettings
     from sppo_lightning.module import PreferenceModule
-    from sppo_lightning.testing import make_tiny_tokenizer
+    from sppo_lightning.testing import llama_config, make_tiny_tokenizer
 
     hidden, layers, intermediate, heads, kv = SIZES[args.size]
     tokenizer = make_tiny_tokenizer()
-    config = LlamaConfig(vocab_size=32_000, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    config = llama_config(tokenizer, vocab_size=32_000, hidden_size=hidden, intermediate_size=intermediate,
+                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                          max_position_embeddings=4096)
     shape = ModelShape.from_config(config)
     tokens = 2 * args.pairs * args.seq
     result: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                     "torch": torch.__version__, "parameters": shape.params, "pairs": args.pairs, "seq": args.seq}
-    result["matmul_ceiling_tflops"] = round(matmul_ceiling(device, 8192 if device.type == "cuda" else 512), 1)
+    n = 8192 if device.type == "cuda" else 512
+    result["matmul_ceiling_tflops"] = round(matmul_ceiling([(n, n, n)], device, torch.bfloat16) / 1e12, 1)
     result["datasheet_peak_tflops"] = args.peak_tflops
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from ceiling import matmul_ceiling  # bench/ceiling.py (the script's folder is on sys.path)
 
 PROMPTS, K = 64, 5
 
@@ -49,20 +50,6 @@ def timed(fn, repeats: int) -> tuple[list[float], object]:
         result = fn()
         seconds.append(time.perf_counter() - start)
     return seconds, result
-
-
-def matmul_ceiling(seconds: float = 2.0) -> float:
-    """This machine's fp32 matmul rate (FLOP/s): the best of shapes like PairRM's layers and a square one."""
-    best = 0.0
-    for m, k, n in ((4096, 256, 1024), (4096, 1024, 256), (1024, 1024, 1024)):
-        a, b = torch.randn(m, k), torch.randn(k, n)
-        torch.mm(a, b)
-        count, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds / 3:
-            torch.mm(a, b)
-            count += 1
-        best = max(best, 2 * m * k * n * count / (time.perf_counter() - start))
-    return best
 
 
 def pass_flops(ranker, prompts: list[str], candidates: list[list[str]]) -> int:
@@ -115,7 +102,8 @@ def main() -> None:
         # Ours batched: the relative-position projections are shared by a batch, padding is added.
         ours_flops = pass_flops(PairRMRanker.from_pretrained(str(blender_dir), batch_size=ours_bs,
                                                              show_progress=False), prompts, candidates)
-    ceiling = matmul_ceiling()
+    # shapes like PairRM's layers (hidden 256, FFN 1024), and a square one
+    ceiling = matmul_ceiling([(4096, 256, 1024), (4096, 1024, 256), (1024, 1024, 1024)])
     agreement = float((ours_scores - torch.tensor(base_scores)).abs().max())
     assert agreement < 1e-4, f"scores disagree by {agreement}"
     best_bs = min(best, key=lambda b: statistics.median(best[b]))

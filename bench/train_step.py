@@ -34,18 +34,17 @@ PAIRS, BATCH = 40, 4
 
 def prepare(out: Path) -> None:
     """The model, the pair data (plain strings for TRL; ours adds cached reference log-probs)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from sppo_lightning.data.rows import PreferenceRow
     from sppo_lightning.data.tokenize import collate_pairs, encode_row
     from sppo_lightning.logprobs import model_logprobs
-    from sppo_lightning.testing import WORDS, make_tiny_tokenizer
+    from sppo_lightning.testing import WORDS, llama_config, make_tiny_tokenizer
 
     tokenizer = make_tiny_tokenizer()
-    config = LlamaConfig(vocab_size=32_000, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
-                         num_attention_heads=6, num_key_value_heads=6, max_position_embeddings=2048,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    config = llama_config(tokenizer, vocab_size=32_000, hidden_size=384, intermediate_size=1024,
+                          num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=6,
+                          max_position_embeddings=2048)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     model.save_pretrained(out / "model")

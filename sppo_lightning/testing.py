@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Optional
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -129,6 +130,15 @@ def sft_warmup(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, step
     model.eval()
 
 
+def llama_config(tokenizer: PreTrainedTokenizerFast, vocab_size: Optional[int] = None, **shape: int) -> LlamaConfig:
+    """A ``LlamaConfig`` of ``shape`` (hidden_size, num_hidden_layers, ...) that speaks ``tokenizer``:
+    its BOS/EOS/PAD ids, untied embeddings, and ``vocab_size`` (default: the tokenizer's; the
+    benchmarks pass a realistic 32k so that the LM head weighs what it does in real models)."""
+    return LlamaConfig(vocab_size=vocab_size or len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                       tie_word_embeddings=False, **shape)
+
+
 def make_tiny_llama(
     out_dir: str | Path,
     hidden_size: int = 32,
@@ -143,19 +153,9 @@ def make_tiny_llama(
     """
     out_dir = Path(out_dir)
     tokenizer = make_tiny_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
+    config = llama_config(tokenizer, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                          num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=1024)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     if sft_steps:
