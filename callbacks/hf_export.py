@@ -8,7 +8,7 @@ from typing import Optional
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
-from sppo_lightning.footprints import is_sharded
+from sppo_lightning.sharding import is_sharded
 from sppo_lightning.models import export_hf, is_peft, load_tokenizer
 
 

@@ -117,7 +117,7 @@ def _load_for_export(checkpoint: str) -> PreferenceModule:
 
         full = _load_distributed_checkpoint(path)
         hparams = dict(full["hyper_parameters"])
-        hparams["reference"] = "none" if hparams.get("loss") in ("orpo", "asft") else "cached"
+        hparams["reference"] = _export_reference(hparams)
         hparams["footprint"] = "lora" if hparams.get("lora") else "full"
         module = PreferenceModule(**hparams)
         module.configure_model()
@@ -125,8 +125,15 @@ def _load_for_export(checkpoint: str) -> PreferenceModule:
         module.load_state_dict(state, strict=True)  # a sharded checkpoint holds every weight
         return module
     hparams = torch.load(checkpoint, map_location="cpu", weights_only=True)["hyper_parameters"]
-    reference = "none" if hparams.get("loss") in ("orpo", "asft") else "cached"
+    reference = _export_reference(hparams)
     return PreferenceModule.load_from_checkpoint(checkpoint, map_location="cpu", reference=reference, weights_only=True)
+
+
+def _export_reference(hparams: dict) -> str:
+    """Export needs no reference model: none for reference-free losses, else cached (never loaded)."""
+    from sppo_lightning.loss_table import needs_reference
+
+    return "cached" if needs_reference(hparams.get("loss", "sppo")) else "none"
 
 
 def main(args: Optional[list[str]] = None) -> None:

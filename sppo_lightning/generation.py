@@ -160,7 +160,7 @@ def gather_responses(local: list[list[list[int]]], world_size: int) -> list[list
 def sample_on_ranks(model: nn.Module, tokenizer, prompt_ids: Sequence[list[int]], num_samples: int, *,
                     rank: int, world_size: int, **sampling) -> list[list[list[int]]]:
     """``sample_responses`` with this rank's share of the batches, gathered: every rank gets all."""
-    from sppo_lightning.footprints import is_sharded
+    from sppo_lightning.sharding import is_sharded
 
     synced = world_size > 1 and is_sharded(model)
     local = sample_responses(model, tokenizer, prompt_ids, num_samples, rank=rank, world_size=world_size,

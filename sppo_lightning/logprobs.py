@@ -91,7 +91,7 @@ def _backbone_and_head(model: torch.nn.Module):
     FSDP-sharded models take the plain path too: calling the backbone and reading the head's
     weight outside the root module's forward would skip the hooks that gather the shards.
     """
-    from sppo_lightning.footprints import is_sharded
+    from sppo_lightning.sharding import is_sharded
 
     if is_sharded(model):
         return None

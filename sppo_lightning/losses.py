@@ -5,7 +5,9 @@ unreduced per-pair loss, shape ``[B]``. The caller reduces (usually ``.mean()``)
 
 Naming: ``policy_*_logps`` / ``reference_*_logps`` are *summed* log-probabilities of the response
 tokens (prompt masked, EOS included); ``*_mean_logps`` are the per-token means of the same. Formulas
-and their sources are in ``shared/specs/sppo.md`` §2 and ``shared/specs/algorithms.md`` §2-3.
+and their sources: SPPO (arXiv 2405.00675, eq. 4.6, and its official trainer's ``loss_type``
+values), DPO (arXiv 2305.18290), IPO (arXiv 2310.12036), ORPO (arXiv 2403.07691), ASFT (arXiv
+2409.10571), SimPO (arXiv 2405.14734), BOND / J-BOND (arXiv 2407.14622).
 
 All arithmetic runs in float32, or float64 when an input already is, whatever the model's dtype:
 SPPO's targets are tens of nats and bf16 cannot hold their squared error.
@@ -160,6 +162,16 @@ def asft_loss(
     """
     lw, ll = _wide(chosen_mean_logps, rejected_mean_logps)
     return -lw - lam * (F.logsigmoid(beta * log_odds(lw)) + F.logsigmoid(-beta * log_odds(ll)))
+
+
+def simpo_loss(chosen_mean_logps: Tensor, rejected_mean_logps: Tensor, beta: float, gamma: float) -> Tensor:
+    """SimPO (arXiv 2405.14734, eq. 6), reference-free: ``-logσ(β·(ℓ̄w - ℓ̄l) - γ)``.
+
+    ``ℓ̄`` are per-token mean log-probs (the length normalisation is part of the method); ``γ``
+    is the target reward margin. The paper tunes β in [2, 10] and γ/β in [0.3, 1.6] per model.
+    """
+    lw, ll = _wide(chosen_mean_logps, rejected_mean_logps)
+    return -F.logsigmoid(beta * (lw - ll) - gamma)
 
 
 # ------------------------------------------------------------------------------------ BOND

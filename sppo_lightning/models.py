@@ -53,7 +53,7 @@ def load_causal_lm(
         raise ConfigError(f"model.torch_dtype must be one of {sorted(DTYPES)}, got {torch_dtype!r}")
     kwargs: dict = {}
     if quantize_4bit:
-        from sppo_lightning.footprints import quantization_config, require_bitsandbytes
+        from sppo_lightning.quantization import quantization_config, require_bitsandbytes
 
         require_bitsandbytes()
         kwargs["quantization_config"] = quantization_config(DTYPES[torch_dtype])
@@ -87,8 +87,6 @@ def add_lora(model: PreTrainedModel, settings: LoraSettings) -> nn.Module:
     """Wrap ``model`` in a peft LoRA model; only the adapter weights train."""
     from peft import LoraConfig, get_peft_model
 
-    from sppo_lightning.footprints import check_lora_targets
-
     check_lora_targets(model, settings.target_modules)
     config = LoraConfig(
         r=settings.r,
@@ -99,6 +97,29 @@ def add_lora(model: PreTrainedModel, settings: LoraSettings) -> nn.Module:
         **settings.extra,
     )
     return get_peft_model(model, config)
+
+
+def check_lora_targets(model: nn.Module, target_modules: Union[str, list[str]]) -> None:
+    """Fail in one line, naming the model's linear layers, when no module matches the targets.
+
+    Matches as peft does: one string is a regular expression over full module names
+    (``model.layers.0.self_attn.q_proj``), a list holds names or name suffixes.
+    """
+    import re
+
+    if target_modules == "all-linear":
+        return
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Linear4bit"]
+    if isinstance(target_modules, str):
+        matched = any(re.fullmatch(target_modules, n) for n in names)
+        hint = " (one string is a regular expression over full names; a list matches name suffixes)"
+    else:
+        matched = any(n == t or n.endswith(f".{t}") for n in names for t in target_modules)
+        hint = ""
+    if not matched:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise ConfigError(f"model.lora.target_modules {target_modules!r} match no layer of this model{hint}; "
+                          f"its linear layers are {', '.join(leaves)} (or use 'all-linear')")
 
 
 def enable_checkpointing(model: nn.Module) -> None:
@@ -155,7 +176,8 @@ def export_hf(
 
     ``adapter_dir``: also save the LoRA adapter alone (``PeftModel.from_pretrained`` loads it).
     """
-    from sppo_lightning.footprints import dequantized_model, is_sharded
+    from sppo_lightning.quantization import dequantized_model
+    from sppo_lightning.sharding import is_sharded
 
     if is_sharded(policy):
         policy = _gather_to_rank0(policy)

@@ -1,52 +1,48 @@
-"""``PreferenceModule``: a policy, its frozen reference, and one preference loss chosen by name."""
+"""``PreferenceModule``: a policy, its frozen reference, and one preference loss of the loss table."""
 
 from __future__ import annotations
 
 import copy
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, Literal, Optional
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 
-from sppo_lightning import losses
-from sppo_lightning.errors import ConfigError, DataError, TrainingError
+from sppo_lightning import loss_table
+from sppo_lightning.errors import ConfigError, DataError
+from sppo_lightning.footprints import Footprint, check_strategy, resolve_footprint
 from sppo_lightning.logprobs import SequenceLogps, model_logprobs
-from sppo_lightning.footprints import (
-    Footprint, ModelShape, check_strategy, device_memory_gib, estimate_memory, resolve_footprint, shard_model,
-)
-from sppo_lightning.models import DTYPES, LoraSettings, add_lora, disable_dropout, enable_checkpointing, load_causal_lm
+from sppo_lightning.models import DTYPES, LoraSettings
 from sppo_lightning.optim import make_optimizer
+from sppo_lightning.policy import load_base, non_finite_loss, restore_checkpoint, trim_checkpoint, wrap_policy
+from sppo_lightning.sharding import shard_model
 
-LossName = Literal["sppo", "sppo_single", "sppo_hard", "dpo", "ipo", "orpo", "asft"]
+# Every loss of the table, as a type the CLI validates and lists in --help.
+LossName = Literal[tuple(loss_table.LOSSES)]  # type: ignore[valid-type]
 ReferenceMode = Literal["auto", "copy", "adapter", "cached", "none"]
-
-REFERENCE_FREE = ("orpo", "asft")
-# Defaults of each loss's own hyperparameters, from the papers' and TRL's recipes (algorithms.md §2-3).
-DEFAULT_BETA = {"sppo_hard": 0.1, "dpo": 0.1, "ipo": 0.1, "asft": 1.0}
-DEFAULT_LAM = {"orpo": 0.1, "asft": 1.0}
-PROB_COLUMNS_NEEDED = {
-    "sppo": ("chosen_probs_win", "chosen_probs_lose"),
-    "sppo_single": ("chosen_probs",),
-}
 
 
 class PreferenceModule(L.LightningModule):
-    """Trains a causal LM on preference pairs with SPPO, DPO, IPO, ORPO or ASFT.
+    """Trains a causal LM on preference pairs with a loss of ``loss_table.LOSSES`` (SPPO, DPO, IPO,
+    ORPO, ASFT, SimPO, ...).
 
     Batches come from ``collate_pairs``: ``[2B, T]`` ids/mask/labels with the B chosen rows first,
     plus optional ``[B]`` columns (win probabilities, cached reference log-probs).
 
     Args:
         model_name_or_path: Hugging Face causal LM id or local folder.
-        loss: ``sppo`` | ``sppo_single`` | ``sppo_hard`` | ``dpo`` | ``ipo`` | ``orpo`` | ``asft``.
+        loss: a name of ``loss_table.LOSSES``: ``sppo`` | ``sppo_single`` | ``sppo_hard`` | ``dpo`` |
+            ``ipo`` | ``orpo`` | ``asft`` | ``simpo``.
         eta: SPPO step size η (``sppo``, ``sppo_single``); the paper uses 1000 (β = 1/η = 1e-3).
-        beta: β of ``sppo_hard``/``dpo``/``ipo`` (default 0.1) and ASFT's temperature (default 1).
+        beta: β of ``sppo_hard``/``dpo``/``ipo`` (default 0.1), ASFT's temperature (default 1) and
+            SimPO's β (default 2); None: the loss's default.
         lam: λ of ``orpo`` (default 0.1) and ``asft`` (default 1).
         label_smoothing: conservative-DPO ε for ``dpo``.
         ipo_average_logps: IPO on per-token mean log-probs, as TRL and the IPO authors do.
+        loss_args: any other setting of the loss, by name (SimPO's ``gamma``, default 1.0); the
+            table lists each loss's settings and defaults.
         reference: ``copy`` (frozen copy of the initial policy), ``adapter`` (the LoRA policy with
             adapters disabled: no second copy), ``cached`` (no reference model; every batch must
             carry reference log-probs), ``none`` (reference-free losses), or ``auto`` (none for
@@ -95,6 +91,7 @@ class PreferenceModule(L.LightningModule):
         schedule_epochs: Optional[float] = None,
         on_non_finite: Literal["stop", "skip"] = "stop",
         memory_budget_gib: Optional[float] = None,
+        loss_args: Optional[dict[str, float]] = None,
     ) -> None:
         super().__init__()
         if isinstance(lora, dict):  # from a checkpoint: hparams hold plain types only
@@ -109,10 +106,7 @@ class PreferenceModule(L.LightningModule):
         self.lora = lora
         self.footprint = footprint
         self.loss_name = loss
-        self.eta = eta
-        self.beta = DEFAULT_BETA.get(loss, 0.1) if beta is None else beta
-        self.lam = DEFAULT_LAM.get(loss, 1.0) if lam is None else lam
-        self.label_smoothing = label_smoothing
+        self.loss_hyperparameters()  # unknown loss, unknown loss_args key or out of bounds: ConfigError now
         self.reference_mode = _resolve_reference(loss, reference, lora is not None)
         if footprint == "qlora" and self.reference_mode == "copy":
             raise ConfigError("model.footprint 'qlora' never holds a second copy of the model: use reference: "
@@ -120,7 +114,7 @@ class PreferenceModule(L.LightningModule):
         # LoRA checkpoints hold the adapters only (the base reloads from model_name_or_path), so the
         # module's own strict check is replaced by one over the trainable weights (on_load_checkpoint).
         self.strict_loading = footprint not in ("lora", "qlora")
-        _check_hyperparameters(self)
+        _check_training_settings(self.hparams)
         self.policy: Optional[nn.Module] = None
         self.reference: Optional[nn.Module] = None
         # (optimizer steps, epochs they span) of one LR schedule; set by the SelfPlay callback when
@@ -129,56 +123,31 @@ class PreferenceModule(L.LightningModule):
         self.skipped_non_finite = 0
 
     # ----------------------------------------------------------------------------- models
+    def loss_hyperparameters(self) -> dict[str, Any]:
+        """The current loss's settings: explicit arguments, then ``loss_args``, then the table's defaults."""
+        hp = self.hparams
+        explicit = {"eta": hp.eta, "beta": hp.beta, "lam": hp.lam, "label_smoothing": hp.label_smoothing,
+                    "ipo_average_logps": hp.ipo_average_logps}
+        return loss_table.resolve_hyperparameters(self.loss_name, explicit, hp.get("loss_args"))
+
+    # The resolved settings by name, as earlier versions exposed them (None where the loss has none).
+    eta = property(lambda self: self.loss_hyperparameters().get("eta", self.hparams.eta))
+    beta = property(lambda self: self.loss_hyperparameters().get("beta", self.hparams.beta))
+    lam = property(lambda self: self.loss_hyperparameters().get("lam", self.hparams.lam))
+
+    # ----------------------------------------------------------------------------- models
     def configure_model(self) -> None:
         if self.policy is not None:
             return
-        hp = self.hparams
-        device = self.trainer.strategy.root_device if self._trainer is not None else None
-        policy = load_causal_lm(hp.model_name_or_path, hp.torch_dtype, hp.trust_remote_code,
-                                quantize_4bit=self.footprint == "qlora", device=device)
-        disable_dropout(policy)
-        self._check_memory(policy, device)
+        base = load_base(self, reference_copy=self.reference_mode == "copy")
         if self.reference_mode == "copy":
-            self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
-        if self.lora is not None:
-            policy = add_lora(policy, self.lora)
-        if hp.gradient_checkpointing or self.footprint == "qlora":
-            enable_checkpointing(policy)
-        if self.footprint == "fsdp":
-            mesh = self.device_mesh["data_parallel"]
-            shard_model(policy, mesh, DTYPES[hp.torch_dtype])
-            if self.reference is not None:
-                shard_model(self.reference, mesh, DTYPES[hp.torch_dtype])
-        self.policy = policy.train()  # from_pretrained returns eval mode; Lightning keeps modes as found
+            self.reference = copy.deepcopy(base).eval().requires_grad_(False)
+        self.policy = wrap_policy(self, base, self.lora)
+        if self.reference is not None and self.footprint == "fsdp":
+            shard_model(self.reference, self.device_mesh["data_parallel"], DTYPES[self.hparams.torch_dtype])
 
     def setup(self, stage: str) -> None:
         check_strategy(self.trainer, self.footprint)
-
-    def _check_memory(self, policy: nn.Module, device: Optional[torch.device]) -> None:
-        """Warn, with the numbers, when the footprint's estimate exceeds the device's memory."""
-        hp = self.hparams
-        budget = hp.memory_budget_gib
-        if budget is None and device is not None:
-            budget = device_memory_gib(device)
-        if budget is None or not hasattr(policy.config, "intermediate_size"):
-            return
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        estimate = estimate_memory(
-            ModelShape.from_config(policy.config), self.footprint,
-            world_size=self.trainer.world_size if self._trainer is not None else 1,
-            pairs_per_device=getattr(datamodule, "batch_size", 1),
-            seq_len=getattr(datamodule, "max_length", 1024),
-            lora_r=self.lora.r if self.lora is not None else 16, optimizer=hp.optimizer,
-            gradient_checkpointing=hp.gradient_checkpointing or self.footprint == "qlora",
-            reference_copy=self.reference_mode == "copy", dtype_bytes=DTYPES[hp.torch_dtype].itemsize,
-        )
-        if estimate.total > budget:
-            from lightning.pytorch.utilities import rank_zero_warn
-
-            rank_zero_warn(f"footprint {self.footprint!r} of {hp.model_name_or_path} needs about "
-                           f"{estimate.describe()} per device, more than the {budget:.1f} GiB available: "
-                           f"expect an out-of-memory error. Lower data.batch_size or data.max_length, or "
-                           f"use footprint qlora / fsdp")
 
     def train(self, mode: bool = True) -> "PreferenceModule":
         super().train(mode)
@@ -188,35 +157,11 @@ class PreferenceModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The reference is the initial weights, reloaded from `model_name_or_path` on resume:
-        # storing it would double every checkpoint.
-        # A sharded (distributed) checkpoint is loaded in place, strictly, by the strategy: there
-        # the reference stays in (one shard per rank).
-        state = checkpoint.get("state_dict")
-        if state is None or self.footprint == "fsdp":
-            return
-        for key in [k for k in state if k.startswith("reference.")]:
-            del state[key]
-        if self.footprint in ("lora", "qlora"):  # the adapters only: the base is model_name_or_path
-            trainable = self._trainable_keys()
-            for key in [k for k in state if k not in trainable]:
-                del state[key]
+        # storing it would double every checkpoint. LoRA checkpoints hold the adapters only.
+        trim_checkpoint(checkpoint, self.footprint, self.policy)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("state_dict")
-        if state is None or self.footprint == "fsdp":
-            return
-        if self.reference is not None:
-            state.update({f"reference.{k}": v for k, v in self.reference.state_dict().items()})
-        if self.footprint in ("lora", "qlora"):
-            saved = {k for k in state if not k.startswith("reference.")}
-            trainable = self._trainable_keys()
-            for what, keys in (("lacks", trainable - saved), ("has extra", saved - trainable)):
-                if keys:
-                    raise TrainingError(f"the checkpoint {what} {len(keys)} adapter weight(s) for this model (e.g. "
-                                        f"{sorted(keys)[0]}): were model.lora settings changed since it was saved?")
-
-    def _trainable_keys(self) -> set[str]:
-        return {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
+        restore_checkpoint(checkpoint, self.footprint, self.policy, {"reference.": self.reference})
 
     # ----------------------------------------------------------------------------- forward
     def sequence_logps(self, model: nn.Module, batch: dict[str, Tensor]) -> SequenceLogps:
@@ -245,28 +190,16 @@ class PreferenceModule(L.LightningModule):
         the metrics to log (batch means)."""
         policy = self.sequence_logps(self.policy, batch)
         reference = self.reference_logps(batch)
-        return compute_loss(self, policy, reference, batch)
+        return loss_table.compute_loss(self.loss_name, self.loss_hyperparameters(), policy, reference, batch)
 
     # ----------------------------------------------------------------------------- loops
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Optional[Tensor]:
         per_pair, metrics = self.step(batch)
         loss = per_pair.mean()
         if not torch.isfinite(loss):
-            return self._non_finite(loss, per_pair, batch_idx)
+            return non_finite_loss(self, loss, per_pair, batch_idx, self.hparams.on_non_finite)
         self._log("train", loss, metrics, batch)
         return loss
-
-    def _non_finite(self, loss: Tensor, per_pair: Tensor, batch_idx: int) -> None:
-        bad = (~torch.isfinite(per_pair)).nonzero().flatten().tolist()
-        where = f"loss {loss.item()} at step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx}, pairs {bad})"
-        if self.hparams.on_non_finite == "skip":
-            self.skipped_non_finite += 1
-            self.log("train/skipped_non_finite", float(self.skipped_non_finite))
-            return None  # Lightning skips backward and the optimizer step
-        path = Path(self.trainer.default_root_dir) / "last_finite.ckpt"
-        self.trainer.save_checkpoint(path)  # the weights are still those before this batch
-        raise TrainingError(f"non-finite {where}; the last good state is saved in {path}. "
-                            f"Check the data of that batch, or set model.on_non_finite: skip")
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         per_pair, metrics = self.step(batch)
@@ -279,7 +212,8 @@ class PreferenceModule(L.LightningModule):
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         policy = self.sequence_logps(self.policy, batch)
         half = policy.sum.shape[0] // 2
-        per_pair, _ = compute_loss(self, policy, self.reference_logps(batch), batch)
+        per_pair, _ = loss_table.compute_loss(self.loss_name, self.loss_hyperparameters(), policy,
+                                              self.reference_logps(batch), batch)
         return {
             "policy_chosen_logps": policy.sum[:half],
             "policy_rejected_logps": policy.sum[half:],
@@ -302,77 +236,8 @@ class PreferenceModule(L.LightningModule):
         return make_optimizer(self.policy.parameters(), hp.optimizer, hp.lr, hp.weight_decay, hp.warmup_ratio, total)
 
 
-def compute_loss(
-    module: PreferenceModule, policy: SequenceLogps, reference_sums: Optional[Tensor], batch: dict[str, Tensor]
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Dispatch to the loss named by ``module.loss_name``; returns per-pair losses ``[B]`` and metrics.
-
-    ``policy`` holds ``[2B]`` log-probs (chosen rows first); ``reference_sums`` the ``[2B]``
-    summed reference log-probs, or None for the reference-free losses.
-    """
-    name = module.loss_name
-    half = policy.sum.shape[0] // 2
-    chosen_mean, rejected_mean = policy.mean[:half], policy.mean[half:]
-    metrics = {
-        "logps/chosen": policy.sum[:half].detach().mean(),
-        "logps/rejected": policy.sum[half:].detach().mean(),
-        "logps/chosen_mean": chosen_mean.detach().mean(),
-        "logps/rejected_mean": rejected_mean.detach().mean(),
-    }
-    if name in REFERENCE_FREE:
-        if name == "orpo":
-            per_pair = losses.orpo_loss(chosen_mean, rejected_mean, module.lam)
-        else:
-            per_pair = losses.asft_loss(chosen_mean, rejected_mean, module.lam, module.beta)
-        metrics["nll"] = -chosen_mean.detach().mean()
-        # loss = NLL + λ·alignment term, for ORPO and ASFT alike
-        metrics["alignment"] = (per_pair.detach() + chosen_mean.detach()).mean()
-        metrics["prob/chosen"] = chosen_mean.detach().exp().mean()
-        metrics["prob/rejected"] = rejected_mean.detach().exp().mean()
-        metrics["accuracy"] = (chosen_mean > rejected_mean).float().mean()
-        return per_pair, metrics
-
-    policy_logps, reference_logps = policy.sum, reference_sums.to(policy.sum.device)
-    if name == "ipo" and module.hparams.ipo_average_logps:
-        n = policy.n_tokens.clamp(min=1)
-        policy_logps, reference_logps = policy.mean, reference_logps / n
-    pc, pr = policy_logps[:half], policy_logps[half:]
-    rc, rr = reference_logps[:half], reference_logps[half:]
-    for column in PROB_COLUMNS_NEEDED.get(name, ()):
-        if column not in batch:
-            raise DataError(
-                f"loss '{name}' needs the column '{column}' (win probabilities), which the data "
-                f"does not have; use loss: sppo_hard or dpo for plain preference pairs"
-            )
-    if name == "sppo":
-        pw, pl = batch["chosen_probs_win"], batch["chosen_probs_lose"]
-        per_pair = losses.sppo_loss(pc, pr, rc, rr, pw, pl, module.eta)
-        metrics["targets/chosen"] = (module.eta * (pw - 0.5)).mean()
-        metrics["targets/rejected"] = (module.eta * (pl - 0.5)).mean()
-    elif name == "sppo_single":
-        p = batch["chosen_probs"]
-        per_pair = losses.sppo_single_loss(pc, pr, rc, rr, p, module.eta)
-        metrics["targets/chosen"] = (module.eta * (p - 0.5)).mean()
-        metrics["targets/rejected"] = (-module.eta * (p - 0.5)).mean()
-    elif name == "sppo_hard":
-        per_pair = losses.sppo_hard_loss(pc, pr, rc, rr, module.beta)
-    elif name == "dpo":
-        per_pair = losses.dpo_loss(pc, pr, rc, rr, module.beta, module.label_smoothing)
-    else:
-        per_pair = losses.ipo_loss(pc, pr, rc, rr, module.beta)
-    # Implicit rewards as the official trainer logs them: scale·Δ with scale = β (= 1/η for SPPO).
-    scale = 1.0 / module.eta if name in PROB_COLUMNS_NEEDED else module.beta
-    chosen_reward = scale * (pc - rc).detach()
-    rejected_reward = scale * (pr - rr).detach()
-    metrics["rewards/chosen"] = chosen_reward.mean()
-    metrics["rewards/rejected"] = rejected_reward.mean()
-    metrics["rewards/margins"] = (chosen_reward - rejected_reward).mean()
-    metrics["rewards/accuracy"] = (chosen_reward > rejected_reward).float().mean()
-    return per_pair, metrics
-
-
 def _resolve_reference(loss: str, reference: str, has_lora: bool) -> str:
-    if loss in REFERENCE_FREE:
+    if not loss_table.needs_reference(loss):
         if reference not in ("auto", "none"):
             raise ConfigError(
                 f"model.reference={reference!r} with the reference-free loss {loss!r}: "
@@ -391,13 +256,8 @@ def _resolve_reference(loss: str, reference: str, has_lora: bool) -> str:
     return reference
 
 
-def _check_hyperparameters(module: PreferenceModule) -> None:
-    hp = module.hparams
+def _check_training_settings(hp) -> None:
     checks = [
-        (module.eta > 0, f"model.eta must be > 0, got {module.eta}"),
-        (module.beta > 0, f"model.beta must be > 0, got {module.beta}"),
-        (module.lam >= 0, f"model.lam must be >= 0, got {module.lam}"),
-        (0 <= module.label_smoothing < 0.5, f"model.label_smoothing must be in [0, 0.5), got {module.label_smoothing}"),
         (hp.lr > 0, f"model.lr must be > 0, got {hp.lr}"),
         (0 <= hp.warmup_ratio < 1, f"model.warmup_ratio must be in [0, 1), got {hp.warmup_ratio}"),
         (hp.schedule_epochs is None or hp.schedule_epochs > 0, "model.schedule_epochs must be > 0"),
@@ -405,4 +265,3 @@ def _check_hyperparameters(module: PreferenceModule) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-

@@ -121,6 +121,7 @@ def test_bad_row_in_data_file_names_file_row_and_column(tmp_path, tiny_llama):
     ("orpo", ["train/nll", "train/alignment"]),
     ("dpo", ["train/rewards/margins", "train/rewards/accuracy"]),
     ("ipo", ["train/rewards/margins"]),
+    ("simpo", ["train/rewards/margins", "train/rewards/accuracy"]),
 ])
 def test_pair_recipes_run_on_the_tiny_model(tmp_path, tiny_llama, recipe, keys):
     """configs/<recipe>.yaml as shipped, only the model, data and hardware made tiny."""

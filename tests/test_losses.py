@@ -96,6 +96,19 @@ def test_asft_hand_value_and_closed_form():
     assert losses.asft_loss(t(lw), t(ll), lam=lam, beta=beta).item() == pytest.approx(tempered, rel=1e-6)
 
 
+def test_simpo_hand_value_and_gradient():
+    # β = 2, γ = 1, ℓ̄w = -1, ℓ̄l = -2: -logσ(2·1 - 1) = log(1 + e^-1) = 0.31326...
+    lw, ll = t(-1.0, grad=True), t(-2.0, grad=True)
+    loss = losses.simpo_loss(lw, ll, beta=2.0, gamma=1.0)
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-1.0)), rel=1e-6)
+    loss.sum().backward()
+    # ∂L/∂ℓ̄w = -β·σ(-(β·Δ - γ)) = -2·σ(-1); the rejected side mirrors it
+    assert lw.grad.item() == pytest.approx(-2.0 / (1.0 + math.e), rel=1e-6)
+    assert ll.grad.item() == pytest.approx(2.0 / (1.0 + math.e), rel=1e-6)
+    # at a margin of exactly γ/β the loss is log 2
+    assert losses.simpo_loss(t(-1.0), t(-1.5), beta=2.0, gamma=1.0).item() == pytest.approx(math.log(2.0))
+
+
 @pytest.mark.parametrize("x", [-1e-3, -1e-5, -1e-7 * 100, -0.5, -3.0, -40.0])
 def test_log1mexp_accurate_in_float32(x):
     got = losses.log1mexp(t(x)).item()
