@@ -22,8 +22,9 @@ from sppo_lightning import losses
 from sppo_lightning.errors import ConfigError
 from sppo_lightning.footprints import check_strategy, resolve_footprint
 from sppo_lightning.logprobs import model_logprobs
-from sppo_lightning.models import LoraSettings, add_lora, disable_dropout, enable_checkpointing, load_causal_lm
+from sppo_lightning.models import LoraSettings
 from sppo_lightning.optim import make_optimizer
+from sppo_lightning.policy import load_base, non_finite_loss, restore_checkpoint, trim_checkpoint, wrap_policy
 
 ANCHOR = "anchor"
 
@@ -40,6 +41,10 @@ class BondModule(L.LightningModule):
         optimizer, lr, weight_decay, warmup_ratio: J-BOND used Adam at 3e-6 with warmup.
         keep_initial_copy: full fine-tuning only: hold a frozen copy of the initial policy so that
             KL(π‖π_initial) is logged (LoRA gets it free: the adapters-off base). Costs a model.
+        on_non_finite, memory_budget_gib: as for ``PreferenceModule``.
+
+    The policy is built by the same builder as ``PreferenceModule``'s (``sppo_lightning.policy``):
+    with ``lora``/``qlora`` a checkpoint holds the two adapters (policy and EMA anchor) only.
     """
 
     def __init__(
@@ -56,6 +61,8 @@ class BondModule(L.LightningModule):
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.0,
         keep_initial_copy: bool = False,
+        on_non_finite: Literal["stop", "skip"] = "stop",
+        memory_budget_gib: Optional[float] = None,
     ) -> None:
         super().__init__()
         if isinstance(lora, dict):
@@ -79,28 +86,26 @@ class BondModule(L.LightningModule):
         self.anchor: Optional[nn.Module] = None  # full fine-tuning only; LoRA keeps an adapter
         self.initial: Optional[nn.Module] = None  # keep_initial_copy, for KL monitoring
         self.schedule_override: Optional[tuple[int, int]] = None
+        self.skipped_non_finite = 0
+        # LoRA checkpoints hold the adapters only; the check over them replaces the strict one.
+        self.strict_loading = footprint not in ("lora", "qlora")
 
     def configure_model(self) -> None:
         if self.policy is not None:
             return
         hp = self.hparams
-        device = self.trainer.strategy.root_device if self._trainer is not None else None
-        policy = load_causal_lm(hp.model_name_or_path, hp.torch_dtype, hp.trust_remote_code,
-                                quantize_4bit=self.footprint == "qlora", device=device)
-        disable_dropout(policy)
+        base = load_base(self, reference_copy=self.lora is None)  # full fine-tuning: the anchor is a copy
         if self.lora is None:
-            self.anchor = copy.deepcopy(policy).eval().requires_grad_(False)
+            self.anchor = copy.deepcopy(base).eval().requires_grad_(False)
             if hp.keep_initial_copy:
                 self.initial = copy.deepcopy(self.anchor)
-        else:
-            policy = add_lora(policy, self.lora)
+        policy = wrap_policy(self, base, self.lora)
+        if self.lora is not None:
             policy.add_adapter(ANCHOR, policy.peft_config["default"])
             policy.set_adapter("default")  # the policy trains the default adapter only
             with torch.no_grad():
                 for anchor_param, policy_param in self.anchor_parameter_pairs(policy):
                     anchor_param.copy_(policy_param)
-        if hp.gradient_checkpointing or self.footprint == "qlora":
-            enable_checkpointing(policy)
         self.policy = policy.train()
 
     def setup(self, stage: str) -> None:
@@ -137,6 +142,13 @@ class BondModule(L.LightningModule):
         with self.policy.disable_adapter():
             yield self.policy
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The initial copy reloads from model_name_or_path; the anchor (EMA state) is kept.
+        trim_checkpoint(checkpoint, self.footprint, self.policy, reloadable=("initial.",))
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        restore_checkpoint(checkpoint, self.footprint, self.policy, {"initial.": self.initial})
+
     def train(self, mode: bool = True) -> "BondModule":
         super().train(mode)
         for frozen in (self.anchor, self.initial):
@@ -144,7 +156,7 @@ class BondModule(L.LightningModule):
                 frozen.eval()
         return self
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Optional[Tensor]:
         half = batch["input_ids"].shape[0] // 2
         sample_rows = {k: batch[k][half:] for k in ("input_ids", "attention_mask", "labels")}
         # The anchor runs first: with LoRA, switching adapters after the policy's forward would
@@ -155,6 +167,8 @@ class BondModule(L.LightningModule):
         forward, sample = policy.sum[:half], policy.sum[half:]
         per_prompt = losses.bond_loss(forward, sample, anchor_sample, batch["reward"], self.hparams.jeffreys_beta)
         loss = per_prompt.mean()
+        if not torch.isfinite(loss):
+            return non_finite_loss(self, loss, per_prompt, batch_idx, self.hparams.on_non_finite, rows="prompts")
         pairs = half
         self.log("train/loss", loss, prog_bar=True, batch_size=pairs)
         self.log_dict({

@@ -148,3 +148,63 @@ def test_jbond_runs_on_the_qlora_footprint(tmp_path):
 def test_bond_refuses_fsdp_in_one_line(tiny_llama):
     with pytest.raises(ConfigError, match="does not support footprint 'fsdp' yet"):
         BondModule(tiny_llama, footprint="fsdp")
+
+
+# ---------------------------------------------------------------- the shared policy builder on BondModule
+def test_bond_lora_checkpoint_holds_both_adapters_only_and_loads_back(tiny_llama):
+    module = BondModule(tiny_llama, lora=LoraSettings(r=4, alpha=8))
+    module.configure_model()
+    with torch.no_grad():  # policy and anchor adapters differ, as after training
+        for anchor, policy in module.anchor_parameter_pairs():
+            policy.add_(0.1)
+            anchor.sub_(0.1)
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    keys = set(checkpoint["state_dict"])
+    assert keys and all("lora_" in k for k in keys)  # no base weight
+    assert any(".anchor." in k for k in keys) and any(".default." in k for k in keys)
+    restored = BondModule(tiny_llama, lora=LoraSettings(r=4, alpha=8))
+    restored.configure_model()
+    restored.on_load_checkpoint(checkpoint)
+    restored.load_state_dict(checkpoint["state_dict"], strict=restored.strict_loading)
+    for (a, p), (a2, p2) in zip(module.anchor_parameter_pairs(), restored.anchor_parameter_pairs()):
+        assert torch.equal(a, a2) and torch.equal(p, p2)
+    other = BondModule(tiny_llama, lora=LoraSettings(r=8, alpha=8))
+    other.configure_model()
+    with pytest.raises(Exception, match="adapter weight|size mismatch"):
+        other.on_load_checkpoint({"state_dict": dict(checkpoint["state_dict"])})
+        other.load_state_dict(checkpoint["state_dict"], strict=False)
+
+
+def test_bond_warns_when_over_its_memory_budget(tiny_llama):
+    module = BondModule(tiny_llama, memory_budget_gib=1e-6)
+    with pytest.warns(UserWarning, match=r"footprint 'full' of .* needs about .* more than the 0.0 GiB"):
+        module.configure_model()
+
+
+class _NaNReward(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:
+            batch["reward"][:] = float("nan")
+
+
+@pytest.mark.parametrize("mode", ["skip", "stop"])
+def test_bond_non_finite_loss_skips_or_stops(tmp_path, tiny_llama, mode):
+    from sppo_lightning.errors import TrainingError
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in ["Hi", "Name a color.", "Why?", "Go"]))
+    module = BondModule(tiny_llama, lr=1e-2, on_non_finite=mode)
+    callback = BondSelfPlay(FunctionJudge("sppo_lightning.ranking.judges:shorter"), max_new_tokens=4,
+                            run_dir=str(tmp_path / "bond"), show_progress=False)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[callback, _NaNReward()])
+    datamodule = SelfPlayDataModule(prompts=str(prompts), tokenizer=tiny_llama, batch_size=2)
+    if mode == "stop":
+        with pytest.raises(TrainingError, match=r"non-finite loss nan at step 0 \(epoch 0, batch 0, prompts \[0, 1\]\)"):
+            trainer.fit(module, datamodule=datamodule)
+        assert (tmp_path / "last_finite.ckpt").exists()
+    else:
+        trainer.fit(module, datamodule=datamodule)
+        assert module.skipped_non_finite == 1
