@@ -1,17 +1,10 @@
-"""``BondSelfPlay``: each iteration's J-BOND / BOND data, on the self-play machinery.
+"""``BondSelfPlay``: J-BOND / BOND self-play settings, and the iteration boundary of training.
 
-Per prompt, at the start of an iteration (``SelfPlayDataModule`` asks for it):
-
-* **J-BOND**: 1 sample from the policy and 2 from the anchor. The better anchor sample is the
-  forward-KL target; the policy sample's reward is ``-log 16`` if it loses to both anchor samples,
-  else 0 (BOND eq. 17).
-* **BOND** (fixed N, anchor = the initial policy): 1 policy sample, N anchor samples whose best is
-  the forward-KL target, and k more whose Monte-Carlo quantile gives the reward
-  ``(N-1)·log p̂≤`` (clipped at 1/(2k)).
-
-Ties of a discrete judge are broken by a seeded coin and counted. Generations, comparisons and the
-training rows are per-iteration artifacts, like SPPO's, so a restarted run reuses them. With
-``prompts_per_iteration`` of a few batches the samples stay close to on-policy.
+The callback builds the run's :class:`~sppo_lightning.pipeline.bond.BondPipeline` (the same
+generator, ranker and artifact pieces as SPPO's) and hands it to the ``SelfPlayDataModule``,
+which builds each iteration's rows with it. At the end of an iteration it measures the win rate
+against the initial policy and records a summary row. With ``prompts_per_iteration`` of a few
+batches the samples stay close to on-policy.
 """
 
 from __future__ import annotations
@@ -21,19 +14,16 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from sppo_lightning.artifacts import IterationArtifacts, RunSummary, run_stage
+from sppo_lightning import seeds
+from sppo_lightning.artifacts import RunSummary
 from sppo_lightning.callbacks.win_rate import InitialPolicyWinRate
-from sppo_lightning.data.prompts import prompts_fingerprint
 from sppo_lightning.data.self_play import SelfPlayDataModule
-from sppo_lightning.data.tokenize import collate_pairs
 from sppo_lightning.errors import ConfigError
-from sppo_lightning.generation import sample_on_ranks
-from sppo_lightning.logprobs import model_logprobs
-from sppo_lightning.losses import bond_reward, jbond_reward
-from sppo_lightning.ranking import Ranker, scores_from_pairwise
+from sppo_lightning.pipeline import DistContext, HFGenerator
+from sppo_lightning.pipeline.bond import BondPipeline
+from sppo_lightning.ranking import Ranker
 
 
 class BondSelfPlay(L.Callback):
@@ -68,11 +58,6 @@ class BondSelfPlay(L.Callback):
         self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
         self.generation_batch_size, self.seed = generation_batch_size, seed
         self.run_dir_setting, self.eval_samples, self.show_progress = run_dir, eval_samples, show_progress
-        self.stats: dict[int, dict[str, Any]] = {}
-
-    @property
-    def anchor_samples(self) -> int:
-        return 2 if self.variant == "jbond" else self.n + self.k
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -85,126 +70,26 @@ class BondSelfPlay(L.Callback):
             raise ConfigError("BondSelfPlay needs model.class_path: sppo_lightning.bond.BondModule")
         if not isinstance(trainer.datamodule, SelfPlayDataModule):
             raise ConfigError("BondSelfPlay needs data.class_path: sppo_lightning.data.SelfPlayDataModule")
-        self.trainer, self.module, self.datamodule = trainer, pl_module, trainer.datamodule
+        self.datamodule = trainer.datamodule
         self.run_dir = Path(self.run_dir_setting or Path(trainer.default_root_dir) / "bond")
-        self.datamodule.builder = self.build_iteration
+        generator = HFGenerator(self.temperature, self.top_p, self.max_new_tokens, self.generation_batch_size,
+                                show_progress=self.show_progress)
+        self.pipeline = BondPipeline(generator, self.ranker, self.run_dir, self.variant, self.n, self.k, self.seed)
+        self.datamodule.use_pipeline(self.pipeline)
         trainer.reload_dataloaders_every_n_epochs = 1
-        self.win_rate = InitialPolicyWinRate(self.run_dir, self.ranker, self._sampler(anchor=False),
-                                             self.eval_samples, seed=self.seed * 7_919 + 999_983)
+
+        def sample(prompts, num_samples: int, seed: int) -> list[list[list[int]]]:
+            return generator.sample(trainer.lightning_module.policy, self.datamodule.tokenizer, prompts,
+                                    num_samples, seed, DistContext.from_trainer(trainer))
+
+        self.win_rate = InitialPolicyWinRate(self.run_dir, self.ranker, sample, self.eval_samples,
+                                             seed=seeds.evaluation_stream(self.seed))
         self.summary = RunSummary(self.run_dir / "summary.json")
 
-    def _sampler(self, anchor: bool):
-        def sample(prompt_ids: list[list[int]], num_samples: int, seed: int) -> list[list[list[int]]]:
-            options = dict(
-                rank=self.trainer.global_rank, world_size=self.trainer.world_size, temperature=self.temperature,
-                top_p=self.top_p, max_new_tokens=self.max_new_tokens, batch_size=self.generation_batch_size,
-                seed=seed, show_progress=self.show_progress and self.trainer.is_global_zero,
-            )
-            if anchor:  # generation from the anchor uses the anchor's weights
-                with self.module.anchor_model() as model:
-                    return sample_on_ranks(model, self.datamodule.tokenizer, prompt_ids, num_samples, **options)
-            return sample_on_ranks(self.module.policy, self.datamodule.tokenizer, prompt_ids, num_samples, **options)
-        return sample
-
-    def _settings(self, prompts: list) -> dict[str, Any]:
-        return {
-            "variant": self.variant, "n": self.n, "k": self.k, "temperature": self.temperature,
-            "top_p": self.top_p, "max_new_tokens": self.max_new_tokens, "seed": self.seed,
-            "generation_batch_size": self.generation_batch_size, "ranker": type(self.ranker).__name__,
-            "prompts": prompts_fingerprint(prompts),
-        }
-
-    # ------------------------------------------------------------------------------ the stages
-    def build_iteration(self, iteration: int) -> list[dict[str, Any]]:
-        prompts = self.datamodule.iteration_prompts(iteration)
-        artifacts = IterationArtifacts(self.run_dir, iteration, self._settings(prompts))
-        if iteration == 0 and self.datamodule.eval_prompts:
-            self.win_rate.initial(self.trainer, self.datamodule.eval_prompts)
-        trainer = self.trainer
-        generations = run_stage(trainer, artifacts, "generations", lambda: self._generate(prompts, iteration),
-                                on_every_rank=True)
-        rows = run_stage(trainer, artifacts, "train", lambda: self._rows(generations, iteration))
-        info = artifacts.info("train")
-        self.stats[iteration] = {
-            "reward": sum(r["reward"] for r in rows) / len(rows),
-            "ties_broken": info.get("ties_broken", 0),
-            "kl_to_initial": info.get("kl_to_initial"),
-            "seconds": {"generate": artifacts.info("generations").get("seconds", 0.0), "rank": info.get("seconds", 0.0)},
-        }
-        return [{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids", "reward")} for r in rows]
-
-    def _generate(self, prompts: list, iteration: int) -> tuple[list[dict], dict]:
-        prompt_ids = [p.ids for p in prompts]
-        policy = self._sampler(anchor=False)(prompt_ids, 1, self.seed * 7_919 + 2 * iteration)
-        anchor = self._sampler(anchor=True)(prompt_ids, self.anchor_samples, self.seed * 7_919 + 2 * iteration + 1)
-        decode = self.datamodule.tokenizer.batch_decode
-        rows = [{
-            "prompt": p.text, "prompt_ids": p.ids, "sample_ids": s[0], "anchor_ids": a,
-            "sample": decode(s, skip_special_tokens=True)[0], "anchors": decode(a, skip_special_tokens=True),
-        } for p, s, a in zip(prompts, policy, anchor)]
-        return rows, {}
-
-    def _rows(self, generations: list[dict], iteration: int) -> tuple[list[dict], dict]:
-        coin = torch.Generator().manual_seed(self.seed * 7_919 + 1_000_003 + iteration)
-        ties = 0
-
-        def beats(margin: float) -> bool:  # a strict win; a tie is a seeded coin flip, counted
-            nonlocal ties
-            if margin == 0:
-                ties += 1
-                return bool(torch.rand(1, generator=coin).item() < 0.5)
-            return margin > 0
-
-        prompts = [g["prompt"] for g in generations]
-        if self.variant == "jbond":
-            m = self.ranker.pairwise_logits(prompts, [[g["sample"], *g["anchors"]] for g in generations]).double()
-            best = [1 if beats(float(x[1, 2] - x[2, 1])) else 2 for x in m]
-            loses = [not beats(float(x[0, 1] - x[1, 0])) and not beats(float(x[0, 2] - x[2, 0])) for x in m]
-            rewards = jbond_reward(torch.tensor(loses)).tolist()
-        else:
-            pool = self.ranker.pairwise_logits(prompts, [g["anchors"][: self.n] for g in generations]).double()
-            best = []
-            for scores in scores_from_pairwise(pool):
-                tied = (scores == scores.max()).nonzero().flatten()
-                ties += len(tied) - 1
-                best.append(1 + int(tied[torch.randint(len(tied), (1,), generator=coin)]))
-            pairs_prompts = [g["prompt"] for g in generations for _ in range(self.k)]
-            pairs = [[g["sample"], q] for g in generations for q in g["anchors"][self.n :]]
-            m = self.ranker.pairwise_logits(pairs_prompts, pairs).double()
-            wins = torch.tensor([float(beats(float(x[0, 1] - x[1, 0]))) for x in m]).view(len(generations), self.k)
-            rewards = bond_reward(wins, self.n).tolist()
-        rows = []
-        for g, b, r in zip(generations, best, rewards):
-            rows.append({"prompt": g["prompt"], "prompt_ids": g["prompt_ids"], "chosen_ids": g["anchor_ids"][b - 1],
-                         "rejected_ids": g["sample_ids"], "reward": float(r), "best_anchor": b - 1})
-        info = {"ties_broken": ties}
-        kl = self._kl_to_initial(rows)
-        if kl is not None:
-            info["kl_to_initial"] = kl
-        if ties:
-            rank_zero_info(f"iteration {iteration}: broke {ties} tie(s) with a seeded coin")
-        return rows, info
-
-    @torch.no_grad()
-    def _kl_to_initial(self, rows: list[dict]) -> Optional[float]:
-        """Monte-Carlo KL(π‖π_initial) = E_y~π[log π(y) − log π_initial(y)] on the policy samples."""
-        pad = self.datamodule.tokenizer.pad_token_id
-        batch = collate_pairs([{"prompt_ids": r["prompt_ids"], "chosen_ids": r["rejected_ids"],
-                                "rejected_ids": r["rejected_ids"]} for r in rows], pad)
-        batch = {k: v.to(self.module.device) for k, v in batch.items()}
-        policy = self.module.policy
-        was_training = policy.training  # the policy's own mode; a frozen initial copy is always eval
-        try:
-            with self.module.initial_model() as initial:
-                if initial is None:
-                    return None
-                initial.eval()
-                initial_logps = model_logprobs(initial, batch).sum
-            policy.eval()
-            policy_logps = model_logprobs(policy, batch).sum
-        finally:
-            policy.train(was_training)
-        return float((policy_logps - initial_logps).mean())
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The initial policy's evaluation answers, before its first step (reused when resuming).
+        if trainer.current_epoch == 0 and self.datamodule.eval_prompts:
+            self.win_rate.initial(trainer, self.datamodule.eval_prompts)
 
     # ------------------------------------------------------------------------------ hooks
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -212,7 +97,8 @@ class BondSelfPlay(L.Callback):
         if (trainer.current_epoch + 1) % per:
             return
         iteration = trainer.current_epoch // per
-        stats = self.stats.get(iteration, {})
+        data = self.datamodule.iteration_data.get(iteration)
+        stats = data.stats if data is not None else {}
         row: dict[str, Any] = {"iteration": iteration + 1, **{k: v for k, v in stats.items() if v is not None}}
         if self.datamodule.eval_prompts:
             row["win_rate_vs_initial"] = self.win_rate.measure(trainer, self.datamodule.eval_prompts,

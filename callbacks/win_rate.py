@@ -12,8 +12,8 @@ from sppo_lightning.artifacts import atomic_write_json
 from sppo_lightning.data.prompts import Prompt
 from sppo_lightning.ranking import Ranker
 
-# (prompt ids, samples per prompt, seed) -> [N][samples] response ids, on all ranks
-Sampler = Callable[[list[list[int]], int, int], list[list[list[int]]]]
+# (prompts, samples per prompt, seed) -> [N][samples] response ids, on all ranks
+Sampler = Callable[[list[Prompt], int, int], list[list[list[int]]]]
 
 
 class InitialPolicyWinRate:
@@ -32,7 +32,7 @@ class InitialPolicyWinRate:
     def initial(self, trainer: L.Trainer, prompts: list[Prompt]) -> list[list[list[int]]]:
         if trainer.strategy.broadcast(self.path.exists()):  # rank 0 decides (see artifacts.run_stage)
             return json.loads(self.path.read_text())
-        responses = self.sample([p.ids for p in prompts], self.samples_per_prompt, self.seed)
+        responses = self.sample(prompts, self.samples_per_prompt, self.seed)
         if trainer.is_global_zero:
             atomic_write_json(self.path, responses)
         trainer.strategy.barrier("initial_eval")
@@ -40,7 +40,7 @@ class InitialPolicyWinRate:
 
     def measure(self, trainer: L.Trainer, prompts: list[Prompt], tokenizer) -> float:
         initial = self.initial(trainer, prompts)
-        current = self.sample([p.ids for p in prompts], self.samples_per_prompt, self.seed)
+        current = self.sample(prompts, self.samples_per_prompt, self.seed)
         texts, candidates = [], []
         for prompt, new, old in zip(prompts, current, initial):
             for a, b in zip(tokenizer.batch_decode(new, skip_special_tokens=True),

@@ -230,7 +230,7 @@ class IterationArtifacts:
         return self._read_manifest().get("stages", {}).get(stage, {})
 
 
-def run_stage(trainer, artifacts: IterationArtifacts, stage: str, compute, on_every_rank: bool = False,
+def run_stage(ctx, artifacts: IterationArtifacts, stage: str, compute, on_every_rank: bool = False,
               load: bool = True, expect: Optional[dict[str, Any]] = None) -> Optional[list[dict]]:
     """Read a finished stage back, or make it: ``compute()`` returns ``(rows, info)`` and rank 0 writes.
 
@@ -240,26 +240,27 @@ def run_stage(trainer, artifacts: IterationArtifacts, stage: str, compute, on_ev
     itself could see the file rank 0 has just written and skip a collective the others are in.
     ``load=False`` returns None instead of the rows (the caller reads the file when it needs them).
     ``expect``: manifest entries the stage must have to count as finished; they are recorded with it.
+    ``ctx``: the processes (``pipeline.DistContext``: ``is_global_zero``, ``broadcast``, ``barrier``).
     """
     import time
 
-    done = artifacts.finished(stage, expect) if trainer.is_global_zero else False
-    if trainer.strategy.broadcast(done):  # rank 0 has just checked the file: read it, do not check it again
+    done = artifacts.finished(stage, expect) if ctx.is_global_zero else False
+    if ctx.broadcast(done):  # rank 0 has just checked the file: read it, do not check it again
         return artifacts.rows(stage) if load else None
     rows = None
-    if on_every_rank or trainer.is_global_zero:
+    if on_every_rank or ctx.is_global_zero:
         start = time.perf_counter()
         rows, info = compute()
-        if trainer.is_global_zero:
+        if ctx.is_global_zero:
             artifacts.save(stage, rows, seconds=time.perf_counter() - start, **info,
                            **({"input": expect} if expect else {}))
-    trainer.strategy.barrier(f"stage_{stage}")
+    ctx.barrier(f"stage_{stage}")
     if not load:
         return None
     return rows if rows is not None else artifacts.rows(stage)  # the others read what rank 0 wrote
 
 
-def run_sharded_stage(trainer, artifacts: IterationArtifacts, stage: str, shards: int,
+def run_sharded_stage(ctx, artifacts: IterationArtifacts, stage: str, shards: int,
                       compute_shard: Callable[[int], tuple[list[dict], dict]], on_every_rank: bool = False,
                       source: Optional[dict[str, Any]] = None,
                       expect: Optional[Callable[[int], dict[str, Any]]] = None) -> None:
@@ -273,18 +274,18 @@ def run_sharded_stage(trainer, artifacts: IterationArtifacts, stage: str, shards
     ``expect(k)``: what else shard k's entry must record (which prompts it holds).
     """
     source = source or {}
-    done = artifacts.finished(stage, source) if trainer.is_global_zero else False
-    if trainer.strategy.broadcast(done):
-        if trainer.is_global_zero:  # shards left behind by a run killed between merging and removing
+    done = artifacts.finished(stage, source) if ctx.is_global_zero else False
+    if ctx.broadcast(done):
+        if ctx.is_global_zero:  # shards left behind by a run killed between merging and removing
             artifacts.remove(*artifacts.stages(prefix=f"{stage}.shard_"))
         return
     parts = [f"{stage}.shard_{k:05d}" for k in range(shards)]
     for k, part in enumerate(parts):
-        run_stage(trainer, artifacts, part, lambda k=k: compute_shard(k), on_every_rank, load=False,
+        run_stage(ctx, artifacts, part, lambda k=k: compute_shard(k), on_every_rank, load=False,
                   expect={**source, **(expect(k) if expect else {})} or None)
-    if trainer.is_global_zero:
+    if ctx.is_global_zero:
         artifacts.merge(stage, parts, shards=shards, **({"input": source} if source else {}))
-    trainer.strategy.barrier(f"merge_{stage}")
+    ctx.barrier(f"merge_{stage}")
 
 
 class RunSummary:

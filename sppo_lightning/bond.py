@@ -85,7 +85,6 @@ class BondModule(L.LightningModule):
         self.policy: Optional[nn.Module] = None
         self.anchor: Optional[nn.Module] = None  # full fine-tuning only; LoRA keeps an adapter
         self.initial: Optional[nn.Module] = None  # keep_initial_copy, for KL monitoring
-        self.schedule_override: Optional[tuple[int, int]] = None
         self.skipped_non_finite = 0
         # LoRA checkpoints hold the adapters only; the check over them replaces the strict one.
         self.strict_loading = footprint not in ("lora", "qlora")
@@ -181,8 +180,6 @@ class BondModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        if self.schedule_override is not None:
-            total = self.schedule_override[0]
-        else:
-            total = int(self.trainer.estimated_stepping_batches)
+        # One optimizer and schedule for the whole run: J-BOND is online (the paper does not restart Adam).
+        total = int(self.trainer.estimated_stepping_batches)
         return make_optimizer(self.policy.parameters(), hp.optimizer, hp.lr, hp.weight_decay, hp.warmup_ratio, total)

@@ -10,11 +10,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from sppo_lightning import seeds
+from sppo_lightning.distributed import rank_batches
+from sppo_lightning.models import evaluating
+
 
 def batch_seed(seed: int, batch_index: int) -> int:
     """The seed of one generation batch. Batches are numbered globally, so a prompt gets the same
     samples whichever rank draws its batch, and with any number of ranks."""
-    return (seed * 1_000_003 + batch_index) % (2**63 - 1)
+    return seeds.indexed(seed, batch_index)
 
 
 def eos_ids(model: nn.Module, tokenizer) -> set[int]:
@@ -72,23 +76,17 @@ def sample_responses(
     device = next(model.parameters()).device
     stop = eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(stop))
-    was_training = model.training
-    model.eval()
     results: list[list[list[int]]] = [[] for _ in prompt_ids]
     if temperature > 0:  # vLLM's and the paper's sampling: no top-k cut
         options = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
     else:
         options = dict(do_sample=False)
-    batches = list(range(0, len(prompt_ids), batch_size))
-    mine = [b for i, b in enumerate(batches) if i % world_size == rank]
-    rounds = len(mine)
     if synced:
-        rounds = math.ceil(len(batches) / world_size)
         retry_oom = False
-    try:
-        for step in tqdm(range(rounds), desc="generating", disable=not show_progress):
-            real = step < len(mine)
-            start = mine[step] if real else batches[0]
+    mine = rank_batches(math.ceil(len(prompt_ids) / batch_size), rank, world_size, lockstep=synced)
+    with evaluating(model):
+        for index, real in tqdm(mine, desc="generating", disable=not show_progress):
+            start = index * batch_size
             chunk = prompt_ids[start : start + batch_size]
             width = max(len(p) for p in chunk)
             # Left padding: every prompt ends at the same column, where generation starts.
@@ -106,8 +104,6 @@ def sample_responses(
                 continue
             for row, tokens in enumerate(rows):
                 results[start + row // num_samples].append(_cut_at_eos(tokens, stop))
-    finally:
-        model.train(was_training)
     return results
 
 

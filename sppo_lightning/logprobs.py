@@ -50,7 +50,7 @@ def model_logprobs(model: torch.nn.Module, batch: dict[str, Tensor], chunk_token
 
     For Hugging Face causal LMs (with or without peft) the LM head runs only at response positions,
     ``chunk_tokens`` at a time and recomputed in backward, so the ``[tokens, vocab]`` logits never
-    exist whole and prompt and padding positions cost no head FLOPs (design-notes §3). Other models
+    exist whole and prompt and padding positions cost no head FLOPs. Other models
     take the plain path through full logits; both give the same numbers.
     """
     parts = _backbone_and_head(model)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -23,7 +24,7 @@ class LoraSettings:
 
     r: int = 16
     alpha: int = 32
-    dropout: float = 0.0  # 0 because SPPO/DPO train with dropout off (sppo.md §2)
+    dropout: float = 0.0  # 0: SPPO's and TRL's DPO trainers train with dropout off
     target_modules: Union[str, list[str]] = "all-linear"
     extra: dict = field(default_factory=dict)  # any other peft.LoraConfig argument
 
@@ -149,6 +150,18 @@ def disable_dropout(model: nn.Module) -> None:
     for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop"):
         if config is not None and isinstance(getattr(config, name, None), float):
             setattr(config, name, 0.0)
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode for the block, then back in the mode it had (sampling and scoring
+    from a policy that is training must not leave it in eval mode, nor wake a frozen copy)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def is_peft(model: nn.Module) -> bool:

@@ -101,7 +101,7 @@ def test_predict_through_the_cli(tiny_dir, tmp_path):
     result = subprocess.run(
         script + ["predict", "--config", "configs/linear_alignment.yaml", "--model.model_name_or_path",
                   str(tiny_dir / "llama"), "--data.prompts", str(prompts),
-                  "--trainer.callbacks.init_args.path", str(out)],
+                  "--trainer.callbacks.init_args.path", str(out), "--trainer.default_root_dir", str(tmp_path)],
         cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -122,3 +122,21 @@ def test_aligned_sampling_for_self_play(tmp_path, tiny_llama):
     fit(tmp_path, tiny_llama, run_dir=tmp_path / "c", aligned_sampling=aligned)
     c = pq.read_table(tmp_path / "c" / "iteration_0" / "generations.parquet").to_pylist()
     assert a == c  # seeded
+
+
+def test_the_generator_key_selects_linear_alignment_as_aligned_sampling_does(tmp_path, tiny_llama):
+    """``SelfPlay(generator=LinearAlignmentGenerator(...))`` is the plug-in form of ``aligned_sampling``."""
+    from sppo_lightning.decoding import LinearAlignmentGenerator
+    from sppo_lightning.errors import ConfigError
+
+    fit(tmp_path, tiny_llama, run_dir=tmp_path / "a", aligned_sampling=AlignedSampling(principle=PRINCIPLE))
+    generator = LinearAlignmentGenerator(PRINCIPLE, alpha=2.0, max_new_tokens=8, batch_size=4)
+    fit(tmp_path, tiny_llama, run_dir=tmp_path / "g", generator=generator)
+    a = pq.read_table(tmp_path / "a" / "iteration_0" / "generations.parquet").to_pylist()
+    g = pq.read_table(tmp_path / "g" / "iteration_0" / "generations.parquet").to_pylist()
+    assert a == g
+    manifest = json.loads((tmp_path / "g" / "iteration_0" / "manifest.json").read_text())
+    assert manifest["settings"]["generator"]["class"] == "LinearAlignmentGenerator"
+    with pytest.raises(ConfigError, match="either generator or aligned_sampling"):
+        fit(tmp_path, tiny_llama, run_dir=tmp_path / "x", generator=generator,
+            aligned_sampling=AlignedSampling(principle=PRINCIPLE))

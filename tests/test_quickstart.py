@@ -84,5 +84,10 @@ def test_quickstart_with_pairrm_instead_of_the_judge(tiny_dir, tmp_path):
     path.write_text(yaml.safe_dump(config))
     run_fit(path, tiny_dir, tmp_path)
     manifest = json.loads((tmp_path / "self_play" / "iteration_0" / "manifest.json").read_text())
-    assert manifest["settings"]["ranker"]["class"] == "PairRMRanker"
+    from sppo_lightning.ranking import PairRMRanker, fingerprint_of
+    from sppo_lightning.ranking.protocol import fingerprint_hash
+
+    # the rankings record the ranker's identity: another checkpoint or setting redoes them on resume
+    ranker = PairRMRanker(str(tiny_dir / "pairrm"), device="cpu")
+    assert manifest["stages"]["rankings"]["input"]["ranker"] == fingerprint_hash(fingerprint_of(ranker))
     assert manifest["stages"]["train"]["rows"] > 0

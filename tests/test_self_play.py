@@ -8,13 +8,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import sppo_lightning.callbacks.self_play as self_play_module
+import sppo_lightning.pipeline.generators as generators_module
 from sppo_lightning.callbacks.self_play import SelfPlay
 from sppo_lightning.data import SelfPlayDataModule
 from sppo_lightning.data.tokenize import collate_pairs
 from sppo_lightning.errors import ConfigError, DataError
 from sppo_lightning.logprobs import sequence_logprobs
 from sppo_lightning.module import PreferenceModule
+from sppo_lightning.pipeline import TRAINING_COLUMNS
 from sppo_lightning.ranking import FunctionJudge
 
 QUESTIONS = ["Tell me about the moon.", "What is 2 plus 3?", "Why is the sky blue?", "Name a color.",
@@ -102,8 +103,8 @@ def test_a_restarted_run_reuses_finished_stages(tmp_path, tiny_llama, monkeypatc
     (folder / "train.parquet").unlink()  # as if killed while writing the last stage
 
     calls = []
-    real = self_play_module.sample_on_ranks
-    monkeypatch.setattr(self_play_module, "sample_on_ranks", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = generators_module.sample_on_ranks
+    monkeypatch.setattr(generators_module, "sample_on_ranks", lambda *a, **k: calls.append(1) or real(*a, **k))
     ranker = FunctionJudge("sppo_lightning.ranking.judges:shorter")
     ranked = []
     real_rank = ranker.pairwise_logits
@@ -163,7 +164,7 @@ def test_shards_change_no_stage_hold_one_shard_and_are_merged(tmp_path, tiny_lla
     assert [f["filename"] for f in served.cache_files] == [str(arrow)]
     train = pq.read_table(folder / "train.parquet").to_pylist()
     assert [dict(served[i]) for i in range(len(served))] == [{k: r[k] for k in served.column_names} for r in train]
-    assert set(served.column_names) == set(self_play_module.TRAINING_COLUMNS)
+    assert set(served.column_names) == set(TRAINING_COLUMNS)
 
 
 def half_ties(prompt, response):
@@ -235,8 +236,8 @@ def test_optimizer_and_schedule_restart_every_iteration(tmp_path, tiny_llama):
 
 def test_epochs_per_iteration(tmp_path, tiny_llama, monkeypatch):
     calls = []
-    real = self_play_module.sample_on_ranks
-    monkeypatch.setattr(self_play_module, "sample_on_ranks",
+    real = generators_module.sample_on_ranks
+    monkeypatch.setattr(generators_module, "sample_on_ranks",
                         lambda model, tok, ids, k, **kw: calls.append(k) or real(model, tok, ids, k, **kw))
     fit(tmp_path, tiny_llama, max_epochs=4, epochs_per_iteration=2, eval_samples=2)
     folders = sorted(p.name for p in (tmp_path / "self_play").glob("iteration_*"))

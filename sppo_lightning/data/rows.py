@@ -1,6 +1,6 @@
 """Preference rows: reading files, checking every row, and one normal form for both formats.
 
-Two input formats are accepted (``shared/specs/sppo.md`` §3.4):
+Two input formats are accepted (the first is the official SPPO scripts' ``train.parquet`` schema):
 
 * **SPPO pairs**: ``chosen`` and ``rejected`` are conversations (lists of ``{"role", "content"}``)
   sharing every turn but the last, assistant, one; optionally ``chosen_probs`` (P(chosen ≻

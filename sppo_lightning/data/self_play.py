@@ -1,9 +1,14 @@
-"""``SelfPlayDataModule``: prompts in, each iteration's generated and ranked pairs out."""
+"""``SelfPlayDataModule``: prompts in, each iteration's generated and ranked pairs out.
+
+The data module owns the self-play pipeline (``sppo_lightning.pipeline``): at each iteration's first
+epoch ``train_dataloader`` asks it for iteration t's data from the current policy, and serves it.
+Control runs one way: callback → data module → pipeline → artifacts; nothing calls back up.
+"""
 
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -15,19 +20,26 @@ from sppo_lightning.data.shuffle import EpochShuffle
 from sppo_lightning.data.tokenize import collate_pairs
 from sppo_lightning.errors import ConfigError
 from sppo_lightning.models import load_tokenizer
+from sppo_lightning.distributed import DistContext
 
-# What the SelfPlay callback registers: iteration t -> that iteration's training examples (a list,
-# or a memory-mapped ``datasets.Dataset``: anything with len() and integer indexing).
-IterationBuilder = Callable[[int], Sequence[dict[str, Any]]]
+
+class Pipeline(Protocol):
+    """What the data module needs of a self-play pipeline (``SPPOPipeline``, ``BondPipeline``)."""
+
+    def build(self, iteration: int, model: Any, tokenizer, prompts: Sequence[Prompt], ctx: DistContext) -> Any:
+        """Iteration t's data: an object with ``pairs`` (len() and integer indexing) and ``stats``."""
+        ...
 
 
 class SelfPlayDataModule(L.LightningDataModule):
     """Serves the pairs of the current SPPO iteration; one iteration = ``epochs_per_iteration`` epochs.
 
-    The pairs do not exist before the iteration starts: ``train_dataloader()`` asks the
-    :class:`~sppo_lightning.callbacks.self_play.SelfPlay` callback to build them (generate with the
-    current policy, rank, estimate win rates, cache reference log-probs), so each iteration samples
-    from the policy as it is at that moment. Lightning requests the loader at every epoch start.
+    The pairs do not exist before the iteration starts: ``train_dataloader()`` has its pipeline
+    build them (generate with the current policy, rank, estimate win rates, cache reference
+    log-probs), so each iteration samples from the policy as it is at that moment. Lightning
+    requests the loader at every epoch start. The pipeline is the ``SelfPlay`` (or ``BondSelfPlay``)
+    callback's, handed over with :meth:`use_pipeline` when the run is set up; each iteration's
+    result stays in ``iteration_data[t]`` for the callback to report.
 
     Args:
         prompts: prompt file (json/jsonl/parquet), saved dataset folder or hub name.
@@ -77,7 +89,8 @@ class SelfPlayDataModule(L.LightningDataModule):
         self.tokenizer: Optional[PreTrainedTokenizerBase] = None
         self.prompts: list[Prompt] = []
         self.eval_prompts: list[Prompt] = []
-        self.builder: Optional[IterationBuilder] = None
+        self.pipeline: Optional[Pipeline] = None
+        self.iteration_data: dict[int, Any] = {}
         self.pairs: Sequence[dict[str, Any]] = []
         self._built_iteration: Optional[int] = None
 
@@ -107,6 +120,10 @@ class SelfPlayDataModule(L.LightningDataModule):
             rank_zero_info(f"{source}: {truncated} prompt(s) longer than {self.max_prompt_length} tokens kept their end")
         return prompts
 
+    def use_pipeline(self, pipeline: Pipeline) -> None:
+        """The pipeline that makes each iteration's data (set by the self-play callback)."""
+        self.pipeline = pipeline
+
     def iteration_of(self, epoch: int) -> int:
         return epoch // self.epochs_per_iteration
 
@@ -124,12 +141,15 @@ class SelfPlayDataModule(L.LightningDataModule):
         epoch = self.trainer.current_epoch if self.trainer else 0
         iteration = self.iteration_of(epoch)
         if self._built_iteration != iteration:
-            if self.builder is None:
+            if self.pipeline is None:
                 raise ConfigError(
                     "SelfPlayDataModule needs the SelfPlay callback in trainer.callbacks "
                     "(class_path: sppo_lightning.callbacks.self_play.SelfPlay): it makes each iteration's data"
                 )
-            self.pairs = self.builder(iteration)
+            data = self.pipeline.build(iteration, self.trainer.lightning_module, self.tokenizer,
+                                       self.iteration_prompts(iteration), DistContext.from_trainer(self.trainer))
+            self.iteration_data[iteration] = data
+            self.pairs = data.pairs
             self._built_iteration = iteration
         return DataLoader(
             self.pairs,

@@ -7,6 +7,8 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import Sampler
 
+from sppo_lightning import seeds
+
 
 class EpochShuffle(Sampler[int]):
     """A permutation of ``range(size)`` fixed by ``seed`` and ``epoch()``, not by the global RNG.
@@ -21,7 +23,7 @@ class EpochShuffle(Sampler[int]):
         self.size, self.seed, self.epoch = size, seed, epoch
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch())
+        generator = torch.Generator().manual_seed(seeds.indexed(self.seed, self.epoch()))
         return iter(torch.randperm(self.size, generator=generator).tolist())
 
     def __len__(self) -> int:

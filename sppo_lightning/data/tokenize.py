@@ -19,7 +19,8 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: list[dict[str, str
     """Token ids of the templated prompt, ending with the generation prompt (assistant header).
 
     The template text already holds any BOS; tokenizing it with ``add_special_tokens=False`` is
-    what avoids the double BOS of the reference code (``shared/specs/sppo.md`` §4).
+    what avoids the double BOS of the official SPPO scripts, which tokenize the templated text with
+    special tokens added.
     """
     text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from sppo_lightning.data.tokenize import encode_prompt
 from sppo_lightning.generation import batch_seed, eos_ids
+from sppo_lightning.models import evaluating
 
 Messages = list[dict[str, str]]
 
@@ -142,10 +143,8 @@ def linear_alignment_generate(
     device = next(model.parameters()).device
     stop = eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(stop))
-    was_training = model.training
-    model.eval()
     results: list[list[int]] = []
-    try:
+    with evaluating(model):
         for start in tqdm(range(0, len(conversations), batch_size), desc="linear alignment", disable=not show_progress):
             chunk = range(start, min(start + batch_size, len(conversations)))
             principled = _Stream([_encode(tokenizer, conversations[i], principles[i]) for i in chunk], pad_id, device)
@@ -172,6 +171,4 @@ def linear_alignment_generate(
                 z_c = principled.next_logits(model, token.unsqueeze(-1))
                 z_0 = plain.next_logits(model, token.unsqueeze(-1))
             results.extend(out)
-    finally:
-        model.train(was_training)
     return results

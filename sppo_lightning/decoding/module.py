@@ -6,6 +6,7 @@ from typing import Any, Literal, Optional
 
 import lightning as L
 
+from sppo_lightning import seeds
 from sppo_lightning.data.prompts import Prompt
 from sppo_lightning.decoding.linear_alignment import LinearAlignmentSettings, linear_alignment_generate
 from sppo_lightning.errors import ConfigError, DataError
@@ -57,7 +58,7 @@ class LinearAlignmentModule(L.LightningModule):
         ids = linear_alignment_generate(
             self.model, self.tokenizer, [p.messages for p in batch], principles, self.settings,
             max_new_tokens=self.hparams.max_new_tokens, batch_size=len(batch),
-            seed=self.hparams.seed * 1_000_003 + batch_idx,
+            seed=seeds.indexed(self.hparams.seed, batch_idx),
         )
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         return [{"index": p.index, "prompt": p.messages, "principle": principle, "response": text}

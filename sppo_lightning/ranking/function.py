@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import inspect
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from sppo_lightning.errors import ConfigError, DataError
+from sppo_lightning.ranking.estimate import pairwise_from_rewards
+from sppo_lightning.ranking.protocol import PromptView, prompt_view_of
 
 
 def import_function(path: str) -> Callable:
@@ -36,11 +40,24 @@ class FunctionJudge:
 
     Args:
         function: import path, e.g. ``sppo_lightning.ranking.judges:known_words``.
+        prompt_view: what the function is given as the prompt: ``raw`` (the user's text) or
+            ``chat`` (the policy's chat-templated prompt string).
     """
 
-    def __init__(self, function: str) -> None:
+    def __init__(self, function: str, prompt_view: PromptView = "raw") -> None:
         self.function_path = function
         self.function = import_function(function)
+        self.prompt_view = prompt_view
+        prompt_view_of(self)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The function's path and a hash of its source (editing the judge changes its scores)."""
+        try:
+            code = inspect.getsource(self.function).encode()
+        except (OSError, TypeError):  # no source (a builtin, a C function): its compiled code, if any
+            code = getattr(getattr(self.function, "__code__", None), "co_code", repr(self.function).encode())
+        return {"class": "FunctionJudge", "function": self.function_path,
+                "source": hashlib.sha256(code).hexdigest()[:16], "prompt_view": self.prompt_view}
 
     def rewards(self, prompts: list[str], candidates: list[list[str]]) -> Tensor:
         """``[N, K]`` float64 rewards."""
@@ -57,6 +74,4 @@ class FunctionJudge:
         return out
 
     def pairwise_logits(self, prompts: list[str], candidates: list[list[str]]) -> Tensor:
-        from sppo_lightning.ranking import pairwise_from_rewards
-
         return pairwise_from_rewards(self.rewards(prompts, candidates))

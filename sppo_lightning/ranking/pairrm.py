@@ -4,7 +4,9 @@ llm-blender provides the architecture (``CrossCompareReranker`` / ``DebertaV2Pai
 backbone and a two-layer head over the ``<|source|>``, ``<|candidate1|>``, ``<|candidate2|>``
 positions). We build the inputs exactly as its collator does with ``batch_size=1`` (the official
 SPPO call), then run every ordered pair of every prompt in length-sorted batches instead of one
-prompt at a time. ``shared/specs/sppo.md`` §6 has the details this file follows.
+prompt at a time. The input format follows llm-blender's ``PairRM`` model card and its
+``CrossCompareCollator``; the scores match ``Blender.rank(return_scores=True)`` to 1e-4 in fp32
+(``tests/test_ranking.py``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +23,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from sppo_lightning.errors import ConfigError, LoadError
 from sppo_lightning.models import DTYPES
+from sppo_lightning.ranking.protocol import PromptView, prompt_view_of, weights_fingerprint
 
 SOURCE, CANDIDATE1, CANDIDATE2, CANDIDATE = "<|source|>", "<|candidate1|>", "<|candidate2|>", "<|candidate|>"
 
@@ -74,6 +77,8 @@ class PairRMRanker:
         torch_dtype: ``float32`` (bit-comparable with llm-blender), or ``float16``/``bfloat16``
             on GPU for speed.
         show_progress: a progress bar over batches.
+        prompt_view: ``raw`` prompt text (default), or the policy's ``chat``-templated prompt
+            string, which is what the official SPPO ``rank.py`` gives PairRM.
     """
 
     def __init__(
@@ -85,8 +90,12 @@ class PairRMRanker:
         candidate_max_length: Optional[int] = None,
         torch_dtype: str = "float32",
         show_progress: bool = True,
+        prompt_view: PromptView = "raw",
     ) -> None:
         self.path, self.device, self.batch_size = path, device, batch_size
+        self.prompt_view = prompt_view
+        prompt_view_of(self)
+        self.max_lengths = (source_max_length, candidate_max_length)  # as configured (load fills None)
         self.source_max_length, self.candidate_max_length = source_max_length, candidate_max_length
         self.torch_dtype, self.show_progress = torch_dtype, show_progress
         self.model: Optional[nn.Module] = None
@@ -94,6 +103,11 @@ class PairRMRanker:
     @classmethod
     def from_pretrained(cls, path: str, device: str = "cpu", **kwargs) -> "PairRMRanker":
         return cls(path, device, **kwargs).load()
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"class": "PairRMRanker", "weights": weights_fingerprint(self.path), "device": self.device,
+                "torch_dtype": self.torch_dtype, "max_lengths": list(self.max_lengths),
+                "prompt_view": self.prompt_view}
 
     # ------------------------------------------------------------------------------- loading
     def load(self) -> "PairRMRanker":
@@ -212,7 +226,7 @@ class PairRMRanker:
 
     def scores(self, prompts: list[str], candidates: list[list[str]]) -> Tensor:
         """``[N, K]`` scores ``s_i = mean_j(M_ij - M_ji)``, as ``Blender.rank(return_scores=True)``."""
-        from sppo_lightning.ranking import scores_from_pairwise
+        from sppo_lightning.ranking.estimate import scores_from_pairwise
 
         return scores_from_pairwise(self.pairwise_logits(prompts, candidates))
 

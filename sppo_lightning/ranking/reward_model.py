@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from sppo_lightning.models import DTYPES
+from sppo_lightning.ranking.estimate import pairwise_from_rewards
+from sppo_lightning.ranking.protocol import PromptView, prompt_view_of, weights_fingerprint
 
 
 class RewardModelRanker:
@@ -20,6 +22,7 @@ class RewardModelRanker:
     Args:
         path: hub id or local folder of a sequence-classification model with one label.
         device: where it runs. batch_size: texts per forward. max_length: tokens kept per text.
+        prompt_view: ``raw`` prompt text, or the policy's ``chat``-templated prompt string.
     """
 
     def __init__(
@@ -30,11 +33,18 @@ class RewardModelRanker:
         max_length: int = 2048,
         torch_dtype: str = "float32",
         trust_remote_code: bool = False,
+        prompt_view: PromptView = "raw",
     ) -> None:
         self.path, self.device, self.batch_size, self.max_length = path, device, batch_size, max_length
+        self.prompt_view = prompt_view
+        prompt_view_of(self)
         self.torch_dtype, self.trust_remote_code = torch_dtype, trust_remote_code
         self.model: Optional[torch.nn.Module] = None
         self.tokenizer = None
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"class": "RewardModelRanker", "weights": weights_fingerprint(self.path), "device": self.device,
+                "torch_dtype": self.torch_dtype, "max_length": self.max_length, "prompt_view": self.prompt_view}
 
     def load(self) -> "RewardModelRanker":
         if self.model is None:
@@ -71,6 +81,4 @@ class RewardModelRanker:
         return rewards.view(len(prompts), -1)
 
     def pairwise_logits(self, prompts: list[str], candidates: list[list[str]]) -> Tensor:
-        from sppo_lightning.ranking import pairwise_from_rewards
-
         return pairwise_from_rewards(self.rewards(prompts, candidates))
