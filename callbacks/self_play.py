@@ -25,10 +25,11 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from sppo_lightning import seeds
-from sppo_lightning.artifacts import RunSummary
+from sppo_lightning.artifacts import RunSummary, atomic_write_bytes
 from sppo_lightning.callbacks.win_rate import InitialPolicyWinRate
 from sppo_lightning.data.self_play import SelfPlayDataModule
 from sppo_lightning.errors import ConfigError
+from sppo_lightning.outputs import written
 from sppo_lightning.pipeline import TRAINING_COLUMNS, DistContext, Generator, HFGenerator, SPPOPipeline  # noqa: F401
 from sppo_lightning.pipeline.generators import check_sampling
 from sppo_lightning.ranking import Ranker
@@ -175,6 +176,8 @@ class SelfPlay(L.Callback):
         # The initial policy's evaluation answers, before its first step (reused when resuming).
         if trainer.current_epoch == 0 and self.datamodule.eval_prompts:
             self.win_rate.initial(trainer, self.datamodule.eval_prompts)
+        if trainer.is_global_zero:  # a resumed run redoes the steps after its checkpoint: drop their rows
+            keep_steps_up_to(self.run_dir / "losses.jsonl", trainer.global_step)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         # The first batch of an iteration, not on_train_epoch_start: Lightning skips that hook when a
@@ -238,7 +241,7 @@ class SelfPlay(L.Callback):
 
         where = {"iterations' data (generations, rankings, train pairs)": str(self.run_dir / "iteration_<t>")}
         checkpoint = trainer.checkpoint_callback
-        if checkpoint is not None and getattr(checkpoint, "dirpath", None):
+        if checkpoint is not None and getattr(checkpoint, "dirpath", None) and written_checkpoints(checkpoint.dirpath):
             where["checkpoints (resume with --ckpt_path last)"] = str(checkpoint.dirpath)
         for callback in trainer.callbacks:
             if isinstance(callback, HFExport):
@@ -253,6 +256,22 @@ class SelfPlay(L.Callback):
             plots = ", ".join(str(self.run_dir / name) for name in PLOTS)
             where = "".join(f"\n{what}: {place}" for what, place in self._where(trainer).items())
             rank_zero_info(f"Report: {self.run_dir / 'report.md'}\nPlots: {plots}{where}")
+
+
+def keep_steps_up_to(path: Path, step: int) -> None:
+    """Rewrite the per-step record ``path`` without rows after ``step`` (each step once after resumes)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+
+
+def written_checkpoints(folder: str) -> bool:
+    """Whether ``folder`` holds a checkpoint on disk: a resume hint never points at nothing."""
+    path = Path(folder)
+    return path.is_dir() and any(written(p) for p in path.glob("*.ckpt"))
 
 
 def format_row(row: dict[str, Any]) -> str:

@@ -78,6 +78,9 @@ class IterationArtifacts:
         self.dir = Path(root) / f"iteration_{iteration}"
         self.manifest_path = self.dir / "manifest.json"
         self.settings = json.loads(json.dumps(settings))  # as it reads back from JSON
+        if not self.manifest_path.exists() and any(self.dir.glob("*.parquet")):
+            warnings.warn(f"{self.dir}: manifest.json is missing (deleted, or lost in a crash); the files there "
+                          f"cannot be checked, so every stage of this iteration is redone")
         manifest = self._read_manifest()
         if manifest.get("settings", self.settings) != self.settings:
             changed = sorted(k for k in set(manifest["settings"]) | set(self.settings)

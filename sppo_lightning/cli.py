@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LightningCLI
 from sppo_lightning.errors import ConfigError, SPPOLightningError
 from sppo_lightning.models import export_hf, load_tokenizer
 from sppo_lightning.module import PreferenceModule
+from sppo_lightning.outputs import Trainer, check_output_locations
 
 
 class SPPOLightningCLI(LightningCLI):
@@ -49,6 +50,10 @@ class SPPOLightningCLI(LightningCLI):
             if isinstance(err, SPPOLightningError) or os.environ.get("SPPO_LIGHTNING_DEBUG"):
                 raise
             raise ConfigError(condense(str(err))) from err
+
+    def before_fit(self) -> None:
+        # Before any model is loaded: every folder the run writes must be writable (one line, exit 2).
+        check_output_locations(self.trainer)
 
     def add_arguments_to_parser(self, parser) -> None:
         # One model id configures both the policy and the tokenizer the data is encoded with.
@@ -192,6 +197,7 @@ def run_cli(args: Optional[list[str]] = None) -> SPPOLightningCLI:
         L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
+        trainer_class=Trainer,
         args=args,
         save_config_kwargs={"overwrite": True},
     )

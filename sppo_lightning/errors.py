@@ -19,3 +19,7 @@ class LoadError(SPPOLightningError, OSError):
 
 class TrainingError(SPPOLightningError, RuntimeError):
     """Training cannot go on (a non-finite loss); what was good has been saved."""
+
+
+class ServiceError(SPPOLightningError, RuntimeError):
+    """A server the run depends on (a judge endpoint) failed for good; the message names its URL."""

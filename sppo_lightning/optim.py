@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Iterable, Literal
 
 import torch
@@ -39,5 +40,15 @@ def make_optimizer(
     else:
         raise ConfigError(f"model.optimizer must be rmsprop, adamw, adamw_8bit or paged_adamw_8bit, got {name!r}")
     total_steps = max(1, total_steps)
-    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * total_steps), total_steps)
+    warmup = math.ceil(warmup_ratio * total_steps)
+    if warmup >= total_steps and warmup > 0:
+        # Warmup would fill the whole schedule and the first step would run at learning rate 0: with
+        # one step per iteration, training would change nothing. Keep one step after warmup.
+        warnings.warn(f"the learning-rate schedule has {total_steps} optimizer step(s), fewer than warmup_ratio "
+                      f"{warmup_ratio} needs ({warmup} warmup step(s) and at least one after): warmup shortened "
+                      f"to {total_steps - 1} step(s). Give each iteration more steps (more prompts, a smaller "
+                      f"data.batch_size or trainer.accumulate_grad_batches, more data.epochs_per_iteration) "
+                      f"or lower model.warmup_ratio")
+        warmup = total_steps - 1
+    scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -7,6 +7,7 @@ Control runs one way: callback → data module → pipeline → artifacts; nothi
 
 from __future__ import annotations
 
+import json
 from functools import partial
 from typing import Any, Optional, Protocol, Sequence
 
@@ -55,6 +56,8 @@ class SelfPlayDataModule(L.LightningDataModule):
         skip_bad_rows: skip bad prompts with a counted warning instead of stopping.
         shuffle_seed: each epoch's batch order comes from (shuffle_seed, epoch) alone, so a run
             resumed at an epoch boundary sees the same order as an uninterrupted one.
+        drop_duplicate_prompts: keep the first of prompts that repeat an earlier one (same
+            conversation); off, repeats are kept and counted in a warning.
     """
 
     def __init__(
@@ -73,6 +76,7 @@ class SelfPlayDataModule(L.LightningDataModule):
         num_workers: int = 0,
         trust_remote_code: bool = False,
         shuffle_seed: int = 0,
+        drop_duplicate_prompts: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -86,6 +90,7 @@ class SelfPlayDataModule(L.LightningDataModule):
         self.skip_bad_rows, self.num_workers = skip_bad_rows, num_workers
         self.trust_remote_code = trust_remote_code
         self.shuffle_seed = shuffle_seed
+        self.drop_duplicate_prompts = drop_duplicate_prompts
         self.tokenizer: Optional[PreTrainedTokenizerBase] = None
         self.prompts: list[Prompt] = []
         self.eval_prompts: list[Prompt] = []
@@ -118,6 +123,24 @@ class SelfPlayDataModule(L.LightningDataModule):
             rank_zero_warn(f"{source}: skipped {len(skipped)} bad prompt(s); first: {skipped[0]}")
         if truncated:
             rank_zero_info(f"{source}: {truncated} prompt(s) longer than {self.max_prompt_length} tokens kept their end")
+        first: dict[str, int] = {}
+        repeats = []
+        for prompt in prompts:
+            key = json.dumps(prompt.messages, sort_keys=True)
+            if key in first:
+                repeats.append((prompt.index, first[key]))
+            else:
+                first[key] = prompt.index
+        if repeats:
+            row, original = repeats[0]
+            if self.drop_duplicate_prompts:
+                dropped = {r for r, _ in repeats}
+                prompts = [p for p in prompts if p.index not in dropped]
+                rank_zero_warn(f"{source}: dropped {len(repeats)} duplicate prompt(s) (first: row {row} repeats "
+                               f"row {original})")
+            else:
+                rank_zero_warn(f"{source}: {len(repeats)} prompt(s) repeat an earlier one (first: row {row} "
+                               f"repeats row {original}); set data.drop_duplicate_prompts: true to drop them")
         return prompts
 
     def use_pipeline(self, pipeline: Pipeline) -> None:

@@ -12,6 +12,7 @@ to write. One SPPO iteration passes through them in this order:
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Sequence
 
 import torch
@@ -54,11 +55,9 @@ def rank(ranker, tokenizer, generations: Sequence[dict[str, Any]], first_row: in
     try:
         pairwise = ranker.pairwise_logits(ranker_prompts(ranker, tokenizer, generations),
                                           [g["responses"] for g in generations])
-    except DataError as error:  # the ranker counts rows from the shard's first
-        if first_row == 0:
-            raise
-        raise DataError(f"ranking the shard that starts at prompt row {first_row} of generations.parquet "
-                        f"(add {first_row} to the row below): {error}") from error
+    except DataError as error:  # the ranker counts rows from the shard's first: name the iteration's row
+        message = re.sub(r"prompt row (\d+)", lambda m: f"prompt row {first_row + int(m.group(1))}", str(error))
+        raise DataError(f"{message} (the generations are kept: a resumed run ranks again from this shard)") from error
     except Exception as error:  # a judge that raises: name the rows, keep what is written
         last = first_row + len(generations) - 1
         raise DataError(f"the ranker {type(ranker).__name__} failed on prompt rows {first_row}-{last} of "

@@ -64,7 +64,11 @@ class FunctionJudge:
         out = torch.empty(len(prompts), len(candidates[0]) if candidates else 0, dtype=torch.float64)
         for n, (prompt, cands) in enumerate(zip(prompts, candidates)):
             for k, response in enumerate(cands):
-                value = self.function(prompt, response)
+                try:
+                    value = self.function(prompt, response)
+                except Exception as err:  # the user's judge: one line naming it, the row and the error
+                    raise DataError(f"judge {self.function_path}: prompt row {n}, candidate {k}: raised "
+                                    f"{type(err).__name__}: {err}") from err
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                     raise DataError(
                         f"judge {self.function_path}: prompt row {n}, candidate {k}: returned {value!r}, "

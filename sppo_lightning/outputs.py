@@ -1,0 +1,85 @@
+"""Where a run writes, checked before it starts, and checkpoints checked after they are written.
+
+``check_output_locations`` runs before ``fit`` loads any model: every folder the run will write
+(the root dir, the logs, the checkpoints, the self-play run dir, the export) must be a writable
+folder or creatable as one, else a ``ConfigError`` names the path and its config key. ``Trainer``
+verifies each checkpoint after saving it: Lightning's ``cloud_io`` swallows a ``PermissionError``
+on save, and a run that believes it is resumable when it is not must stop instead.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Optional
+
+import lightning as L
+
+from sppo_lightning.errors import ConfigError, TrainingError
+
+
+def check_writable_folder(path: str | os.PathLike, key: str) -> None:
+    """``path`` is a folder we can write in, or one we can create: else one line naming it and ``key``."""
+    target = Path(path).expanduser().absolute()
+    existing = target
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file" if existing == target else f"is under {existing}, which is a file"
+        raise ConfigError(f"{key}: {target} {what}, not a folder; choose another path")
+    try:  # os.access says yes to root whatever the mode; creating a file is the real test
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".sppo-lightning-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ConfigError(f"{key}: {target} is not writable ({err.strerror}: {existing}); choose another path "
+                          f"or fix its permissions") from None
+
+
+def output_locations(trainer: L.Trainer) -> Iterator[tuple[Path, str]]:
+    """(folder, config key) of every place the run writes."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from sppo_lightning.callbacks.bond import BondSelfPlay
+    from sppo_lightning.callbacks.hf_export import HFExport
+    from sppo_lightning.callbacks.self_play import SelfPlay
+
+    root = Path(trainer.default_root_dir)
+    yield root, "trainer.default_root_dir"
+    for logger in trainer.loggers:
+        save_dir: Optional[str] = getattr(logger, "save_dir", None) or getattr(logger, "root_dir", None)
+        if save_dir:
+            yield Path(save_dir), f"trainer.logger ({type(logger).__name__}).init_args.save_dir"
+    for callback in trainer.callbacks:
+        name = type(callback).__name__
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+            yield Path(callback.dirpath), f"trainer.callbacks ({name}).init_args.dirpath"
+        elif isinstance(callback, (SelfPlay, BondSelfPlay)):
+            default = root / ("self_play" if isinstance(callback, SelfPlay) else "bond")
+            yield Path(callback.run_dir_setting or default), f"trainer.callbacks ({name}).init_args.run_dir"
+        elif isinstance(callback, HFExport) and callback.dirpath:
+            yield Path(callback.dirpath), f"trainer.callbacks ({name}).init_args.dirpath"
+
+
+def check_output_locations(trainer: L.Trainer) -> None:
+    for path, key in output_locations(trainer):
+        check_writable_folder(path, key)
+
+
+def written(path: str | os.PathLike) -> bool:
+    """A checkpoint file with bytes in it, or a sharded checkpoint folder with files in it."""
+    path = Path(path)
+    if path.is_dir():
+        return any(p.is_file() and p.stat().st_size > 0 for p in path.rglob("*"))
+    return path.is_file() and path.stat().st_size > 0
+
+
+class Trainer(L.Trainer):
+    """Lightning's ``Trainer``, whose ``save_checkpoint`` checks that the checkpoint is on disk."""
+
+    def save_checkpoint(self, filepath, weights_only: Optional[bool] = None, storage_options=None) -> None:
+        super().save_checkpoint(filepath, weights_only=weights_only, storage_options=storage_options)
+        if self.is_global_zero and "://" not in str(filepath) and not written(filepath):
+            raise TrainingError(f"the checkpoint {filepath} was not written (is its folder writable, is the disk "
+                                f"full?); stopping, since this run could not be resumed from it")

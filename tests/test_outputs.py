@@ -1,0 +1,73 @@
+"""sppo_lightning/outputs.py: output folders checked before a run, checkpoints checked after saving."""
+
+import lightning as L
+import pytest
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from sppo_lightning.callbacks.hf_export import HFExport
+from sppo_lightning.callbacks.self_play import SelfPlay
+from sppo_lightning.errors import ConfigError, TrainingError
+from sppo_lightning.outputs import Trainer, check_output_locations, check_writable_folder, output_locations
+from sppo_lightning.ranking import FunctionJudge
+
+
+def trainer_writing_to(tmp_path, **paths):
+    judge = FunctionJudge("sppo_lightning.ranking.judges:shorter")
+    return L.Trainer(
+        default_root_dir=paths.get("root", tmp_path), logger=CSVLogger(paths.get("logs", tmp_path / "logs")),
+        callbacks=[ModelCheckpoint(dirpath=paths.get("checkpoints", tmp_path / "ckpt")),
+                   SelfPlay(judge, run_dir=paths.get("run_dir")), HFExport(paths.get("export"))],
+        accelerator="cpu", enable_progress_bar=False, enable_model_summary=False,
+    )
+
+
+def test_every_output_location_is_listed_with_its_key(tmp_path):
+    found = dict((key, path) for path, key in output_locations(trainer_writing_to(tmp_path, export=tmp_path / "hf")))
+    assert found == {
+        "trainer.default_root_dir": tmp_path,
+        "trainer.logger (CSVLogger).init_args.save_dir": tmp_path / "logs",
+        "trainer.callbacks (ModelCheckpoint).init_args.dirpath": tmp_path / "ckpt",
+        "trainer.callbacks (SelfPlay).init_args.run_dir": tmp_path / "self_play",
+        "trainer.callbacks (HFExport).init_args.dirpath": tmp_path / "hf",
+    }
+    check_output_locations(trainer_writing_to(tmp_path))  # creatable: fine, and nothing is created
+    assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize("key", ["checkpoints", "logs", "run_dir", "export", "root"])
+def test_a_location_under_a_file_is_one_line_naming_its_key(tmp_path, key):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match=f"{blocker / 'x'} is under {blocker}, which is a file"):
+        check_output_locations(trainer_writing_to(tmp_path, **{key: blocker / "x"}))
+
+
+def test_a_file_itself_is_not_a_folder(tmp_path):
+    path = tmp_path / "file"
+    path.write_text("x")
+    with pytest.raises(ConfigError, match=r"^some.key: .*/file is a file, not a folder"):
+        check_writable_folder(path, "some.key")
+
+
+def test_a_read_only_folder_is_refused(tmp_path, monkeypatch):
+    # Root writes whatever the mode says, so the refusal is shown through the probe itself.
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(ConfigError, match=r"^out.dir: .* is not writable \(Permission denied: "):
+        check_writable_folder(tmp_path / "new", "out.dir")
+
+
+def test_the_trainer_refuses_a_checkpoint_that_is_not_on_disk(tmp_path, tiny_llama):
+    from sppo_lightning.module import PreferenceModule
+
+    trainer = Trainer(default_root_dir=tmp_path, accelerator="cpu", logger=False, max_epochs=0)
+    module = PreferenceModule(tiny_llama, loss="orpo")
+    trainer.strategy.connect(module)
+    trainer.strategy.checkpoint_io.save_checkpoint = lambda *a, **k: None  # a write that fails silently
+    with pytest.raises(TrainingError, match="was not written"):
+        trainer.save_checkpoint(tmp_path / "x.ckpt")
