@@ -131,6 +131,14 @@ def markdown(rows: list[dict[str, Any]], where: dict[str, str]) -> str:
                  "-" if loss is None else f"{loss:.4g}"]
         cells += [f"{seconds[k]:.1f}s" if k in seconds else "-" for k in ("generate", "rank", "reference", "train", "evaluate")]
         lines.append("| " + " | ".join(cells) + " |")
+    judged = [r for r in rows if "judge" in r]
+    if judged:  # an LLM judge: what it was asked, what the cache answered, how its margins were read
+        lines += ["", "| iteration | judge questions asked | answered from the cache | margins from log-probs "
+                      "| from parsed verdicts |", "|---|---|---|---|---|"]
+        for r in judged:
+            j = r["judge"]
+            lines.append(f"| {r['iteration']} | {j.get('judge_calls', 0)} | {j.get('cache_hits', 0)} | "
+                         f"{j.get('judged_by_logprobs', '-')} | {j.get('judged_by_verdict', '-')} |")
     lines += ["", "Plots: " + ", ".join(f"[{name}]({name})" for name in PLOTS), ""]
     lines += [f"- {what}: `{place}`" for what, place in where.items()]
     return "\n".join(lines) + "\n"

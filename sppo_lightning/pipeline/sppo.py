@@ -28,6 +28,7 @@ from sppo_lightning.data.prompts import Prompt, prompts_fingerprint
 from sppo_lightning.errors import ConfigError, DataError
 from sppo_lightning.pipeline import stages
 from sppo_lightning.distributed import DistContext
+from sppo_lightning.ranking.cache import attach_judgment_cache, counted
 from sppo_lightning.ranking.protocol import fingerprint_hash, fingerprint_of
 
 # What training reads of train.parquet (the other columns are for people and the official format).
@@ -110,9 +111,11 @@ class SPPOPipeline:
         shards = artifacts.num_shards("generations")
         source = {"generations": artifacts.checksum("generations"),
                   "ranker": fingerprint_hash(fingerprint_of(self.ranker))}
+        attach_judgment_cache(self.ranker, self.run_dir)
         run_sharded_stage(ctx, artifacts, "rankings", shards,
-                          lambda k: (stages.rank(self.ranker, tokenizer, artifacts.read_shard("generations", k),
-                                                 artifacts.shard_start("generations", k)), {}), source=source)
+                          lambda k: counted(self.ranker, lambda: stages.rank(
+                              self.ranker, tokenizer, artifacts.read_shard("generations", k),
+                              artifacts.shard_start("generations", k))), source=source)
         source = {"generations": source["generations"], "rankings": artifacts.checksum("rankings")}
         # Every rank: the reference log-probs are split over the ranks (and are collectives under FSDP).
         run_sharded_stage(ctx, artifacts, "train", shards, lambda k: self._pairs(artifacts, k, iteration, policy,
@@ -145,6 +148,10 @@ class SPPOPipeline:
             "seconds": {s: artifacts.info(n).get("seconds", 0.0) for s, n in
                         (("generate", "generations"), ("rank", "rankings"), ("reference", "train"))},
         }
+        judge = {k: v for k, v in artifacts.info("rankings").items()
+                 if k in ("judge_calls", "cache_hits", "judged_by_logprobs", "judged_by_verdict")}
+        if judge:  # an LLM judge: its questions, cache hits, and how its margins were read
+            stats["judge"] = judge
         samples = stages.samples_table(artifacts.read_shard("train", 0), self.log_samples)
         if ctx.is_global_zero:
             if self.log_samples > 0:

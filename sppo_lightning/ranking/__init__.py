@@ -1,4 +1,4 @@
-"""Rankers (PairRM, reward models, Python judges) and SPPO's win-probability estimate.
+"""Rankers (PairRM, reward models, Python judges, LLM judges) and SPPO's win-probability estimate.
 
 Every ranker answers one question: for prompt n and candidates i, j, how much better is i than j?
 ``pairwise_logits(prompts, candidates)`` returns ``M[N, K, K]`` (``protocol.py``); its
@@ -11,11 +11,15 @@ from sppo_lightning.ranking.estimate import (
 )
 from sppo_lightning.ranking.protocol import PromptView, Ranker, fingerprint_of, prompt_view_of, weights_fingerprint
 from sppo_lightning.ranking.function import FunctionJudge
+from sppo_lightning.ranking.llm_judge import LLMJudge
+from sppo_lightning.ranking.openai_judge import OpenAIJudge
 from sppo_lightning.ranking.pairrm import PairRMRanker
 from sppo_lightning.ranking.reward_model import RewardModelRanker
 
 __all__ = [
     "FunctionJudge",
+    "LLMJudge",
+    "OpenAIJudge",
     "PairRMRanker",
     "PairSelection",
     "PromptView",

@@ -1,0 +1,83 @@
+"""``JudgmentCache``: every pairwise judgment a judge has made, kept in the run dir.
+
+A judgment is keyed by a hash of (the judge's fingerprint, prompt, response A, response B), so a
+resumed run, a repeated evaluation or the same pair in another iteration never asks the judge
+again, and a changed judge (template, model, endpoint) asks afresh. Judgments are appended to
+``<folder>/judgments.<pid>.jsonl`` as each batch finishes (one file per process, so ranks never
+write the same file), and every such file is read when the cache opens; a line torn by a crash is
+skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+
+def judgment_key(judge: str, prompt: str, a: str, b: str) -> str:
+    return hashlib.sha256(json.dumps([judge, prompt, a, b]).encode()).hexdigest()[:32]
+
+
+class JudgmentCache:
+    """Args: folder: where the judgment files live (created on first write)."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        self.values: dict[str, float] = {}
+        self.hits = 0
+        self.stored = 0
+        for path in sorted(self.folder.glob("judgments.*.jsonl")):
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                    self.values[row["key"]] = float(row["value"])
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line torn by a crash
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, float]:
+        found = {k: self.values[k] for k in keys if k in self.values}
+        self.hits += len(found)
+        return found
+
+    def put_many(self, values: dict[str, float]) -> None:
+        if not values:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with (self.folder / f"judgments.{os.getpid()}.jsonl").open("a") as f:
+            for key, value in values.items():
+                f.write(json.dumps({"key": key, "value": value}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.values.update(values)
+        self.stored += len(values)
+
+
+# What a judge with a cache counts, recorded with each rankings shard (and summed over shards).
+COUNTERS = ("calls", "by_logprobs", "by_verdict")
+
+
+def attach_judgment_cache(ranker, run_dir: str | os.PathLike) -> None:
+    """Give a judge that keeps judgments (``use_cache``) the run dir's cache, once."""
+    if hasattr(ranker, "use_cache") and getattr(ranker, "cache", None) is None:
+        ranker.use_cache(JudgmentCache(Path(run_dir) / "judgments"))
+
+
+def counted(ranker, rank) -> tuple[list, dict]:
+    """``rank()``'s rows, and how many questions the judge asked and how many the cache answered
+    meanwhile (``judge_calls``, ``cache_hits``, ``judged_by_logprobs``/``_verdict``); {} for a ranker
+    that counts nothing."""
+    cache = getattr(ranker, "cache", None)
+    before = {name: getattr(ranker, name, 0) for name in COUNTERS}
+    hits = cache.hits if cache is not None else 0
+    rows = rank()
+    if not hasattr(ranker, "calls"):
+        return rows, {}
+    info = {"judge_calls": ranker.calls - before["calls"],
+            "cache_hits": (cache.hits - hits) if cache is not None else 0}
+    for name in ("by_logprobs", "by_verdict"):
+        if hasattr(ranker, name):
+            info[f"judged_{name}"] = getattr(ranker, name) - before[name]
+    return rows, info

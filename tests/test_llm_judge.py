@@ -1,0 +1,141 @@
+"""LLMJudge on the tiny Llama: shapes, antisymmetry, the sign convention on a hand-built judge,
+batching, the judgment cache, fingerprints, and a self-play iteration judged by it."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from sppo_lightning.models import load_tokenizer
+from sppo_lightning.ranking import LLMJudge, fingerprint_of
+from sppo_lightning.ranking.cache import JudgmentCache
+
+PROMPTS = ["Name a color.", "What is 2 plus 3?"]
+CANDIDATES = [["Blue.", "It is red, I think.", "Green"], ["5", "five", "It is 5."]]
+
+
+def judge(path, **kwargs):
+    return LLMJudge(path, show_progress=False, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def always_a(tiny_llama, tmp_path_factory):
+    """A judge model that answers "A" whatever it reads: every layer's output is zeroed, so the
+    last position's hidden state is the (fixed) last token's embedding v, and the head's "A" row is
+    the "B" row plus v: log P(A) - log P(B) = |norm(v)|² > 0 for every question."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    tokenizer = load_tokenizer(tiny_llama)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        question = judge(tiny_llama)
+        question.tokenizer = tokenizer
+        last = question.question_ids("p", "a", "b")[-1]
+        v = model.model.norm(model.model.embed_tokens.weight[last])
+        a, b = (tokenizer.encode(x, add_special_tokens=False)[0] for x in ("A", "B"))
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.clone())
+        model.lm_head.weight[a] = model.lm_head.weight[b] + v
+    out = tmp_path_factory.mktemp("always_a")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out), float(v.pow(2).sum())
+
+
+def test_shape_zero_diagonal_and_antisymmetry(tiny_llama):
+    m = judge(tiny_llama).pairwise_logits(PROMPTS, CANDIDATES)
+    assert m.shape == (2, 3, 3)
+    assert torch.equal(m.diagonal(dim1=-2, dim2=-1), torch.zeros(2, 3))
+    torch.testing.assert_close(m, -m.transpose(-1, -2))
+    assert m.abs().sum() > 0
+
+
+def test_a_judge_that_always_says_a(always_a):
+    path, margin = always_a
+    one_order = judge(path, both_orders=False).pairwise_logits(PROMPTS, CANDIDATES)
+    # i in slot A wins by the hand-computed margin; j > i only ever sat in slot B
+    assert one_order[0, 0, 1].item() == pytest.approx(margin, rel=1e-3)
+    assert (one_order[:, 0, 1] > 0).all() and (one_order[:, 1, 0] < 0).all()
+    # both orders cancel the position bias exactly: nothing is preferred
+    both = judge(path).pairwise_logits(PROMPTS, CANDIDATES)
+    torch.testing.assert_close(both, torch.zeros_like(both), atol=1e-5, rtol=0)
+
+
+def test_batches_and_padding_change_no_judgment(tiny_llama):
+    one = judge(tiny_llama, batch_size=1).pairwise_logits(PROMPTS, CANDIDATES)
+    many = judge(tiny_llama, batch_size=16).pairwise_logits(PROMPTS, CANDIDATES)
+    torch.testing.assert_close(one, many, atol=1e-4, rtol=0)
+
+
+def test_the_cache_answers_a_rerun_and_counts_hits(tiny_llama, tmp_path):
+    first = judge(tiny_llama)
+    first.use_cache(JudgmentCache(tmp_path))
+    m = first.pairwise_logits(PROMPTS, CANDIDATES)
+    assert first.calls == 12 and first.cache.hits == 0  # 2 prompts x 6 ordered pairs
+    again = judge(tiny_llama)  # a new process would open the same folder
+    again.use_cache(JudgmentCache(tmp_path))
+    torch.testing.assert_close(again.pairwise_logits(PROMPTS, CANDIDATES), m)
+    assert again.calls == 0 and again.cache.hits == 12 and again.model is None  # never even loaded
+    other = judge(tiny_llama, template="Which is better, A or B?\n{prompt}\nA: {a}\nB: {b}")
+    other.use_cache(JudgmentCache(tmp_path))
+    other.pairwise_logits(PROMPTS, CANDIDATES)
+    assert other.calls == 12  # another template is another judge
+
+
+def test_the_fingerprint_follows_template_model_and_orders(tiny_llama, tmp_path):
+    base = fingerprint_of(judge(tiny_llama))
+    assert base == fingerprint_of(judge(tiny_llama))
+    assert base != fingerprint_of(judge(tiny_llama, template="{prompt} {a} {b} A or B?"))
+    assert base != fingerprint_of(judge(tiny_llama, both_orders=False))
+    assert base != fingerprint_of(judge(str(tmp_path)))
+
+
+def test_bad_settings_are_one_line(tiny_llama):
+    from sppo_lightning.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="template must contain {b}"):
+        LLMJudge(tiny_llama, template="{prompt} {a}")
+    with pytest.raises(ConfigError, match="two different strings"):
+        LLMJudge(tiny_llama, answers=("A", "A"))
+
+
+def test_a_self_play_iteration_judged_by_the_llm_judge(tmp_path, tiny_llama):
+    from tests.test_self_play import QUESTIONS, fit
+
+    ranker = judge(tiny_llama)
+    fit(tmp_path, tiny_llama, ranker=ranker)
+    folder = tmp_path / "self_play" / "iteration_0"
+    rankings = pq.read_table(folder / "rankings.parquet").to_pylist()
+    assert len(rankings) == len(QUESTIONS)
+    m = torch.tensor([r["pairwise_logits"] for r in rankings])
+    torch.testing.assert_close(m, -m.transpose(-1, -2))
+    info = json.loads((folder / "manifest.json").read_text())["stages"]["rankings"]
+    assert info["judge_calls"] == len(QUESTIONS) * 6 and info["cache_hits"] == 0
+    assert list((tmp_path / "self_play" / "judgments").glob("judgments.*.jsonl"))
+    report = (tmp_path / "self_play" / "report.md").read_text()
+    assert "| judge questions asked | answered from the cache |" in report
+    assert f"| 1 | {len(QUESTIONS) * 6} | 0 |" in report
+
+
+def test_another_template_redoes_the_rankings_in_the_same_run_dir(tmp_path, tiny_llama, tokenizer):
+    from sppo_lightning.data.prompts import load_prompts
+    from sppo_lightning.pipeline import HFGenerator, SPPOPipeline
+
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    prompts = load_prompts(str(path), tokenizer, 32)[0]
+    policy = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    generator = HFGenerator(max_new_tokens=4, show_progress=False)
+    first = judge(tiny_llama)
+    SPPOPipeline(generator, first, tmp_path / "run", num_samples=3).build(0, policy, tokenizer, prompts)
+    assert first.calls == 12
+    same = judge(tiny_llama)  # a resumed run: the rankings are reused, nothing is asked
+    SPPOPipeline(generator, same, tmp_path / "run", num_samples=3).build(0, policy, tokenizer, prompts)
+    assert same.calls == 0
+    other = judge(tiny_llama, template="{prompt}\nA: {a}\nB: {b}\nBetter, A or B?")
+    with pytest.warns(UserWarning, match="redoing rankings"):
+        SPPOPipeline(generator, other, tmp_path / "run", num_samples=3).build(0, policy, tokenizer, prompts)
+    assert other.calls == 12
