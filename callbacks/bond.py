@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from sppo_lightning import seeds
 from sppo_lightning.artifacts import RunSummary
@@ -37,6 +37,16 @@ class BondSelfPlay(L.Callback):
         temperature, top_p, max_new_tokens, generation_batch_size: sampling (on-policy: T = 1).
         seed: sampling and tie-breaking streams. run_dir: default ``<default_root_dir>/bond``.
         eval_samples: responses per held-out prompt for the win rate against the initial policy.
+        on_policy: every optimizer step trains on samples of the current policy and anchor: an
+            iteration is exactly one step's prompts (``data.batch_size`` × accumulation × devices)
+            and ``data.prompts_per_iteration`` is set so. ``false`` trains several steps per draw
+            (set ``data.prompts_per_iteration``): the later steps are off-policy REINFORCE with no
+            correction, and a warning says so.
+        tie_rule: ``strict`` (the paper's main text: the policy sample loses only when strictly
+            worse than both anchor samples), ``le`` (its appendix: worse or tied), or ``coin``.
+        generation_shard_size: prompts per shard of the generate and rank stages.
+        eval_every: measure the win rate against the initial policy every this many iterations
+            (and at the last); with on-policy iterations of one step, every one would be costly.
     """
 
     def __init__(
@@ -53,11 +63,17 @@ class BondSelfPlay(L.Callback):
         run_dir: Optional[str] = None,
         eval_samples: int = 1,
         show_progress: bool = True,
+        on_policy: bool = True,
+        tie_rule: Literal["strict", "le", "coin"] = "strict",
+        generation_shard_size: int = 512,
+        eval_every: int = 1,
     ) -> None:
         self.ranker, self.variant, self.n, self.k = ranker, variant, n, quantile_samples
         self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
         self.generation_batch_size, self.seed = generation_batch_size, seed
         self.run_dir_setting, self.eval_samples, self.show_progress = run_dir, eval_samples, show_progress
+        self.on_policy, self.tie_rule, self.generation_shard_size = on_policy, tie_rule, generation_shard_size
+        self.eval_every = eval_every
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -70,11 +86,15 @@ class BondSelfPlay(L.Callback):
             raise ConfigError("BondSelfPlay needs model.class_path: sppo_lightning.bond.BondModule")
         if not isinstance(trainer.datamodule, SelfPlayDataModule):
             raise ConfigError("BondSelfPlay needs data.class_path: sppo_lightning.data.SelfPlayDataModule")
+        if self.eval_every < 1:
+            raise ConfigError(f"BondSelfPlay: eval_every must be at least 1, got {self.eval_every}")
         self.datamodule = trainer.datamodule
+        self._draw_per_step(trainer)
         self.run_dir = Path(self.run_dir_setting or Path(trainer.default_root_dir) / "bond")
         generator = HFGenerator(self.temperature, self.top_p, self.max_new_tokens, self.generation_batch_size,
                                 show_progress=self.show_progress)
-        self.pipeline = BondPipeline(generator, self.ranker, self.run_dir, self.variant, self.n, self.k, self.seed)
+        self.pipeline = BondPipeline(generator, self.ranker, self.run_dir, self.variant, self.n, self.k, self.seed,
+                                     self.tie_rule, self.generation_shard_size)
         self.datamodule.use_pipeline(self.pipeline)
         trainer.reload_dataloaders_every_n_epochs = 1
 
@@ -85,6 +105,24 @@ class BondSelfPlay(L.Callback):
         self.win_rate = InitialPolicyWinRate(self.run_dir, self.ranker, sample, self.eval_samples,
                                              seed=seeds.evaluation_stream(self.seed))
         self.summary = RunSummary(self.run_dir / "summary.json")
+
+    def _draw_per_step(self, trainer: L.Trainer) -> None:
+        """On-policy: one iteration = one optimizer step's prompts, drawn fresh from π and the anchor."""
+        data = self.datamodule
+        per_step = data.batch_size * trainer.accumulate_grad_batches * trainer.world_size
+        if not self.on_policy:
+            drawn = data.prompts_per_iteration or len(data.prompts)  # the data module is set up before us
+            steps = math.ceil(drawn / per_step) * data.epochs_per_iteration
+            rank_zero_warn(f"BondSelfPlay: on_policy is false: each draw of samples trains {steps} optimizer steps "
+                           f"of the iteration; every step after the first trains on an older policy's samples "
+                           f"(off-policy REINFORCE, no correction). J-BOND is on-policy: set on_policy: true")
+            return
+        if data.prompts_per_iteration not in (None, per_step) or data.epochs_per_iteration != 1:
+            raise ConfigError(f"BondSelfPlay: on_policy makes each iteration one optimizer step's prompts "
+                              f"(data.batch_size x accumulate_grad_batches x devices = {per_step}) trained for "
+                              f"one epoch; remove data.prompts_per_iteration ({data.prompts_per_iteration}) and "
+                              f"data.epochs_per_iteration ({data.epochs_per_iteration}), or set on_policy: false")
+        data.prompts_per_iteration = per_step
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # The initial policy's evaluation answers, before its first step (reused when resuming).
@@ -100,11 +138,12 @@ class BondSelfPlay(L.Callback):
         data = self.datamodule.iteration_data.get(iteration)
         stats = data.stats if data is not None else {}
         row: dict[str, Any] = {"iteration": iteration + 1, **{k: v for k, v in stats.items() if v is not None}}
-        if self.datamodule.eval_prompts:
+        last = trainer.current_epoch + 1 >= (trainer.max_epochs or 0)
+        if self.datamodule.eval_prompts and ((iteration + 1) % self.eval_every == 0 or last):
             row["win_rate_vs_initial"] = self.win_rate.measure(trainer, self.datamodule.eval_prompts,
                                                                self.datamodule.tokenizer)
             pl_module.log("bond/win_rate_vs_initial", row["win_rate_vs_initial"], on_epoch=True, on_step=False)
-        for key in ("ties_broken", "kl_to_initial"):
+        for key in ("ties", "ties_broken", "kl_to_initial"):
             if stats.get(key) is not None:
                 pl_module.log(f"bond/{key}", float(stats[key]), on_epoch=True, on_step=False)
         if self.variant == "bond":  # Best-of-N's own KL to its reference, for comparison

@@ -35,6 +35,9 @@ class BondModule(L.LightningModule):
     Args:
         model_name_or_path: Hugging Face causal LM id or local folder (the initial policy and anchor).
         jeffreys_beta: β of ``(1-β)·forward KL + β·backward KL`` (paper: 0.5).
+        gamma: γ, the weight of the anchor regulariser ``KL(π‖π_anchor)`` added to the update
+            (estimated on the policy's own samples with the anchor log-probs the reward already
+            needs). The paper's main runs use 0 and ablate {0, 0.5, 1, 2}.
         torch_dtype, trust_remote_code, lora, gradient_checkpointing: as for ``PreferenceModule``.
         footprint: ``full``, ``lora`` or ``qlora`` (4-bit base; the policy and the anchor are two
             LoRA adapters on it). ``fsdp`` is not supported here yet. None: from ``lora``.
@@ -51,6 +54,7 @@ class BondModule(L.LightningModule):
         self,
         model_name_or_path: str,
         jeffreys_beta: float = 0.5,
+        gamma: float = 0.0,
         torch_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         trust_remote_code: bool = False,
         lora: Optional[LoraSettings] = None,
@@ -75,6 +79,8 @@ class BondModule(L.LightningModule):
             lora = LoraSettings()
         if not 0.0 <= jeffreys_beta <= 1.0:
             raise ConfigError(f"model.jeffreys_beta must be in [0, 1], got {jeffreys_beta}")
+        if gamma < 0:
+            raise ConfigError(f"model.gamma must be >= 0, got {gamma}")
         if lr <= 0:
             raise ConfigError(f"model.lr must be > 0, got {lr}")
         self.save_hyperparameters(ignore=["lora"])
@@ -165,6 +171,9 @@ class BondModule(L.LightningModule):
         policy = model_logprobs(self.policy, batch)
         forward, sample = policy.sum[:half], policy.sum[half:]
         per_prompt = losses.bond_loss(forward, sample, anchor_sample, batch["reward"], self.hparams.jeffreys_beta)
+        gamma = self.hparams.get("gamma", 0.0)
+        if gamma:
+            per_prompt = per_prompt + gamma * losses.anchor_kl_surrogate(sample, anchor_sample)
         loss = per_prompt.mean()
         if not torch.isfinite(loss):
             return non_finite_loss(self, loss, per_prompt, batch_idx, self.hparams.on_non_finite, rows="prompts")

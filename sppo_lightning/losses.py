@@ -231,3 +231,16 @@ def bond_loss(
     returns = r - (pol - anc).detach()
     advantage = (returns - leave_one_out_baseline(returns)).detach()
     return (1.0 - beta) * -fw + beta * -(pol * advantage)
+
+
+def anchor_kl_surrogate(policy_sample_logps: Tensor, anchor_sample_logps: Tensor) -> Tensor:
+    """J-BOND's anchor regulariser ``KL(π‖π_anchor)`` (BOND, arXiv 2407.14622, §5: the ``γ`` term),
+    as a per-prompt surrogate ``[B]`` on the policy's own samples y ~ π.
+
+    Its value is ``(log π(y) - log π_anchor(y)).detach() · log π(y)``, whose gradient
+    ``(log π(y) - log π_anchor(y))·∇log π(y)`` is, in expectation over y ~ π, the gradient of
+    ``KL(π‖π_anchor)`` (the ``+1`` of the exact gradient has zero mean). Report the KL itself as
+    ``log π(y) - log π_anchor(y)``, not this value.
+    """
+    pol, anc = _wide(policy_sample_logps, anchor_sample_logps)
+    return (pol - anc).detach() * pol

@@ -54,22 +54,26 @@ def constant(prompt, response):
     return 0.0
 
 
+@pytest.mark.parametrize("tie_rule", ["strict", "coin"])
 @pytest.mark.parametrize("variant", ["jbond", "bond"])
-def test_bond_rows_rewards_and_ties(tmp_path, tiny_llama, variant):
+def test_bond_rows_rewards_and_ties(tmp_path, tiny_llama, variant, tie_rule):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in ["Hi", "Name a color.", "Why?"]))
     judge = "sppo_lightning.ranking.judges:shorter" if variant == "jbond" else f"{__name__}:constant"
     callback = BondSelfPlay(FunctionJudge(judge), variant=variant, n=3, quantile_samples=4, max_new_tokens=6,
-                            generation_batch_size=2, run_dir=str(tmp_path / "bond"), show_progress=False)
+                            generation_batch_size=2, run_dir=str(tmp_path / "bond"), show_progress=False,
+                            tie_rule=tie_rule)
     module = BondModule(tiny_llama, lr=1e-3, lora=LoraSettings(r=4, alpha=8))
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback, EMAAnchor(0.1)])
-    trainer.fit(module, datamodule=SelfPlayDataModule(prompts=str(prompts), tokenizer=tiny_llama, batch_size=2))
+    # on-policy: the iteration is one optimizer step's prompts, here all 3
+    trainer.fit(module, datamodule=SelfPlayDataModule(prompts=str(prompts), tokenizer=tiny_llama, batch_size=3))
     import pyarrow.parquet as pq
 
     gens = pq.read_table(tmp_path / "bond" / "iteration_0" / "generations.parquet").to_pylist()
     rows = pq.read_table(tmp_path / "bond" / "iteration_0" / "train.parquet").to_pylist()
     manifest = json.loads((tmp_path / "bond" / "iteration_0" / "manifest.json").read_text())
+    train = manifest["stages"]["train"]
     assert len(rows) == 3
     for g, r in zip(gens, rows):
         assert r["rejected_ids"] == g["sample_ids"] and r["chosen_ids"] == g["anchor_ids"][r["best_anchor"]]
@@ -78,17 +82,23 @@ def test_bond_rows_rewards_and_ties(tmp_path, tiny_llama, variant):
             lengths = [len(a) for a in g["anchors"]]
             if lengths[0] != lengths[1]:  # shorter wins under this judge
                 assert r["best_anchor"] == lengths.index(min(lengths))
+            elif tie_rule == "strict":
+                assert r["best_anchor"] == 0  # a tie for the best anchor goes to the first
+            # strict: the policy sample loses only when strictly longer than both anchor samples
             loses_both = all(len(g["sample"]) > n for n in lengths)
-            if len(set([len(g["sample"]), *lengths])) == 3:
+            if tie_rule == "strict" or len(set([len(g["sample"]), *lengths])) == 3:
                 assert r["reward"] == pytest.approx(-2.7725887 if loses_both else 0.0)
         else:
             assert len(g["anchors"]) == 3 + 4 and r["best_anchor"] < 3
-            # every comparison ties: each quantile comparison is a fair coin; (N−1)·log p̂, p̂ ≥ 1/(2k)
-            allowed = [2 * torch.log(torch.tensor(x)).item() for x in (1 / 8, .25, .5, .75, 1.0)]
-            assert any(r["reward"] == pytest.approx(v) for v in allowed), r["reward"]
-    if variant == "bond":
-        assert manifest["stages"]["train"]["ties_broken"] == 3 * (2 + 4)  # 3 tied maxima of 3 + 4 coins, per prompt
-    assert "kl_to_initial" in manifest["stages"]["train"]  # LoRA: the initial policy is adapters-off
+            if tie_rule == "strict":  # every comparison ties: tied references count as beaten, p̂ = 1
+                assert r["reward"] == 0.0 and r["best_anchor"] == 0
+            else:  # each quantile comparison is a fair coin; (N−1)·log p̂, p̂ ≥ 1/(2k)
+                allowed = [2 * torch.log(torch.tensor(x)).item() for x in (1 / 8, .25, .5, .75, 1.0)]
+                assert any(r["reward"] == pytest.approx(v) for v in allowed), r["reward"]
+    if variant == "bond":  # 2 extra tied maxima of 3, and 4 tied quantile comparisons, per prompt
+        assert train["ties"] == 3 * (2 + 4)
+        assert train["ties_broken"] == (3 * (1 + 4) if tie_rule == "coin" else 0)  # coins thrown
+    assert train["kl_rows"] == 3  # LoRA: the initial policy is adapters-off
 
 
 def test_full_fine_tuning_logs_kl_with_an_initial_copy(tmp_path, tiny_llama):
@@ -104,8 +114,9 @@ def test_full_fine_tuning_logs_kl_with_an_initial_copy(tmp_path, tiny_llama):
                         enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[callback, EMAAnchor(0.5), record])
     trainer.fit(module, datamodule=SelfPlayDataModule(prompts=str(prompts), tokenizer=tiny_llama, batch_size=2))
-    kl = [json.loads((tmp_path / "bond" / f"iteration_{t}" / "manifest.json").read_text())["stages"]["train"]
-          ["kl_to_initial"] for t in (0, 1)]
+    entries = [json.loads((tmp_path / "bond" / f"iteration_{t}" / "manifest.json").read_text())["stages"]["train"]
+               for t in (0, 1)]
+    kl = [e["kl_sum"] / e["kl_rows"] for e in entries]
     assert kl[0] == pytest.approx(0.0, abs=1e-4)  # iteration 1 samples from the initial policy itself
     assert kl[1] != pytest.approx(0.0, abs=1e-4)  # after training, the policy has moved
     assert not any(p.requires_grad for p in module.initial.parameters())
@@ -117,8 +128,9 @@ def test_jbond_recipe_raises_the_win_rate(tiny_dir, tmp_path):
     """configs/jbond.yaml through the CLI, on the quickstart's models and rule judge."""
     run_fit(REPO / "configs" / "jbond.yaml", tiny_dir, tmp_path)
     summary = json.loads((tmp_path / "bond" / "summary.json").read_text())["iterations"]
-    win_rates = [row["win_rate_vs_initial"] for row in summary]
-    assert len(win_rates) == 3
+    assert len(summary) == 48  # on-policy: one iteration (a fresh draw) per optimizer step
+    win_rates = [row["win_rate_vs_initial"] for row in summary if "win_rate_vs_initial" in row]
+    assert len(win_rates) == 3  # every 16 iterations
     assert win_rates[-1] > 0.6 and win_rates[-1] > win_rates[0], win_rates
     assert (tmp_path / "lightning_logs" / "version_0" / "hf_model" / "model.safetensors").exists()
 
@@ -208,3 +220,64 @@ def test_bond_non_finite_loss_skips_or_stops(tmp_path, tiny_llama, mode):
     else:
         trainer.fit(module, datamodule=datamodule)
         assert module.skipped_non_finite == 1
+
+
+# ---------------------------------------------------------------- on-policy draws, shards, resume
+class CountingJudge(FunctionJudge):
+    def __init__(self):
+        super().__init__("sppo_lightning.ranking.judges:shorter")
+        self.sizes = []
+
+    def pairwise_logits(self, prompts, candidates):
+        self.sizes.append(len(prompts))
+        return super().pairwise_logits(prompts, candidates)
+
+
+def fit_bond(tmp_path, tiny_llama, ranker, run_dir, epochs=1, batch_size=2, prompts_per_iteration=None, **options):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in
+                               ["Hi", "Name a color.", "Why?", "Say yes.", "Count to two.", "Be kind."]))
+    callback = BondSelfPlay(ranker, max_new_tokens=6, generation_batch_size=2, run_dir=str(run_dir),
+                            show_progress=False, **options)
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback, EMAAnchor(0.1)])
+    datamodule = SelfPlayDataModule(prompts=str(prompts), tokenizer=tiny_llama, batch_size=batch_size,
+                                    prompts_per_iteration=prompts_per_iteration)
+    trainer.fit(BondModule(tiny_llama, lr=1e-3), datamodule=datamodule)
+    return callback
+
+
+def test_on_policy_draws_one_step_of_prompts_per_iteration(tmp_path, tiny_llama):
+    import pyarrow.parquet as pq
+
+    fit_bond(tmp_path, tiny_llama, CountingJudge(), tmp_path / "bond", epochs=3)
+    texts = [[g["prompt"] for g in pq.read_table(tmp_path / "bond" / f"iteration_{t}" / "generations.parquet")
+              .to_pylist()] for t in range(3)]
+    assert texts == [["Hi", "Name a color."], ["Why?", "Say yes."], ["Count to two.", "Be kind."]]
+    summary = json.loads((tmp_path / "bond" / "summary.json").read_text())["iterations"]
+    assert [r["iteration"] for r in summary] == [1, 2, 3]
+
+
+def test_several_steps_per_draw_is_an_explicit_warned_option(tmp_path, tiny_llama):
+    with pytest.warns(UserWarning, match="on_policy is false: each draw of samples trains 3 optimizer steps"):
+        fit_bond(tmp_path, tiny_llama, CountingJudge(), tmp_path / "bond", on_policy=False)
+    with pytest.raises(ConfigError, match="on_policy makes each iteration one optimizer step's prompts"):
+        fit_bond(tmp_path, tiny_llama, CountingJudge(), tmp_path / "other", prompts_per_iteration=4)
+
+
+def test_bond_stages_stream_in_shards_and_shards_change_nothing(tmp_path, tiny_llama):
+    import pyarrow.parquet as pq
+
+    whole, sharded = CountingJudge(), CountingJudge()
+    options = dict(on_policy=False, tie_rule="coin", variant="bond", n=2, quantile_samples=2)
+    with pytest.warns(UserWarning, match="on_policy is false"):
+        fit_bond(tmp_path, tiny_llama, whole, tmp_path / "whole", **options)
+        fit_bond(tmp_path, tiny_llama, sharded, tmp_path / "shards", generation_shard_size=2, **options)
+    for stage in ("generations", "train"):
+        a = pq.read_table(tmp_path / "whole" / "iteration_0" / f"{stage}.parquet").to_pylist()
+        b = pq.read_table(tmp_path / "shards" / "iteration_0" / f"{stage}.parquet").to_pylist()
+        assert a == b and len(a) == 6
+    # the judge saw one shard at a time (2 prompts; the quantile call has k = 2 rows per prompt)
+    assert max(whole.sizes) == 12 and max(sharded.sizes) == 4
+    manifest = json.loads((tmp_path / "shards" / "iteration_0" / "manifest.json").read_text())
+    assert manifest["stages"]["train"]["shards"] == 3 and not list((tmp_path / "shards").glob("*/*.shard_*"))

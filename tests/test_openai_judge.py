@@ -98,7 +98,7 @@ def test_a_client_error_is_not_retried(server):
     server.faults.append(400)
     with pytest.raises(ServiceError, match=r"answered HTTP 400: .*injected 400"):
         judge(server).pairwise_logits(PROMPTS[:1], CANDIDATES[:1])
-    assert server.requests == 6  # one try per question: a 400 is not retried
+    assert server.requests <= 6  # at most one try per question (the rest are cancelled): a 400 is not retried
 
 
 def test_the_key_is_sent_from_the_environment_and_never_fingerprinted(server, monkeypatch):

@@ -1,0 +1,58 @@
+"""J-BOND killed anywhere resumes to the same run: configs/jbond.yaml (6 on-policy iterations) killed
+inside the judge and mid-training, resumed with --ckpt_path last: the same per-step losses and
+final weights as an uninterrupted run."""
+
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.test_quickstart import REPO, run_fit
+from tests.test_resume import final_weights, losses
+
+
+def jbond_config(tmp_path: Path) -> Path:
+    data = yaml.safe_load((REPO / "configs" / "jbond.yaml").read_text())
+    data["trainer"]["max_epochs"] = 6
+    data["trainer"]["log_every_n_steps"] = 1
+    callback = data["trainer"]["callbacks"][0]["init_args"]
+    callback["eval_every"] = 3
+    callback["generation_shard_size"] = 2  # 2 shards of the 4 prompts an iteration draws
+    callback["ranker"]["init_args"]["function"] = "tests.kill_switch:killing_judge"
+    data["trainer"]["callbacks"].insert(1, {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                            "init_args": {"dirpath": "unused", "save_last": True}})
+    path = tmp_path / "jbond_source.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("jbond_baseline")
+    marker = out / "never"
+    marker.write_text("the baseline never dies")
+    run_fit(jbond_config(out), tiny_dir, out, env={"KILL_MARKER": str(marker)})
+    return out
+
+
+@pytest.mark.parametrize("where", ["ranking", "training"])
+def test_killed_jbond_resumes_to_the_same_result(tiny_dir, tmp_path, baseline, where):
+    config = jbond_config(tmp_path)
+    marker = tmp_path / "killed"
+    if where == "ranking":  # dies in the judge's first call: iteration 0's first shard
+        first = run_fit(config, tiny_dir, tmp_path, env={"KILL_MARKER": str(marker)}, check=False)
+    else:  # dies at the start of iteration 5's training step
+        first = run_fit(config, tiny_dir, tmp_path, "--trainer.callbacks+=tests.kill_switch.KillSwitch",
+                        f"--trainer.callbacks.marker={marker}", "--trainer.callbacks.epoch=4",
+                        "--trainer.callbacks.batch=0", check=False)
+    assert first.returncode == -signal.SIGKILL and marker.exists()
+    run_fit(config, tiny_dir, tmp_path, "--ckpt_path", "last", env={"KILL_MARKER": str(marker)})
+    expected, got = losses(baseline), losses(tmp_path)
+    assert set(got) == set(expected) and len(expected) == 6
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-6), step
+    want, have = final_weights(baseline), final_weights(tmp_path)
+    for name in want:
+        torch.testing.assert_close(have[name], want[name], rtol=1e-5, atol=1e-6)
