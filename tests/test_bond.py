@@ -281,3 +281,34 @@ def test_bond_stages_stream_in_shards_and_shards_change_nothing(tmp_path, tiny_l
     assert max(whole.sizes) == 12 and max(sharded.sizes) == 4
     manifest = json.loads((tmp_path / "shards" / "iteration_0" / "manifest.json").read_text())
     assert manifest["stages"]["train"]["shards"] == 3 and not list((tmp_path / "shards").glob("*/*.shard_*"))
+
+
+def test_gamma_adds_the_anchor_kl_term_to_the_training_loss(tiny_llama):
+    from sppo_lightning import losses
+    from sppo_lightning.data.tokenize import collate_pairs
+    from sppo_lightning.logprobs import model_logprobs
+
+    rows = [{"prompt_ids": [1, 40, 41], "chosen_ids": [42, 43, 2], "rejected_ids": [44, 2], "reward": 0.0},
+            {"prompt_ids": [1, 45], "chosen_ids": [46, 2], "rejected_ids": [47, 48, 2], "reward": -2.77}]
+    batch = collate_pairs(rows, 0)
+    plain, regularised = BondModule(tiny_llama), BondModule(tiny_llama, gamma=2.0)
+    for module in (plain, regularised):
+        module.configure_model()
+        module.log = module.log_dict = lambda *a, **k: None
+    regularised.load_state_dict(plain.state_dict())
+    with torch.no_grad():  # the policy moves away from the anchor, as after training
+        for p in regularised.policy.parameters():
+            p.add_(0.01)
+        for p, q in zip(plain.policy.parameters(), regularised.policy.parameters()):
+            p.copy_(q)
+    half = batch["input_ids"].shape[0] // 2
+    sample = {k: batch[k][half:] for k in ("input_ids", "attention_mask", "labels")}
+    with torch.no_grad():
+        policy = model_logprobs(regularised.policy, sample).sum
+        anchor = model_logprobs(regularised.anchor, sample).sum
+    expected = 2.0 * losses.anchor_kl_surrogate(policy, anchor).mean()
+    difference = regularised.training_step(batch, 0) - plain.training_step(batch, 0)
+    torch.testing.assert_close(difference.detach().double(), expected.double(), atol=1e-4, rtol=1e-4)
+    assert expected.abs() > 0
+    with pytest.raises(ConfigError, match="model.gamma must be >= 0"):
+        BondModule(tiny_llama, gamma=-1.0)
