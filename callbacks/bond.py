@@ -100,7 +100,8 @@ class BondSelfPlay(L.Callback):
 
         def sample(prompts, num_samples: int, seed: int) -> list[list[list[int]]]:
             return generator.sample(trainer.lightning_module.policy, self.datamodule.tokenizer, prompts,
-                                    num_samples, seed, DistContext.from_trainer(trainer))
+                                    num_samples, seed, DistContext.from_trainer(trainer),
+                                    desc="evaluating (win rate vs initial)")
 
         self.win_rate = InitialPolicyWinRate(self.run_dir, self.ranker, sample, self.eval_samples,
                                              seed=seeds.evaluation_stream(self.seed))

@@ -130,7 +130,7 @@ class SelfPlay(L.Callback):
                             self.retry_oom, self.show_progress)
         self.pipeline = SPPOPipeline(self._generator(plain, pl_module), self.ranker, self.run_dir,
                                      self.num_samples, self.seed, self.generation_shard_size,
-                                     self.reference_batch_size, self.log_samples)
+                                     self.reference_batch_size, self.log_samples, self.show_progress)
         datamodule.use_pipeline(self.pipeline)
         # One evaluation stream for every measurement: paired samples against the initial policy.
         evaluation = self.generator if self.generator is not None else plain
@@ -159,7 +159,8 @@ class SelfPlay(L.Callback):
         """(prompts, samples per prompt, seed) -> responses of the current policy, on every rank."""
         def sample(prompts, num_samples: int, seed: int) -> list[list[list[int]]]:
             return generator.sample(trainer.lightning_module.policy, self.datamodule.tokenizer, prompts,
-                                    num_samples, seed, DistContext.from_trainer(trainer))
+                                    num_samples, seed, DistContext.from_trainer(trainer),
+                                    desc="evaluating (win rate vs initial)")
         return sample
 
     # ------------------------------------------------------------------------------ hooks
@@ -194,7 +195,7 @@ class SelfPlay(L.Callback):
         stats = self._stats(iteration)
         for key in ("chosen_p_win", "rejected_p_win", "ties_dropped", "pairs"):
             if key in stats:
-                pl_module.log(f"self_play/{key}", float(stats[key]), on_epoch=True, on_step=False)
+                pl_module.log(f"self_play/{key}", float(stats[key]), on_epoch=True, on_step=False, batch_size=1)
         data = self.datamodule.iteration_data.get(iteration)
         if data is not None and data.samples[1] and trainer.is_global_zero:
             for logger in trainer.loggers:
@@ -208,8 +209,12 @@ class SelfPlay(L.Callback):
             return  # a skipped non-finite batch has no loss
         iteration, _, _ = self._iteration_bounds(trainer)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        row = {"step": trainer.global_step, "iteration": iteration, "loss": float(loss)}
+        gap = trainer.callback_metrics.get("train/target_gap")  # SPPO's gap to its targets, in nats
+        if gap is not None:
+            row["gap"] = float(gap)
         with (self.run_dir / "losses.jsonl").open("a") as f:  # for loss.png; survives restarts
-            f.write(json.dumps({"step": trainer.global_step, "iteration": iteration, "loss": float(loss)}) + "\n")
+            f.write(json.dumps(row) + "\n")
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         iteration, _, ends = self._iteration_bounds(trainer)

@@ -249,6 +249,7 @@ def run_stage(ctx, artifacts: IterationArtifacts, stage: str, compute, on_every_
 
     done = artifacts.finished(stage, expect) if ctx.is_global_zero else False
     if ctx.broadcast(done):  # rank 0 has just checked the file: read it, do not check it again
+        _reused(ctx, artifacts, stage)
         return artifacts.rows(stage) if load else None
     rows = None
     if on_every_rank or ctx.is_global_zero:
@@ -261,6 +262,15 @@ def run_stage(ctx, artifacts: IterationArtifacts, stage: str, compute, on_every_
     if not load:
         return None
     return rows if rows is not None else artifacts.rows(stage)  # the others read what rank 0 wrote
+
+
+def _reused(ctx, artifacts: IterationArtifacts, stage: str) -> None:
+    """One line per stage or shard a resumed run takes from disk (a redone one is warned with its reason)."""
+    if ctx.is_global_zero:
+        from lightning.pytorch.utilities import rank_zero_info
+
+        rank_zero_info(f"{artifacts.dir.name}: reusing {stage} ({artifacts.info(stage).get('rows', 0)} rows, "
+                       f"finished earlier)")
 
 
 def run_sharded_stage(ctx, artifacts: IterationArtifacts, stage: str, shards: int,
@@ -279,6 +289,7 @@ def run_sharded_stage(ctx, artifacts: IterationArtifacts, stage: str, shards: in
     source = source or {}
     done = artifacts.finished(stage, source) if ctx.is_global_zero else False
     if ctx.broadcast(done):
+        _reused(ctx, artifacts, stage)
         if ctx.is_global_zero:  # shards left behind by a run killed between merging and removing
             artifacts.remove(*artifacts.stages(prefix=f"{stage}.shard_"))
         return

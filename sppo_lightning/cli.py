@@ -3,6 +3,8 @@
     sppo-lightning fit --config configs/quickstart.yaml
     sppo-lightning export <checkpoint.ckpt> <out_dir>
     sppo-lightning generate <model> <prompts> <out> --format alpaca_eval|mt_bench
+
+Known third-party noise is filtered (``sppo_lightning/console.py``); ``--verbose`` shows it.
 """
 
 from __future__ import annotations
@@ -12,14 +14,20 @@ import os
 import sys
 from typing import Optional
 
-import lightning as L
-from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.cli import LightningCLI
+from sppo_lightning import console
 
-from sppo_lightning.errors import ConfigError, SPPOLightningError
-from sppo_lightning.models import export_hf, load_tokenizer
-from sppo_lightning.module import PreferenceModule
-from sppo_lightning.outputs import Trainer, check_output_locations
+# Before Lightning, peft and bitsandbytes are imported: some of their noise comes at import time.
+if not console.verbose_requested(sys.argv[1:]):
+    console.quiet()
+
+import lightning as L  # noqa: E402
+from lightning.fabric.utilities.exceptions import MisconfigurationException  # noqa: E402
+from lightning.pytorch.cli import LightningCLI  # noqa: E402
+
+from sppo_lightning.errors import ConfigError, SPPOLightningError  # noqa: E402
+from sppo_lightning.models import export_hf, load_tokenizer  # noqa: E402
+from sppo_lightning.module import PreferenceModule  # noqa: E402
+from sppo_lightning.outputs import Trainer, check_output_locations  # noqa: E402
 
 
 class SPPOLightningCLI(LightningCLI):
@@ -143,6 +151,12 @@ def _export_reference(hparams: dict) -> str:
 
 def main(args: Optional[list[str]] = None) -> None:
     argv = sys.argv[1:] if args is None else args
+    if "--verbose" in argv:  # every third-party line back (see sppo_lightning/console.py)
+        argv = [a for a in argv if a != "--verbose"]
+        if args is None:
+            sys.argv = [sys.argv[0], *argv]  # LightningCLI reads sys.argv itself
+        else:
+            args = argv
     try:
         if argv and argv[0] == "export":
             export_main(argv[1:])

@@ -47,6 +47,7 @@ def sample_responses(
     retry_oom: bool = True,
     synced: bool = False,
     batch_offset: int = 0,
+    desc: str = "sampling",
 ) -> list[list[list[int]]]:
     """Sample ``num_samples`` responses for each prompt with ``model.generate``.
 
@@ -56,6 +57,7 @@ def sample_responses(
             with ``num_return_sequences``: one prefill per prompt, not K).
         temperature: 0 decodes greedily (evaluation answers); > 0 samples.
         seed: with the batch index, fixes every sample: the same seed gives the same responses.
+        desc: the progress bar's label (sampling for training, or evaluation).
         batch_offset: global index of the first batch, when ``prompt_ids`` is one shard of a longer
             list cut at batch boundaries: every batch keeps the seed it has in the whole list.
         rank / world_size: this process draws batches ``rank, rank + world_size, ...``; the caller
@@ -85,7 +87,7 @@ def sample_responses(
         retry_oom = False
     mine = rank_batches(math.ceil(len(prompt_ids) / batch_size), rank, world_size, lockstep=synced)
     with evaluating(model):
-        for index, real in tqdm(mine, desc="generating", disable=not show_progress):
+        for index, real in tqdm(mine, desc=desc, disable=not show_progress):
             start = index * batch_size
             chunk = prompt_ids[start : start + batch_size]
             width = max(len(p) for p in chunk)

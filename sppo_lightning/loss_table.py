@@ -81,14 +81,24 @@ def _sppo_single(x: LossInputs, h: Hyper) -> Tensor:
                                    x.batch["chosen_probs"], h["eta"])
 
 
+def _target_gap(x: LossInputs, chosen_target: Tensor, rejected_target: Tensor) -> Tensor:
+    """Mean |log-ratio − target| in nats: SPPO's loss on a scale one can read (the loss itself is
+    half its square, tens of thousands of nats² with η = 1000)."""
+    chosen = (x.chosen - x.reference_chosen - chosen_target).abs()
+    rejected = (x.rejected - x.reference_rejected - rejected_target).abs()
+    return ((chosen + rejected) / 2).detach().mean()
+
+
 def _sppo_targets(x: LossInputs, h: Hyper, per_pair: Tensor) -> dict[str, Tensor]:
-    return {"targets/chosen": (h["eta"] * (x.batch["chosen_probs_win"] - 0.5)).mean(),
-            "targets/rejected": (h["eta"] * (x.batch["chosen_probs_lose"] - 0.5)).mean()}
+    chosen, rejected = h["eta"] * (x.batch["chosen_probs_win"] - 0.5), h["eta"] * (x.batch["chosen_probs_lose"] - 0.5)
+    return {"targets/chosen": chosen.mean(), "targets/rejected": rejected.mean(),
+            "target_gap": _target_gap(x, chosen, rejected)}
 
 
 def _sppo_single_targets(x: LossInputs, h: Hyper, per_pair: Tensor) -> dict[str, Tensor]:
     target = h["eta"] * (x.batch["chosen_probs"] - 0.5)
-    return {"targets/chosen": target.mean(), "targets/rejected": (-target).mean()}
+    return {"targets/chosen": target.mean(), "targets/rejected": (-target).mean(),
+            "target_gap": _target_gap(x, target, -target)}
 
 
 def _nll_metrics(x: LossInputs, h: Hyper, per_pair: Tensor) -> dict[str, Tensor]:

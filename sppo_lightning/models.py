@@ -30,11 +30,13 @@ class LoraSettings:
 
 
 def _load_error(name_or_path: str, what: str, err: Exception) -> LoadError:
+    key = "model.model_name_or_path" + (", which also sets data.tokenizer" if what == "tokenizer" else "")
     if name_or_path.startswith(("/", ".", "~")) and not Path(name_or_path).expanduser().exists():
-        return LoadError(f"could not load the {what} '{name_or_path}': no such folder")
+        return LoadError(f"could not load the {what} '{name_or_path}' ({key}): no such folder")
     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     where = "the local folder" if Path(name_or_path).exists() else "a local folder or the hub"
-    return LoadError(f"could not load the {what} '{name_or_path}' from {where}: {reason}")
+    return LoadError(f"could not load the {what} '{name_or_path}' ({key}) from {where}: {type(err).__name__}: "
+                     f"{reason}")
 
 
 def load_causal_lm(
@@ -60,11 +62,16 @@ def load_causal_lm(
         kwargs["quantization_config"] = quantization_config(DTYPES[torch_dtype])
         if device is not None and device.type != "cpu":
             kwargs["device_map"] = {"": device}
+    from safetensors import SafetensorError
+
     try:
         return AutoModelForCausalLM.from_pretrained(
             name_or_path, dtype=DTYPES[torch_dtype], trust_remote_code=trust_remote_code, **kwargs
         )
-    except OSError as err:
+    except torch.OutOfMemoryError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
+        # A missing or corrupt config.json or weights file: one line naming the folder and the key.
         raise _load_error(name_or_path, "model", err) from None
 
 
@@ -73,6 +80,16 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except OSError as err:
+        raise _load_error(name_or_path, "tokenizer", err) from None
+    except (ValueError, KeyError, TypeError) as err:
+        # A folder with weights but no (or broken) tokenizer files: transformers then tries to build
+        # one from a slow tokenizer and fails deep inside with advice about sentencepiece.
+        folder = Path(name_or_path).expanduser()
+        if folder.is_dir():
+            found = sorted(p.name for p in folder.glob("tokenizer*")) or ["none"]
+            raise LoadError(f"could not load the tokenizer of '{name_or_path}' (model.model_name_or_path, which also "
+                            f"sets data.tokenizer): it needs tokenizer.json or tokenizer_config.json with its "
+                            f"vocabulary; tokenizer files found: {', '.join(found)}") from None
         raise _load_error(name_or_path, "tokenizer", err) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

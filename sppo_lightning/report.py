@@ -37,6 +37,20 @@ def read_losses(path: Path) -> dict[int, tuple[int, float]]:
     return losses
 
 
+def read_gaps(path: Path) -> dict[int, float]:
+    """``{step: mean |log-ratio − target|}`` from ``losses.jsonl`` (SPPO's losses record it)."""
+    gaps: dict[int, float] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+                if "gap" in row:
+                    gaps[int(row["step"])] = float(row["gap"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue
+    return gaps
+
+
 def read_p_wins(run_dir: Path, iteration: int) -> Optional[tuple[list[float], list[float]]]:
     """Chosen and rejected P(win) of one iteration's training pairs, or None if not there."""
     path = Path(run_dir) / f"iteration_{iteration}" / "train.parquet"
@@ -78,7 +92,7 @@ def plot_win_rate(rows: list[dict[str, Any]], path: Path) -> Path:
         for xi, yi in points:
             axis.annotate(f"{yi:.3f}", (xi, yi), textcoords="offset points", xytext=(0, 6), ha="center")
     axis.axhline(0.5, color="grey", linestyle="--", linewidth=1)
-    axis.set(xlabel="iteration", ylabel="win rate vs initial policy", ylim=(0, 1),
+    axis.set(xlabel="iteration", ylabel="win rate vs initial policy", ylim=(0, 1.12), yticks=[0, 0.25, 0.5, 0.75, 1],
              title="Win rate against the initial policy" + ("" if points else " (no eval_prompts)"))
     axis.set_xticks([r["iteration"] for r in rows])
     return _save(plt, figure, path)
@@ -103,15 +117,26 @@ def plot_p_win(p_wins: dict[int, tuple[list[float], list[float]]], path: Path) -
     return _save(plt, figure, path)
 
 
-def plot_losses(losses: dict[int, tuple[int, float]], path: Path) -> Path:
+def plot_losses(losses: dict[int, tuple[int, float]], path: Path, gaps: Optional[dict[int, float]] = None) -> Path:
+    """The loss per step, iterations marked; with SPPO's ``gaps``, the mean distance of the
+    log-ratios to their targets in nats beside it (each iteration brings new targets, so both
+    jump at its start)."""
     plt, figure, axis = _figure()
     steps = sorted(losses)
     if steps:
-        axis.plot(steps, [losses[s][1] for s in steps], linewidth=1)
+        axis.plot(steps, [losses[s][1] for s in steps], linewidth=1, color="tab:blue")
         for before, step in zip(steps, steps[1:]):
             if losses[step][0] != losses[before][0]:
                 axis.axvline(step - 0.5, color="grey", linestyle=":", linewidth=1)
-    axis.set(xlabel="optimizer step", ylabel="training loss", title="Loss (dotted: a new iteration)")
+    axis.set(xlabel="optimizer step", ylabel="training loss")
+    if gaps:
+        right = axis.twinx()
+        right.plot(sorted(gaps), [gaps[s] for s in sorted(gaps)], linewidth=1, color="tab:orange")
+        right.set_ylabel("mean |log-ratio − target| (nats)", color="tab:orange")
+        axis.set_title("SPPO loss (blue) and gap to targets (orange)\ndotted: a new iteration, new targets",
+                       fontsize=10)
+    else:
+        axis.set_title("Training loss per step (dotted: a new iteration)", fontsize=10)
     return _save(plt, figure, path)
 
 
@@ -155,7 +180,8 @@ def write_report(run_dir: Path, rows: list[dict[str, Any]], where: dict[str, str
     paths = {
         "win_rate": plot_win_rate(rows, run_dir / "win_rate.png"),
         "p_win": plot_p_win(p_wins, run_dir / "p_win.png"),
-        "loss": plot_losses(read_losses(run_dir / "losses.jsonl"), run_dir / "loss.png"),
+        "loss": plot_losses(read_losses(run_dir / "losses.jsonl"), run_dir / "loss.png",
+                            read_gaps(run_dir / "losses.jsonl")),
     }
     report = run_dir / "report.md"
     atomic_write_bytes(report, markdown(rows, where).encode())

@@ -141,3 +141,22 @@ def test_pair_recipes_run_on_the_tiny_model(tmp_path, tiny_llama, recipe, keys):
     for key in keys + ["train/loss", "val/loss"]:
         assert key in logged, key
     assert (run_dir / "hf_model" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("loss", [None, "simpo"])
+def test_own_pairs_need_only_the_data_file(tmp_path, tiny_llama, loss):
+    """configs/pairs.yaml with the user's file as its one override (the hub model swapped for the
+    tiny one, and the outputs sent to a tmp folder, since tests reach no hub and write only there);
+    any loss is one more flag. Every output lands under trainer.default_root_dir."""
+    extra = ["--model.loss", loss] if loss else []
+    run("fit", "--config", "configs/pairs.yaml", "--data.train_data", "configs/data/tiny_preferences.jsonl",
+        "--model.model_name_or_path", tiny_llama, "--trainer.default_root_dir", tmp_path, *extra)
+    version = tmp_path / "lightning_logs" / "version_0"
+    assert (version / "metrics.csv").exists() and (version / "hf_model" / "model.safetensors").exists()
+    assert list((version / "checkpoints").glob("*.ckpt"))
+
+
+def test_pairs_without_a_data_file_is_one_line(tmp_path, tiny_llama):
+    result = run("fit", "--config", "configs/pairs.yaml", "--model.model_name_or_path", tiny_llama,
+                 "--trainer.default_root_dir", tmp_path, check=False)
+    assert result.returncode == 2 and "data.train_data is not set" in result.stderr

@@ -69,3 +69,13 @@ def test_compute_loss_hand_values():
     torch.testing.assert_close(dpo, -torch.nn.functional.logsigmoid(0.1 * h))
     simpo, _ = loss_table.compute_loss("simpo", {"beta": 2.0, "gamma": 1.0}, policy, None, batch)
     assert simpo[0].item() == pytest.approx(-math.log(1 / (1 + math.exp(-(2.0 * 1.0 - 1.0)))), rel=1e-6)
+
+
+def test_sppo_logs_its_gap_to_the_targets_in_nats():
+    # Δw = +2 with target η(0.7 − ½) = 20 → 18; Δl = −2 with target −20 → 18: the gap is 18 nats
+    policy = SequenceLogps(sum=torch.tensor([-10.0, -20.0]), mean=torch.tensor([-1.0, -2.0]),
+                           n_tokens=torch.tensor([10, 10]))
+    batch = {"chosen_probs_win": torch.tensor([0.7]), "chosen_probs_lose": torch.tensor([0.3])}
+    per_pair, metrics = loss_table.compute_loss("sppo", {"eta": 100.0}, policy, torch.tensor([-12.0, -18.0]), batch)
+    assert metrics["target_gap"].item() == pytest.approx(18.0)
+    assert per_pair.item() == pytest.approx(0.5 * (18.0**2 + 18.0**2))  # the loss is half the squared gaps

@@ -50,3 +50,14 @@ def test_plots_go_to_loggers_that_take_images(tmp_path):
     log_images([image_logger, plain], paths, step=5)
     assert [key for key, _, _ in image_logger.images] == ["self_play/win_rate", "self_play/p_win", "self_play/loss"]
     assert all(step == 5 and images == [str(paths[key.split("/")[1]])] for key, images, step in image_logger.images)
+
+
+def test_sppo_gaps_are_read_and_plotted_beside_the_loss(tmp_path):
+    from sppo_lightning.report import read_gaps
+
+    rows = [{"step": 1, "iteration": 0, "loss": 9e4, "gap": 300.0}, {"step": 2, "iteration": 0, "loss": 8e4},
+            {"step": 3, "iteration": 1, "loss": 1e5, "gap": 310.5}]
+    (tmp_path / "losses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert read_gaps(tmp_path / "losses.jsonl") == {1: 300.0, 3: 310.5}
+    paths = write_report(tmp_path, [{"iteration": 1, "win_rate_vs_initial": 0.965, "seconds": {}}], {})
+    assert paths["loss"].read_bytes()[:4] == b"\x89PNG"

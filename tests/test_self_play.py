@@ -96,7 +96,7 @@ def test_reference_logps_are_the_sampling_policy(tmp_path, tiny_llama, tokenizer
     torch.testing.assert_close(stored, expected, atol=1e-4, rtol=0)
 
 
-def test_a_restarted_run_reuses_finished_stages(tmp_path, tiny_llama, monkeypatch):
+def test_a_restarted_run_reuses_finished_stages(tmp_path, tiny_llama, monkeypatch, caplog):
     fit(tmp_path, tiny_llama)
     folder = tmp_path / "self_play" / "iteration_0"
     before = pq.read_table(folder / "train.parquet").to_pylist()
@@ -109,10 +109,16 @@ def test_a_restarted_run_reuses_finished_stages(tmp_path, tiny_llama, monkeypatc
     ranked = []
     real_rank = ranker.pairwise_logits
     ranker.pairwise_logits = lambda prompts, cands: ranked.append(1) or real_rank(prompts, cands)
-    fit(tmp_path, tiny_llama, ranker=ranker)
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        fit(tmp_path, tiny_llama, ranker=ranker)
     # Only the end-of-iteration win rate samples and ranks again: generation, ranking and the
-    # initial policy's evaluation answers were all reused.
+    # initial policy's evaluation answers were all reused, each said in one line.
     assert len(calls) == 1 and len(ranked) == 1
+    said = [r.getMessage() for r in caplog.records]
+    assert "iteration_0: reusing generations (6 rows, finished earlier)" in said
+    assert "iteration_0: reusing rankings (6 rows, finished earlier)" in said
+    assert not any("reusing train" in line for line in said)  # it was deleted: made again
     assert pq.read_table(folder / "train.parquet").to_pylist() == before
 
 

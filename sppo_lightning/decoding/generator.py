@@ -41,7 +41,7 @@ class LinearAlignmentGenerator:
                 "batch_size": self.batch_size}
 
     def sample(self, model: nn.Module, tokenizer, prompts: Sequence[Prompt], num_samples: int, seed: int,
-               ctx: DistContext, batch_offset: int = 0) -> list[list[list[int]]]:
+               ctx: DistContext, batch_offset: int = 0, desc: str = "sampling") -> list[list[list[int]]]:
         if ctx.world_size > 1:
             from sppo_lightning.sharding import is_sharded
 

@@ -24,10 +24,11 @@ class Generator(Protocol):
     batch_size: int  # prompts per batch: seeds are per batch, and shards are cut at batch boundaries
 
     def sample(self, model: nn.Module, tokenizer, prompts: Sequence[Prompt], num_samples: int, seed: int,
-               ctx: DistContext, batch_offset: int = 0) -> list[list[list[int]]]:
+               ctx: DistContext, batch_offset: int = 0, desc: str = "sampling") -> list[list[list[int]]]:
         """``[N][num_samples]`` response token ids (EOS kept where the model stopped), the same on
         every rank. ``seed`` with the global batch index ``batch_offset + b`` fixes batch b's
-        samples, so a prompt's samples do not depend on the shard or rank that draws it."""
+        samples, so a prompt's samples do not depend on the shard or rank that draws it. ``desc``
+        labels the progress bar (training samples, or the evaluation's)."""
         ...
 
     def fingerprint(self) -> dict[str, Any]:
@@ -57,12 +58,12 @@ class HFGenerator:
                 "max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size}
 
     def sample(self, model: nn.Module, tokenizer, prompts: Sequence[Prompt], num_samples: int, seed: int,
-               ctx: DistContext, batch_offset: int = 0) -> list[list[list[int]]]:
+               ctx: DistContext, batch_offset: int = 0, desc: str = "sampling") -> list[list[list[int]]]:
         return sample_on_ranks(
             model, tokenizer, [p.ids for p in prompts], num_samples, rank=ctx.rank, world_size=ctx.world_size,
             temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
             batch_size=self.batch_size, seed=seed, retry_oom=self.retry_oom,
-            show_progress=self.show_progress and ctx.is_global_zero, batch_offset=batch_offset,
+            show_progress=self.show_progress and ctx.is_global_zero, batch_offset=batch_offset, desc=desc,
         )
 
 

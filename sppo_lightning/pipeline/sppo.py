@@ -60,6 +60,7 @@ class SPPOPipeline:
         shard_size: prompts per shard, rounded up to whole generation batches.
         reference_batch_size: pairs per forward for the reference log-probs.
         log_samples: pairs written to ``samples.md`` per iteration.
+        show_progress: progress bars (rank 0) for sampling and the reference log-probs.
     """
 
     generator: Any
@@ -70,6 +71,7 @@ class SPPOPipeline:
     shard_size: int = 512
     reference_batch_size: int = 8
     log_samples: int = 3
+    show_progress: bool = True
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
@@ -128,7 +130,8 @@ class SPPOPipeline:
         pairs, ties = stages.estimate_pairs(artifacts.read_shard("generations", shard),
                                             artifacts.read_shard("rankings", shard), iteration,
                                             first_row=artifacts.shard_start("generations", shard))
-        stages.reference_logps(policy, pairs, tokenizer.pad_token_id, self.reference_batch_size, ctx)
+        stages.reference_logps(policy, pairs, tokenizer.pad_token_id, self.reference_batch_size, ctx,
+                               self.show_progress)
         return pairs, {"ties_dropped": ties}
 
     def _result(self, artifacts: IterationArtifacts, iteration: int, prompts: Sequence[Prompt],

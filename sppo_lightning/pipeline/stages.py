@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from tqdm.auto import tqdm
 
 from sppo_lightning.data.prompts import Prompt
 from sppo_lightning.data.tokenize import collate_pairs
@@ -102,7 +103,7 @@ def estimate_pairs(generations: Sequence[dict], rankings: Sequence[dict], iterat
 
 @torch.no_grad()
 def reference_logps(policy: nn.Module, pairs: list[dict[str, Any]], pad_token_id: int, batch_size: int,
-                    ctx: DistContext) -> None:
+                    ctx: DistContext, show_progress: bool = False) -> None:
     """Summed log-probs of chosen and rejected under ``policy`` (eval mode), stored on each pair as
     ``reference_chosen_logps`` / ``reference_rejected_logps``.
 
@@ -112,7 +113,8 @@ def reference_logps(policy: nn.Module, pairs: list[dict[str, Any]], pad_token_id
     """
     local: dict[int, list[float]] = {}
     with evaluating(policy):
-        for index, real in rank_batches(math.ceil(len(pairs) / batch_size), ctx.rank, ctx.world_size, lockstep=True):
+        mine = rank_batches(math.ceil(len(pairs) / batch_size), ctx.rank, ctx.world_size, lockstep=True)
+        for index, real in tqdm(mine, desc="reference log-probs", disable=not (show_progress and ctx.is_global_zero)):
             begin = index * batch_size
             batch = collate_pairs(pairs[begin : begin + batch_size], pad_token_id)
             batch = {k: v.to(ctx.device) for k, v in batch.items()}

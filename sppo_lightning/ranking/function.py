@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from sppo_lightning.errors import ConfigError, DataError
 from sppo_lightning.ranking.estimate import pairwise_from_rewards
@@ -42,12 +43,13 @@ class FunctionJudge:
         function: import path, e.g. ``sppo_lightning.ranking.judges:known_words``.
         prompt_view: what the function is given as the prompt: ``raw`` (the user's text) or
             ``chat`` (the policy's chat-templated prompt string).
+        show_progress: a progress bar over prompts ("judging").
     """
 
-    def __init__(self, function: str, prompt_view: PromptView = "raw") -> None:
+    def __init__(self, function: str, prompt_view: PromptView = "raw", show_progress: bool = True) -> None:
         self.function_path = function
         self.function = import_function(function)
-        self.prompt_view = prompt_view
+        self.prompt_view, self.show_progress = prompt_view, show_progress
         prompt_view_of(self)
 
     def fingerprint(self) -> dict[str, Any]:
@@ -62,7 +64,8 @@ class FunctionJudge:
     def rewards(self, prompts: list[str], candidates: list[list[str]]) -> Tensor:
         """``[N, K]`` float64 rewards."""
         out = torch.empty(len(prompts), len(candidates[0]) if candidates else 0, dtype=torch.float64)
-        for n, (prompt, cands) in enumerate(zip(prompts, candidates)):
+        rows = tqdm(zip(prompts, candidates), desc="judging", total=len(prompts), disable=not self.show_progress)
+        for n, (prompt, cands) in enumerate(rows):
             for k, response in enumerate(cands):
                 try:
                     value = self.function(prompt, response)

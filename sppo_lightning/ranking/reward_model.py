@@ -6,6 +6,7 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from sppo_lightning.models import DTYPES
@@ -23,6 +24,7 @@ class RewardModelRanker:
         path: hub id or local folder of a sequence-classification model with one label.
         device: where it runs. batch_size: texts per forward. max_length: tokens kept per text.
         prompt_view: ``raw`` prompt text, or the policy's ``chat``-templated prompt string.
+        show_progress: a progress bar over batches.
     """
 
     def __init__(
@@ -34,9 +36,10 @@ class RewardModelRanker:
         torch_dtype: str = "float32",
         trust_remote_code: bool = False,
         prompt_view: PromptView = "raw",
+        show_progress: bool = True,
     ) -> None:
         self.path, self.device, self.batch_size, self.max_length = path, device, batch_size, max_length
-        self.prompt_view = prompt_view
+        self.prompt_view, self.show_progress = prompt_view, show_progress
         prompt_view_of(self)
         self.torch_dtype, self.trust_remote_code = torch_dtype, trust_remote_code
         self.model: Optional[torch.nn.Module] = None
@@ -71,7 +74,7 @@ class RewardModelRanker:
         # Longest first and in length order, so each batch pads to similar lengths.
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         rewards = torch.empty(len(texts))
-        for start in range(0, len(order), self.batch_size):
+        for start in tqdm(range(0, len(order), self.batch_size), desc="reward model", disable=not self.show_progress):
             idx = order[start : start + self.batch_size]
             enc = self.tokenizer(
                 [texts[i] for i in idx], padding=True, truncation=True, max_length=self.max_length,
