@@ -3,6 +3,7 @@
     sppo-lightning fit --config configs/quickstart.yaml
     sppo-lightning export <checkpoint.ckpt> <out_dir>
     sppo-lightning generate <model> <prompts> <out> --format alpaca_eval|mt_bench
+    sppo-lightning judge <answers A> <answers B> --ranker <class_path block>
 
 Known third-party noise is filtered (``sppo_lightning/console.py``); ``--verbose`` shows it.
 """
@@ -164,6 +165,10 @@ def main(args: Optional[list[str]] = None) -> None:
             from sppo_lightning.evaluation import generate_main
 
             generate_main(argv[1:])
+        elif argv and argv[0] == "judge":
+            from sppo_lightning.judging import judge_main
+
+            judge_main(argv[1:])
         else:
             run_cli(args)
     except (SPPOLightningError, argparse.ArgumentError, MisconfigurationException) as err:
