@@ -160,3 +160,27 @@ def test_pairs_without_a_data_file_is_one_line(tmp_path, tiny_llama):
     result = run("fit", "--config", "configs/pairs.yaml", "--model.model_name_or_path", tiny_llama,
                  "--trainer.default_root_dir", tmp_path, check=False)
     assert result.returncode == 2 and "data.train_data is not set" in result.stderr
+
+
+def test_top_level_help_names_the_tool_and_every_command_fast():
+    import time
+
+    for args in (["--help"], []):
+        start = time.perf_counter()
+        result = run(*args)
+        assert time.perf_counter() - start < 3.0  # Lightning is not imported for it
+        out = result.stdout
+        assert out.startswith("usage: sppo-lightning <command>") and "Lightning Trainer command line tool" not in out
+        for command in ("fit", "validate", "export", "generate", "judge", "--verbose"):
+            assert command in out, command
+
+
+def test_fit_help_points_at_our_settings_and_those_commands_work():
+    assert "--model.help PreferenceModule" in " ".join(run("fit", "--help").stdout.split())
+    for flag, target, key in [
+        ("--model.help", "PreferenceModule", "--model.loss"),
+        ("--model.help", "sppo_lightning.bond.BondModule", "--model.gamma"),
+        ("--data.help", "sppo_lightning.data.SelfPlayDataModule", "--data.prompts_per_iteration"),
+        ("--trainer.callbacks.help", "sppo_lightning.callbacks.self_play.SelfPlay", "--trainer.callbacks.num_samples"),
+    ]:
+        assert key in run("fit", flag, target).stdout, (flag, target)

@@ -1,0 +1,191 @@
+"""The LightningCLI behind ``sppo-lightning``: one-line config errors, output checks before fit, the
+verified ``Trainer``, and the ``export`` command. ``sppo_lightning/cli.py`` is the light entry point
+that imports this only when a command needs it (so ``sppo-lightning --help`` is fast)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Optional
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+
+from sppo_lightning.errors import ConfigError, SPPOLightningError
+from sppo_lightning.models import export_hf, load_tokenizer
+from sppo_lightning.module import PreferenceModule
+from sppo_lightning.outputs import Trainer, check_output_locations
+
+# Shown at the top of `sppo-lightning fit --help` (and the other loops'): Lightning's own help lists
+# the Trainer's options, and a subclass's settings need one more flag.
+SETTINGS_HELP = (
+    "Our model, data and callback settings, with their defaults and docs, are listed by "
+    "--model.help PreferenceModule (or sppo_lightning.bond.BondModule), --data.help sppo_lightning.data.SelfPlayDataModule "
+    "(or sppo_lightning.data.PreferenceDataModule) and --trainer.callbacks.help "
+    "sppo_lightning.callbacks.self_play.SelfPlay (or sppo_lightning.callbacks.bond.BondSelfPlay); "
+    "--config <file> --print_config shows every key a config sets, defaults filled in. "
+    "The options below are the Trainer's and LightningCLI's."
+)
+
+
+class SPPOLightningCLI(LightningCLI):
+    def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        parser.description = SETTINGS_HELP
+        return parser
+
+    def init_parser(self, **kwargs):
+        # Raise parse errors instead of printing the whole usage block: main() prints one line.
+        parser = super().init_parser(**kwargs)
+        parser.exit_on_error = False
+        return parser
+
+    def before_instantiate_classes(self) -> None:
+        # jsonargparse lets `key: null` through for typed init args of subclasses; our classes would
+        # then fail deep inside with a TypeError. Refuse it here, naming the key.
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        sections = [("model", config.get("model")), ("data", config.get("data"))]
+        trainer = config.get("trainer")
+        callbacks = (trainer.get("callbacks") if trainer is not None else None) or []
+        sections += [(f"trainer.callbacks[{i}]", c) for i, c in enumerate(callbacks if isinstance(callbacks, list) else [])]
+        for where, section in sections:
+            check_nulls(where, section)
+
+    def instantiate_classes(self) -> None:
+        # jsonargparse re-raises what a constructor raised as a plain ValueError/TypeError, so our
+        # ConfigError loses its type on the way. Anything raised while building the configured
+        # classes is a configuration problem: report it as one.
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as err:
+            if isinstance(err, SPPOLightningError) or os.environ.get("SPPO_LIGHTNING_DEBUG"):
+                raise
+            raise ConfigError(condense(str(err))) from err
+
+    def before_fit(self) -> None:
+        # Before any model is loaded: every folder the run writes must be writable (one line, exit 2).
+        check_output_locations(self.trainer)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        # One model id configures both the policy and the tokenizer the data is encoded with.
+        parser.link_arguments("model.init_args.model_name_or_path", "data.init_args.tokenizer")
+        parser.link_arguments("model.init_args.trust_remote_code", "data.init_args.trust_remote_code")
+
+
+def check_nulls(where: str, section) -> None:
+    """ConfigError for an init arg set to null whose type does not allow None."""
+    import typing
+
+    from jsonargparse import Namespace
+
+    class_path = getattr(section, "class_path", None) if isinstance(section, Namespace) else None
+    init_args = getattr(section, "init_args", None)
+    if not class_path or not isinstance(init_args, Namespace):
+        return
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(__import__(module_name, fromlist=[name]), name)
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # not ours to judge: jsonargparse has checked what it could
+        return
+    for key, value in vars(init_args).items():
+        if value is None and key in hints and not _allows_none(hints[key]):
+            hint = hints[key]
+            expected = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+            raise ConfigError(f"{where}.{key}: null is not allowed here (expected {expected})")
+
+
+def _allows_none(hint) -> bool:
+    import typing
+
+    if hint is type(None) or hint is typing.Any:
+        return True
+    return typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
+
+
+def export_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="sppo-lightning export",
+        description="Save a checkpoint's policy in Hugging Face format (LoRA merged, safetensors).",
+    )
+    parser.add_argument("checkpoint", help="a .ckpt written by `sppo-lightning fit`, or a sharded checkpoint "
+                                           "folder of the fsdp footprint")
+    parser.add_argument("out_dir", help="folder for config.json, model.safetensors and the tokenizer")
+    args = parser.parse_args(argv)
+    module = _load_for_export(args.checkpoint)
+    tokenizer = load_tokenizer(module.hparams.model_name_or_path, module.hparams.trust_remote_code)
+    out = export_hf(module.policy, tokenizer, args.out_dir)
+    print(f"Exported the policy in Hugging Face format to {out}")
+
+
+def _load_for_export(checkpoint: str) -> PreferenceModule:
+    """The module of a ``.ckpt`` file, or of a sharded checkpoint folder (footprint ``fsdp``),
+    unsharded on CPU and without a reference model (export does not need one)."""
+    from pathlib import Path
+
+    import torch
+
+    path = Path(checkpoint)
+    if not path.exists():
+        raise ConfigError(f"no checkpoint at {checkpoint}")
+    if path.is_dir():
+        from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+        full = _load_distributed_checkpoint(path)
+        hparams = dict(full["hyper_parameters"])
+        hparams["reference"] = _export_reference(hparams)
+        hparams["footprint"] = "lora" if hparams.get("lora") else "full"
+        module = PreferenceModule(**hparams)
+        module.configure_model()
+        state = {k: v for k, v in full["state_dict"].items() if not k.startswith("reference.")}
+        module.load_state_dict(state, strict=True)  # a sharded checkpoint holds every weight
+        return module
+    hparams = torch.load(checkpoint, map_location="cpu", weights_only=True)["hyper_parameters"]
+    reference = _export_reference(hparams)
+    return PreferenceModule.load_from_checkpoint(checkpoint, map_location="cpu", reference=reference, weights_only=True)
+
+
+def _export_reference(hparams: dict) -> str:
+    """Export needs no reference model: none for reference-free losses, else cached (never loaded)."""
+    from sppo_lightning.loss_table import needs_reference
+
+    return "cached" if needs_reference(hparams.get("loss", "sppo")) else "none"
+
+
+# Lines of jsonargparse's nested Union reports that say nothing about the actual mistake.
+_NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value type:",
+          "Given value:", "Expected a <class 'NoneType'>", "Problem with given class_path",
+          "Not a valid subclass of", "Subclass types expect one of", "a class path", "a dict with", "a class name")
+
+
+def condense(message: str) -> str:
+    """jsonargparse's multi-line report of a bad config as one line: the key path and the reason,
+    e.g. ``model.eta: Expected a <class 'float'>. Got value: abc``."""
+    import re
+
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    lines = [line.strip().lstrip("- ").strip() for line in message.splitlines()]
+    reasons = [line for line in lines if line and not line.startswith(_NOISE) and not line.startswith("Parser key")]
+    reason = "; ".join(dict.fromkeys(reasons)) or message.strip().splitlines()[0]
+    where = ".".join(keys)
+    return f"{where + ': ' if where else ''}{' '.join(reason.split())}"
+
+
+def config_error_line(message: str, argv: list[str]) -> str:
+    """``condense`` plus where to look up the keys."""
+    command = argv[0] if argv and not argv[0].startswith("-") else "fit"
+    return f"{condense(message)} (see `sppo-lightning {command} --help`)"
+
+
+def run_cli(args: Optional[list[str]] = None) -> SPPOLightningCLI:
+    """LightningCLI over any LightningModule (``model.class_path``: ``PreferenceModule`` for the
+    preference losses, ``BondModule``, ``LinearAlignmentModule``) and any LightningDataModule."""
+    return SPPOLightningCLI(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        trainer_class=Trainer,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+    )
