@@ -6,6 +6,8 @@
     <run_dir>/iteration_<t>/manifest.json         what is finished: rows and sha256 of each file
     <run_dir>/iteration_<t>/train.<sha>.arrow     train.parquet's training columns, memory-mapped
 
+t counts from 1, as the console, the report and ``summary.json`` do.
+
 A stage is made shard by shard (``<stage>.shard_<k>.parquet``, each recorded as it is written) and
 then merged by streaming, one parquet row group per shard, so the next stage reads shard k alone
 and no step holds more than one shard's rows.
@@ -69,13 +71,14 @@ class IterationArtifacts:
     """Read and write the stages of one iteration.
 
     Args:
-        root: the run directory. iteration: t.
+        root: the run directory. iteration: the 0-based index of the iteration (epoch //
+            epochs_per_iteration); its folder, like every count users see, starts at 1.
         settings: what the stages depend on (K, sampling, seed, ranker, prompts). A folder made
             with other settings is refused rather than silently mixed into this run.
     """
 
     def __init__(self, root: str | Path, iteration: int, settings: dict[str, Any]) -> None:
-        self.dir = Path(root) / f"iteration_{iteration}"
+        self.dir = Path(root) / f"iteration_{iteration + 1}"  # counted from 1, as everywhere users see it
         self.manifest_path = self.dir / "manifest.json"
         self.settings = json.loads(json.dumps(settings))  # as it reads back from JSON
         if not self.manifest_path.exists() and any(self.dir.glob("*.parquet")):

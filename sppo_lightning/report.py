@@ -52,6 +52,7 @@ def read_gaps(path: Path) -> dict[int, float]:
 
 
 def read_p_wins(run_dir: Path, iteration: int) -> Optional[tuple[list[float], list[float]]]:
+    """Chosen and rejected P(win) of iteration ``iteration`` (counted from 1, as its folder)."""
     """Chosen and rejected P(win) of one iteration's training pairs, or None if not there."""
     path = Path(run_dir) / f"iteration_{iteration}" / "train.parquet"
     if not path.exists():
@@ -174,7 +175,7 @@ def write_report(run_dir: Path, rows: list[dict[str, Any]], where: dict[str, str
     run_dir = Path(run_dir)
     p_wins = {}
     for row in rows:
-        found = read_p_wins(run_dir, row["iteration"] - 1)
+        found = read_p_wins(run_dir, row["iteration"])
         if found is not None:
             p_wins[row["iteration"] - 1] = found
     paths = {

@@ -56,7 +56,7 @@ class KillInGeneration(L.Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         import json
 
-        policy, folder = pl_module.policy, _self_play_run_dir(trainer) / f"iteration_{self.iteration}"
+        policy, folder = pl_module.policy, _self_play_run_dir(trainer) / f"iteration_{self.iteration + 1}"
         original = policy.generate
 
         def generate(*args, **kwargs):
@@ -84,7 +84,7 @@ class KillWhileWriting(L.Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         import sppo_lightning.artifacts as artifacts
 
-        target = _self_play_run_dir(trainer) / f"iteration_{self.iteration}" / f"{self.stage}.parquet"
+        target = _self_play_run_dir(trainer) / f"iteration_{self.iteration + 1}" / f"{self.stage}.parquet"
         original = artifacts.atomic_write
 
         def write(path, writer):

@@ -13,10 +13,10 @@ def test_roundtrip_and_manifest(tmp_path):
     assert art.load("generations") is None
     art.save("generations", ROWS, seconds=1.5)
     assert IterationArtifacts(tmp_path, 3, {"k": 2}).load("generations") == ROWS
-    manifest = json.loads((tmp_path / "iteration_3" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "iteration_4" / "manifest.json").read_text())
     assert manifest["stages"]["generations"]["rows"] == 2
     assert manifest["stages"]["generations"]["seconds"] == 1.5
-    assert not [p for p in (tmp_path / "iteration_3").iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in (tmp_path / "iteration_4").iterdir() if p.name.endswith(".tmp")]
     import datasets  # every stage is a plain dataset on disk
 
     ds = datasets.load_dataset("parquet", data_files=str(art.path("generations")), split="train")
@@ -41,7 +41,7 @@ def test_a_file_without_manifest_entry_is_not_trusted(tmp_path):
 
 def test_other_settings_are_refused(tmp_path):
     IterationArtifacts(tmp_path, 0, {"num_samples": 5, "seed": 0}).save("generations", ROWS)
-    with pytest.raises(ConfigError, match=r"iteration_0 was made with other settings \(num_samples differ\)"):
+    with pytest.raises(ConfigError, match=r"iteration_1 was made with other settings \(num_samples differ\)"):
         IterationArtifacts(tmp_path, 0, {"num_samples": 4, "seed": 0})
 
 

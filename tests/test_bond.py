@@ -70,9 +70,9 @@ def test_bond_rows_rewards_and_ties(tmp_path, tiny_llama, variant, tie_rule):
     trainer.fit(module, datamodule=SelfPlayDataModule(prompts=str(prompts), tokenizer=tiny_llama, batch_size=3))
     import pyarrow.parquet as pq
 
-    gens = pq.read_table(tmp_path / "bond" / "iteration_0" / "generations.parquet").to_pylist()
-    rows = pq.read_table(tmp_path / "bond" / "iteration_0" / "train.parquet").to_pylist()
-    manifest = json.loads((tmp_path / "bond" / "iteration_0" / "manifest.json").read_text())
+    gens = pq.read_table(tmp_path / "bond" / "iteration_1" / "generations.parquet").to_pylist()
+    rows = pq.read_table(tmp_path / "bond" / "iteration_1" / "train.parquet").to_pylist()
+    manifest = json.loads((tmp_path / "bond" / "iteration_1" / "manifest.json").read_text())
     train = manifest["stages"]["train"]
     assert len(rows) == 3
     for g, r in zip(gens, rows):
@@ -114,7 +114,7 @@ def test_full_fine_tuning_logs_kl_with_an_initial_copy(tmp_path, tiny_llama):
                         enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[callback, EMAAnchor(0.5), record])
     trainer.fit(module, datamodule=SelfPlayDataModule(prompts=str(prompts), tokenizer=tiny_llama, batch_size=2))
-    entries = [json.loads((tmp_path / "bond" / f"iteration_{t}" / "manifest.json").read_text())["stages"]["train"]
+    entries = [json.loads((tmp_path / "bond" / f"iteration_{t + 1}" / "manifest.json").read_text())["stages"]["train"]
                for t in (0, 1)]
     kl = [e["kl_sum"] / e["kl_rows"] for e in entries]
     assert kl[0] == pytest.approx(0.0, abs=1e-4)  # iteration 1 samples from the initial policy itself
@@ -154,7 +154,7 @@ def test_jbond_runs_on_the_qlora_footprint(tmp_path):
     assert is_quantized(module.policy) and module.anchor is None
     after = [a for a, _ in module.anchor_parameter_pairs()]
     assert any(not torch.equal(a, b) for a, b in zip(after, before))  # the EMA moved the anchor adapter
-    assert (tmp_path / "bond" / "iteration_0" / "train.parquet").exists()
+    assert (tmp_path / "bond" / "iteration_1" / "train.parquet").exists()
 
 
 def test_bond_refuses_fsdp_in_one_line(tiny_llama):
@@ -251,7 +251,7 @@ def test_on_policy_draws_one_step_of_prompts_per_iteration(tmp_path, tiny_llama)
     import pyarrow.parquet as pq
 
     fit_bond(tmp_path, tiny_llama, CountingJudge(), tmp_path / "bond", epochs=3)
-    texts = [[g["prompt"] for g in pq.read_table(tmp_path / "bond" / f"iteration_{t}" / "generations.parquet")
+    texts = [[g["prompt"] for g in pq.read_table(tmp_path / "bond" / f"iteration_{t + 1}" / "generations.parquet")
               .to_pylist()] for t in range(3)]
     assert texts == [["Hi", "Name a color."], ["Why?", "Say yes."], ["Count to two.", "Be kind."]]
     summary = json.loads((tmp_path / "bond" / "summary.json").read_text())["iterations"]
@@ -274,12 +274,12 @@ def test_bond_stages_stream_in_shards_and_shards_change_nothing(tmp_path, tiny_l
         fit_bond(tmp_path, tiny_llama, whole, tmp_path / "whole", **options)
         fit_bond(tmp_path, tiny_llama, sharded, tmp_path / "shards", generation_shard_size=2, **options)
     for stage in ("generations", "train"):
-        a = pq.read_table(tmp_path / "whole" / "iteration_0" / f"{stage}.parquet").to_pylist()
-        b = pq.read_table(tmp_path / "shards" / "iteration_0" / f"{stage}.parquet").to_pylist()
+        a = pq.read_table(tmp_path / "whole" / "iteration_1" / f"{stage}.parquet").to_pylist()
+        b = pq.read_table(tmp_path / "shards" / "iteration_1" / f"{stage}.parquet").to_pylist()
         assert a == b and len(a) == 6
     # the judge saw one shard at a time (2 prompts; the quantile call has k = 2 rows per prompt)
     assert max(whole.sizes) == 12 and max(sharded.sizes) == 4
-    manifest = json.loads((tmp_path / "shards" / "iteration_0" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "shards" / "iteration_1" / "manifest.json").read_text())
     assert manifest["stages"]["train"]["shards"] == 3 and not list((tmp_path / "shards").glob("*/*.shard_*"))
 
 

@@ -62,9 +62,9 @@ def test_a_checkpoint_that_is_not_written_stops_the_run(tiny_dir, tmp_path):
 def test_a_deleted_manifest_is_warned_about(tiny_dir, tmp_path):
     config = quickstart(tmp_path)
     run_fit(config, tiny_dir, tmp_path)
-    (tmp_path / "self_play" / "iteration_0" / "manifest.json").unlink()
+    (tmp_path / "self_play" / "iteration_1" / "manifest.json").unlink()
     result = run_fit(config, tiny_dir, tmp_path)
-    assert f"{tmp_path / 'self_play' / 'iteration_0'}: manifest.json is missing" in result.stderr
+    assert f"{tmp_path / 'self_play' / 'iteration_1'}: manifest.json is missing" in result.stderr
 
 
 def test_losses_hold_each_step_once_after_a_resume(tiny_dir, tmp_path):
@@ -91,7 +91,7 @@ def test_a_judge_that_raises_names_the_row_and_keeps_the_generations(tiny_dir, t
     config = quickstart(tmp_path, judge="tests.fault_helpers:judge_that_raises", generation_shard_size=16)
     line = one_line_error(run_fit(config, tiny_dir, tmp_path, check=False))
     assert "judge tests.fault_helpers:judge_that_raises: prompt row 20, candidate 0: raised ValueError: boom" in line
-    manifest = json.loads((tmp_path / "self_play" / "iteration_0" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "self_play" / "iteration_1" / "manifest.json").read_text())
     assert manifest["stages"]["generations"]["rows"] == 64  # kept; the first shard's rankings too
     assert "rankings.shard_00000" in manifest["stages"]
 
@@ -104,7 +104,7 @@ def test_duplicate_prompts_are_counted_and_can_be_dropped(tiny_dir, tmp_path):
     run_dir = tmp_path / "dropped"
     config = quickstart(tmp_path, prompts=prompts, judge="sppo_lightning.ranking.judges:shorter", run_dir=str(run_dir))
     run_fit(config, tiny_dir, tmp_path, "--data.drop_duplicate_prompts", "true")
-    generations = json.loads((run_dir / "iteration_0" / "manifest.json").read_text())["stages"]["generations"]
+    generations = json.loads((run_dir / "iteration_1" / "manifest.json").read_text())["stages"]["generations"]
     assert generations["rows"] == 3
 
 

@@ -163,7 +163,7 @@ def test_qlora_self_play_generates_with_the_4bit_model(llama64, tmp_path):
     fit(module, datamodule, epochs=2, callbacks=[Watch(), callback], default_root_dir=str(tmp_path))
     assert seen and all(seen)  # every generate call ran on the 4-bit base (+ LoRA), no other copy
     assert module.reference is None
-    assert (tmp_path / "self_play" / "iteration_0" / "train.parquet").exists()
+    assert (tmp_path / "self_play" / "iteration_1" / "train.parquet").exists()
 
 
 def test_qlora_without_bitsandbytes_is_one_clear_error(tiny_llama, monkeypatch):

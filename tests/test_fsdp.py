@@ -82,8 +82,8 @@ def test_lora_under_fsdp_self_plays_the_same_data_as_one_process(tiny_llama, tmp
     run("self_play", tiny_llama, tmp_path / "one", 1)
     run("self_play", tiny_llama, tmp_path / "two", 2)
     for stage in ("generations", "rankings", "train"):
-        one = pq.read_table(tmp_path / "one" / "self_play" / "iteration_0" / f"{stage}.parquet").to_pylist()
-        two = pq.read_table(tmp_path / "two" / "self_play" / "iteration_0" / f"{stage}.parquet").to_pylist()
+        one = pq.read_table(tmp_path / "one" / "self_play" / "iteration_1" / f"{stage}.parquet").to_pylist()
+        two = pq.read_table(tmp_path / "two" / "self_play" / "iteration_1" / f"{stage}.parquet").to_pylist()
         if stage == "train":  # reference log-probs from the sharded model: same weights, same tokens
             for a, b in zip(one, two):
                 for key in ("reference_chosen_logps", "reference_rejected_logps"):

@@ -115,12 +115,12 @@ def test_aligned_sampling_for_self_play(tmp_path, tiny_llama):
     aligned = AlignedSampling(principle=PRINCIPLE, alpha=2.0)
     fit(tmp_path, tiny_llama, run_dir=tmp_path / "a", aligned_sampling=aligned)
     fit(tmp_path, tiny_llama, run_dir=tmp_path / "b")
-    a = pq.read_table(tmp_path / "a" / "iteration_0" / "generations.parquet").to_pylist()
-    b = pq.read_table(tmp_path / "b" / "iteration_0" / "generations.parquet").to_pylist()
+    a = pq.read_table(tmp_path / "a" / "iteration_1" / "generations.parquet").to_pylist()
+    b = pq.read_table(tmp_path / "b" / "iteration_1" / "generations.parquet").to_pylist()
     assert [g["response_ids"] for g in a] != [g["response_ids"] for g in b]
     assert all(len(g["response_ids"]) == 3 for g in a)
     fit(tmp_path, tiny_llama, run_dir=tmp_path / "c", aligned_sampling=aligned)
-    c = pq.read_table(tmp_path / "c" / "iteration_0" / "generations.parquet").to_pylist()
+    c = pq.read_table(tmp_path / "c" / "iteration_1" / "generations.parquet").to_pylist()
     assert a == c  # seeded
 
 
@@ -132,10 +132,10 @@ def test_the_generator_key_selects_linear_alignment_as_aligned_sampling_does(tmp
     fit(tmp_path, tiny_llama, run_dir=tmp_path / "a", aligned_sampling=AlignedSampling(principle=PRINCIPLE))
     generator = LinearAlignmentGenerator(PRINCIPLE, alpha=2.0, max_new_tokens=8, batch_size=4)
     fit(tmp_path, tiny_llama, run_dir=tmp_path / "g", generator=generator)
-    a = pq.read_table(tmp_path / "a" / "iteration_0" / "generations.parquet").to_pylist()
-    g = pq.read_table(tmp_path / "g" / "iteration_0" / "generations.parquet").to_pylist()
+    a = pq.read_table(tmp_path / "a" / "iteration_1" / "generations.parquet").to_pylist()
+    g = pq.read_table(tmp_path / "g" / "iteration_1" / "generations.parquet").to_pylist()
     assert a == g
-    manifest = json.loads((tmp_path / "g" / "iteration_0" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "g" / "iteration_1" / "manifest.json").read_text())
     assert manifest["settings"]["generator"]["class"] == "LinearAlignmentGenerator"
     with pytest.raises(ConfigError, match="either generator or aligned_sampling"):
         fit(tmp_path, tiny_llama, run_dir=tmp_path / "x", generator=generator,

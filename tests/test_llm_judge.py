@@ -107,7 +107,7 @@ def test_a_self_play_iteration_judged_by_the_llm_judge(tmp_path, tiny_llama):
 
     ranker = judge(tiny_llama)
     fit(tmp_path, tiny_llama, ranker=ranker)
-    folder = tmp_path / "self_play" / "iteration_0"
+    folder = tmp_path / "self_play" / "iteration_1"
     rankings = pq.read_table(folder / "rankings.parquet").to_pylist()
     assert len(rankings) == len(QUESTIONS)
     m = torch.tensor([r["pairwise_logits"] for r in rankings])

@@ -145,7 +145,7 @@ def test_sppo_pipeline_builds_and_reuses_an_iteration_without_a_trainer(tmp_path
     pipeline = SPPOPipeline(generator, FunctionJudge("sppo_lightning.ranking.judges:shorter"), tmp_path / "run",
                             num_samples=3, shard_size=2)
     data = pipeline.build(0, policy, tokenizer, prompts)
-    folder = tmp_path / "run" / "iteration_0"
+    folder = tmp_path / "run" / "iteration_1"
     assert generator.calls == 3  # shards of 2, 2 and 1 prompts
     train = pq.read_table(folder / "train.parquet").to_pylist()
     assert len(data.pairs) == len(train) == data.stats["pairs"] == len(QUESTIONS) - data.stats["ties_dropped"]
@@ -159,7 +159,7 @@ def test_a_changed_ranker_redoes_the_rankings_not_the_generations(tmp_path, poli
     generator = CountingGenerator(max_new_tokens=6, batch_size=2)
     shorter = SPPOPipeline(generator, FunctionJudge("sppo_lightning.ranking.judges:shorter"), tmp_path, num_samples=3)
     shorter.build(0, policy, tokenizer, prompts)
-    rankings = tmp_path / "iteration_0" / "rankings.parquet"
+    rankings = tmp_path / "iteration_1" / "rankings.parquet"
     before = pq.read_table(rankings).column("rm_scores").to_pylist()
     longer_ = SPPOPipeline(generator, FunctionJudge(f"{__name__}:longer"), tmp_path, num_samples=3)
     with pytest.warns(UserWarning, match="made from other input .*ranker.*redoing rankings"):

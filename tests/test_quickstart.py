@@ -83,7 +83,7 @@ def test_quickstart_with_pairrm_instead_of_the_judge(tiny_dir, tmp_path):
     path = tmp_path / "pairrm_source.yaml"
     path.write_text(yaml.safe_dump(config))
     run_fit(path, tiny_dir, tmp_path)
-    manifest = json.loads((tmp_path / "self_play" / "iteration_0" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "self_play" / "iteration_1" / "manifest.json").read_text())
     from sppo_lightning.ranking import PairRMRanker, fingerprint_of
     from sppo_lightning.ranking.protocol import fingerprint_hash
 

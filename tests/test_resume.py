@@ -69,11 +69,11 @@ def test_killed_run_resumes_to_the_same_result(tiny_dir, tmp_path, baseline, whe
         first = run_fit(config, tiny_dir, tmp_path, "--trainer.callbacks+=tests.kill_switch.KillSwitch",
                         f"--trainer.callbacks.marker={marker}", check=False)
     assert first.returncode == -signal.SIGKILL and marker.exists()
-    generations = tmp_path / "self_play" / "iteration_0" / "generations.parquet"
+    generations = tmp_path / "self_play" / "iteration_1" / "generations.parquet"
     assert generations.exists()
     before = generations.stat().st_mtime_ns
 
-    shard = tmp_path / "self_play" / "iteration_1" / "generations.shard_00000.parquet"
+    shard = tmp_path / "self_play" / "iteration_2" / "generations.shard_00000.parquet"
     if where == "generation":
         assert shard.exists() and not shard.with_name("generations.shard_00001.parquet").exists()
         calls.unlink()
@@ -84,7 +84,7 @@ def test_killed_run_resumes_to_the_same_result(tiny_dir, tmp_path, baseline, whe
     assert resumed.returncode == 0
     if where == "generation":  # resumed from the last written shard: the first one was not redone
         train = [g["prompt_ids"] for g in pq.read_table(
-            baseline / "self_play" / "iteration_1" / "generations.parquet").to_pylist()]
+            baseline / "self_play" / "iteration_2" / "generations.parquet").to_pylist()]
         calls_made = [json.loads(line) for line in calls.read_text().splitlines()]
         training_calls = [c for c in calls_made if all(p in train for p in c)]  # the rest: win-rate evaluation
         assert training_calls == [train[16:32], train[32:48], train[48:64]]  # shards 2-4, not shard 1

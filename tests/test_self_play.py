@@ -52,7 +52,7 @@ def test_two_iterations_write_official_schema_and_summary(tmp_path, tiny_llama):
     fit(tmp_path, tiny_llama, max_epochs=2)
     run_dir = tmp_path / "self_play"
     for t in (0, 1):
-        folder = run_dir / f"iteration_{t}"
+        folder = run_dir / f"iteration_{t + 1}"
         for stage in ("generations", "rankings", "train"):
             assert (folder / f"{stage}.parquet").exists()
         generations = pq.read_table(folder / "generations.parquet").to_pylist()
@@ -78,15 +78,15 @@ def test_two_iterations_write_official_schema_and_summary(tmp_path, tiny_llama):
         assert set(row["seconds"]) >= {"generate", "rank", "reference", "train"}
         assert row["final_loss"] is not None and row["pairs"] + row["ties_dropped"] == len(QUESTIONS)
     # iteration 2 sampled from the trained policy, not the initial one
-    first = pq.read_table(run_dir / "iteration_0" / "generations.parquet").column("response_ids").to_pylist()
-    second = pq.read_table(run_dir / "iteration_1" / "generations.parquet").column("response_ids").to_pylist()
+    first = pq.read_table(run_dir / "iteration_1" / "generations.parquet").column("response_ids").to_pylist()
+    second = pq.read_table(run_dir / "iteration_2" / "generations.parquet").column("response_ids").to_pylist()
     assert first != second
 
 
 def test_reference_logps_are_the_sampling_policy(tmp_path, tiny_llama, tokenizer):
     _, module, _ = fit(tmp_path, tiny_llama)
     assert module.reference is None  # cached mode holds no reference model
-    pairs = pq.read_table(tmp_path / "self_play" / "iteration_0" / "train.parquet").to_pylist()
+    pairs = pq.read_table(tmp_path / "self_play" / "iteration_1" / "train.parquet").to_pylist()
     initial = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     batch = collate_pairs(pairs, tokenizer.pad_token_id)
     with torch.no_grad():
@@ -98,7 +98,7 @@ def test_reference_logps_are_the_sampling_policy(tmp_path, tiny_llama, tokenizer
 
 def test_a_restarted_run_reuses_finished_stages(tmp_path, tiny_llama, monkeypatch, caplog):
     fit(tmp_path, tiny_llama)
-    folder = tmp_path / "self_play" / "iteration_0"
+    folder = tmp_path / "self_play" / "iteration_1"
     before = pq.read_table(folder / "train.parquet").to_pylist()
     (folder / "train.parquet").unlink()  # as if killed while writing the last stage
 
@@ -116,8 +116,8 @@ def test_a_restarted_run_reuses_finished_stages(tmp_path, tiny_llama, monkeypatc
     # initial policy's evaluation answers were all reused, each said in one line.
     assert len(calls) == 1 and len(ranked) == 1
     said = [r.getMessage() for r in caplog.records]
-    assert "iteration_0: reusing generations (6 rows, finished earlier)" in said
-    assert "iteration_0: reusing rankings (6 rows, finished earlier)" in said
+    assert "iteration_1: reusing generations (6 rows, finished earlier)" in said
+    assert "iteration_1: reusing rankings (6 rows, finished earlier)" in said
     assert not any("reusing train" in line for line in said)  # it was deleted: made again
     assert pq.read_table(folder / "train.parquet").to_pylist() == before
 
@@ -125,8 +125,8 @@ def test_a_restarted_run_reuses_finished_stages(tmp_path, tiny_llama, monkeypatc
 def test_same_seed_same_data(tmp_path, tiny_llama):
     fit(tmp_path, tiny_llama, run_dir=tmp_path / "a")
     fit(tmp_path, tiny_llama, run_dir=tmp_path / "b")
-    a = pq.read_table(tmp_path / "a" / "iteration_0" / "generations.parquet").to_pylist()
-    b = pq.read_table(tmp_path / "b" / "iteration_0" / "generations.parquet").to_pylist()
+    a = pq.read_table(tmp_path / "a" / "iteration_1" / "generations.parquet").to_pylist()
+    b = pq.read_table(tmp_path / "b" / "iteration_1" / "generations.parquet").to_pylist()
     assert a == b
 
 
@@ -148,8 +148,8 @@ def test_shards_change_no_stage_hold_one_shard_and_are_merged(tmp_path, tiny_lla
     trainer, _, _ = fit(tmp_path, tiny_llama, ranker=shard_judge, run_dir=tmp_path / "shards",
                         generation_shard_size=3)  # rounds up to 4 (a batch): shards of 4 and 2 prompts
     for stage in ("generations", "rankings", "train"):
-        whole = pq.read_table(tmp_path / "whole" / "iteration_0" / f"{stage}.parquet").to_pylist()
-        shards = pq.read_table(tmp_path / "shards" / "iteration_0" / f"{stage}.parquet").to_pylist()
+        whole = pq.read_table(tmp_path / "whole" / "iteration_1" / f"{stage}.parquet").to_pylist()
+        shards = pq.read_table(tmp_path / "shards" / "iteration_1" / f"{stage}.parquet").to_pylist()
         assert len(whole) == len(shards) == len(QUESTIONS)
         for a, b in zip(whole, shards):
             for key in ("reference_chosen_logps", "reference_rejected_logps"):  # other batches, other padding
@@ -158,7 +158,7 @@ def test_shards_change_no_stage_hold_one_shard_and_are_merged(tmp_path, tiny_lla
             assert a == b
     # Ranking saw one shard at a time (the 3s are the win-rate evaluation's held-out prompts).
     assert max(whole_judge.sizes) == 6 and sorted(set(shard_judge.sizes)) == [2, 3, 4]
-    folder = tmp_path / "shards" / "iteration_0"
+    folder = tmp_path / "shards" / "iteration_1"
     assert not list(folder.glob("*.shard_*"))  # merged, then removed
     manifest = json.loads((folder / "manifest.json").read_text())
     assert [manifest["stages"][s]["shards"] for s in ("generations", "rankings", "train")] == [2, 2, 2]
@@ -180,9 +180,9 @@ def half_ties(prompt, response):
 def test_tied_prompts_are_dropped_and_counted(tmp_path, tiny_llama):
     ranker = FunctionJudge(f"{__name__}:half_ties")
     fit(tmp_path, tiny_llama, ranker=ranker)
-    manifest = json.loads((tmp_path / "self_play" / "iteration_0" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "self_play" / "iteration_1" / "manifest.json").read_text())
     assert manifest["stages"]["train"]["ties_dropped"] == 2  # the two "plus" prompts
-    train = pq.read_table(tmp_path / "self_play" / "iteration_0" / "train.parquet").to_pylist()
+    train = pq.read_table(tmp_path / "self_play" / "iteration_1" / "train.parquet").to_pylist()
     assert len(train) == len(QUESTIONS) - 2 and all("plus" not in r["prompt"] for r in train)
 
 
@@ -191,7 +191,7 @@ def constant(prompt, response):
 
 
 def test_all_ties_is_a_clear_error(tmp_path, tiny_llama):
-    with pytest.raises(DataError, match=r"iteration 0: all 6 prompts tied"):
+    with pytest.raises(DataError, match=r"iteration 1: all 6 prompts tied"):
         fit(tmp_path, tiny_llama, ranker=FunctionJudge(f"{__name__}:constant"))
 
 
@@ -210,7 +210,7 @@ class NaNRanker:
 def test_a_nan_ranker_is_an_error_and_keeps_the_generations(tmp_path, tiny_llama, shard_size):
     with pytest.raises(DataError, match="prompt row 5: the ranker returned a non-finite score"):
         fit(tmp_path, tiny_llama, ranker=NaNRanker(), generation_shard_size=shard_size)
-    manifest = json.loads((tmp_path / "self_play" / "iteration_0" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "self_play" / "iteration_1" / "manifest.json").read_text())
     finished = {"generations", "rankings"} | ({"train.shard_00000"} if shard_size == 4 else set())
     assert set(manifest["stages"]) == finished  # nothing lost, nothing trained on
 
@@ -247,7 +247,7 @@ def test_epochs_per_iteration(tmp_path, tiny_llama, monkeypatch):
                         lambda model, tok, ids, k, **kw: calls.append(k) or real(model, tok, ids, k, **kw))
     fit(tmp_path, tiny_llama, max_epochs=4, epochs_per_iteration=2, eval_samples=2)
     folders = sorted(p.name for p in (tmp_path / "self_play").glob("iteration_*"))
-    assert folders == ["iteration_0", "iteration_1"]
+    assert folders == ["iteration_1", "iteration_2"]
     summary = json.loads((tmp_path / "self_play" / "summary.json").read_text())["iterations"]
     assert [r["iteration"] for r in summary] == [1, 2]
     assert calls.count(3) == 2  # K samples: once per iteration, not per epoch

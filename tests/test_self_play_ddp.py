@@ -24,8 +24,8 @@ def test_two_processes_make_the_same_iteration_as_one(tiny_llama, tmp_path):
     run(tiny_llama, tmp_path / "one", 1)
     run(tiny_llama, tmp_path / "two", 2)
     for stage in ("generations", "rankings", "train"):
-        one = pq.read_table(tmp_path / "one" / "self_play" / "iteration_0" / f"{stage}.parquet").to_pylist()
-        two = pq.read_table(tmp_path / "two" / "self_play" / "iteration_0" / f"{stage}.parquet").to_pylist()
+        one = pq.read_table(tmp_path / "one" / "self_play" / "iteration_1" / f"{stage}.parquet").to_pylist()
+        two = pq.read_table(tmp_path / "two" / "self_play" / "iteration_1" / f"{stage}.parquet").to_pylist()
         if stage == "train":  # reference log-probs: same weights, same tokens
             for a, b in zip(one, two):
                 assert abs(a.pop("reference_chosen_logps") - b.pop("reference_chosen_logps")) < 1e-4

@@ -192,7 +192,7 @@ class BondPipeline:
             info.update(kl_sum=kl * len(rows), kl_rows=len(rows))
         if info["ties"]:
             how = "seeded coins" if self.tie_rule == "coin" else f"the {self.tie_rule} rule"
-            rank_zero_info(f"iteration {iteration}: {info['ties']} tied comparison(s), decided by {how}")
+            rank_zero_info(f"iteration {iteration + 1}: {info['ties']} tied comparison(s), decided by {how}")
         return rows, info
 
 

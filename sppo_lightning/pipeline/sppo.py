@@ -8,7 +8,7 @@ and the iteration's statistics; it calls nothing back.
 
     pipeline = SPPOPipeline(HFGenerator(), FunctionJudge("sppo_lightning.ranking.judges:shorter"),
                             run_dir="runs/x", num_samples=5)
-    result = pipeline.build(0, policy, tokenizer, prompts)     # DistContext() = one process
+    result = pipeline.build(0, policy, tokenizer, prompts)     # the first iteration (runs/x/iteration_1)
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ class SPPOPipeline:
                 ctx: DistContext) -> IterationData:
         info = artifacts.info("train")
         if info["rows"] == 0:
-            raise DataError(f"iteration {iteration}: all {len(prompts)} prompts tied (every response scored "
+            raise DataError(f"iteration {iteration + 1}: all {len(prompts)} prompts tied (every response scored "
                             f"the same); nothing to train on. Raise temperature, num_samples or max_new_tokens, "
                             f"or check the ranker")
         means = pq.read_table(artifacts.path("train"), columns=["chosen_probs_win", "chosen_probs_lose"])

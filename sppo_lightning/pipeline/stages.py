@@ -71,10 +71,11 @@ def rank(ranker, tokenizer, generations: Sequence[dict[str, Any]], first_row: in
 
 def estimate_pairs(generations: Sequence[dict], rankings: Sequence[dict], iteration: int,
                    first_row: int = 0) -> tuple[list[dict[str, Any]], int]:
-    """SPPO's pairs in the official ``train.parquet`` schema, and how many prompts were dropped
+    """SPPO's pairs in the official ``train.parquet`` schema (``iteration``: the 0-based index; messages
+    count from 1), and how many prompts were dropped
     because their K responses tied (or chosen and rejected are the same tokens)."""
     scores = torch.tensor([r["rm_scores"] for r in rankings], dtype=torch.float64)
-    picked = select_pairs(scores, where=f"iteration {iteration} ranking", first_row=first_row)
+    picked = select_pairs(scores, where=f"iteration {iteration + 1} ranking", first_row=first_row)
     probability, _ = win_probabilities(scores)  # the K×K P̂ of every prompt, stored with its pair
     pairs, ties = [], 0
     for n, (gen, ranked) in enumerate(zip(generations, rankings)):
@@ -97,7 +98,7 @@ def estimate_pairs(generations: Sequence[dict], rankings: Sequence[dict], iterat
                for k, r in enumerate(gen["responses"])},
         })
     if ties:
-        rank_zero_info(f"iteration {iteration}: dropped {ties} prompt(s) whose responses all scored the same")
+        rank_zero_info(f"iteration {iteration + 1}: dropped {ties} prompt(s) whose responses all scored the same")
     return pairs, ties
 
 
