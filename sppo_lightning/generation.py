@@ -90,13 +90,7 @@ def sample_responses(
         for index, real in tqdm(mine, desc=desc, disable=not show_progress):
             start = index * batch_size
             chunk = prompt_ids[start : start + batch_size]
-            width = max(len(p) for p in chunk)
-            # Left padding: every prompt ends at the same column, where generation starts.
-            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, ids in enumerate(chunk):
-                input_ids[row, width - len(ids):] = torch.tensor(ids)
-                attention_mask[row, width - len(ids):] = 1
+            input_ids, attention_mask = left_pad(chunk, pad_id)
             rows = _generate_halving(
                 model, input_ids.to(device), attention_mask.to(device), batch_seed(seed, batch_offset + start // batch_size),
                 retry_oom, dict(options, max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
@@ -107,6 +101,18 @@ def sample_responses(
             for row, tokens in enumerate(rows):
                 results[start + row // num_samples].append(_cut_at_eos(tokens, stop))
     return results
+
+
+def left_pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, T]`` ids and attention mask, each row right-aligned: every sequence ends at the same
+    column, where generation (or the next-token read-out) happens."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, ids in enumerate(rows):
+        input_ids[row, width - len(ids):] = torch.tensor(ids)
+        attention_mask[row, width - len(ids):] = 1
+    return input_ids, attention_mask
 
 
 def _is_out_of_memory(err: BaseException) -> bool:

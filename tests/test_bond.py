@@ -223,14 +223,7 @@ def test_bond_non_finite_loss_skips_or_stops(tmp_path, tiny_llama, mode):
 
 
 # ---------------------------------------------------------------- on-policy draws, shards, resume
-class CountingJudge(FunctionJudge):
-    def __init__(self):
-        super().__init__("sppo_lightning.ranking.judges:shorter")
-        self.sizes = []
-
-    def pairwise_logits(self, prompts, candidates):
-        self.sizes.append(len(prompts))
-        return super().pairwise_logits(prompts, candidates)
+from tests.test_self_play import CountingJudge  # noqa: E402  (the shorter judge, counting prompts per call)
 
 
 def fit_bond(tmp_path, tiny_llama, ranker, run_dir, epochs=1, batch_size=2, prompts_per_iteration=None, **options):

@@ -147,13 +147,9 @@ class LLMJudge:
     def _forward(self, rows: list[list[int]]) -> list[float]:
         """Left-padded batch; the logits of the last position only, with positions counted from
         each row's first real token (so padding changes nothing)."""
-        pad = self.tokenizer.pad_token_id
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for k, ids in enumerate(rows):
-            input_ids[k, width - len(ids):] = torch.tensor(ids)
-            mask[k, width - len(ids):] = 1
+        from sppo_lightning.generation import left_pad
+
+        input_ids, mask = left_pad(rows, self.tokenizer.pad_token_id)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         device = next(self.model.parameters()).device
         logits = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
