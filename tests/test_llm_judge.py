@@ -139,3 +139,20 @@ def test_another_template_redoes_the_rankings_in_the_same_run_dir(tmp_path, tiny
     with pytest.warns(UserWarning, match="redoing rankings"):
         SPPOPipeline(generator, other, tmp_path / "run", num_samples=3).build(0, policy, tokenizer, prompts)
     assert other.calls == 12
+
+
+def test_the_llm_judge_recipe_runs_through_the_cli(tiny_dir, tmp_path):
+    """configs/llm_judge.yaml as shipped, the judge pointed at the tiny Llama of the test's models."""
+    import yaml
+
+    from tests.test_quickstart import REPO, run_fit
+
+    data = yaml.safe_load((REPO / "configs" / "llm_judge.yaml").read_text())
+    data["trainer"]["callbacks"][0]["init_args"]["ranker"]["init_args"]["path"] = str(tiny_dir / "llama")
+    config = tmp_path / "llm_judge.yaml"
+    config.write_text(yaml.safe_dump(data))
+    run_fit(config, tiny_dir, tmp_path)
+    summary = json.loads((tmp_path / "self_play" / "summary.json").read_text())["iterations"]
+    assert len(summary) == 1 and 0.0 <= summary[0]["win_rate_vs_initial"] <= 1.0
+    assert summary[0]["judge"]["judge_calls"] == 64 * 20  # 64 prompts, 5 x 4 ordered pairs each
+    assert list((tmp_path / "self_play" / "judgments").glob("judgments.*.jsonl"))
