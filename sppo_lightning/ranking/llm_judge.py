@@ -22,7 +22,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sppo_lightning.errors import ConfigError
-from sppo_lightning.ranking.cache import JudgmentCache, judgment_key
+from sppo_lightning.ranking.cache import JudgmentCache
 from sppo_lightning.ranking.pairwise_question import (
     DEFAULT_TEMPLATE, Question, cached_margins, check_question_settings, pairwise_matrix, render_question,
 )
@@ -112,12 +112,11 @@ class LLMJudge:
         return values
 
     @torch.inference_mode()
-    def _judge(self, questions: list[Question]) -> list[float]:
+    def _judge(self, questions: list[Question], keys: list[str]) -> list[float]:
         """The model's margins, stored in the cache batch by batch (a crash keeps what was judged)."""
         self.load()
         encoded = [self.question_ids(*q) for q in questions]
         order = sorted(range(len(encoded)), key=lambda k: -len(encoded[k]))  # longest first: OOM shows at once
-        fingerprint = fingerprint_hash(self.fingerprint())
         out = [0.0] * len(encoded)
         batches = range(0, len(order), self.batch_size)
         for start in tqdm(batches, desc="LLM judge", disable=not self.show_progress):
@@ -126,7 +125,7 @@ class LLMJudge:
             for k, value in zip(idx, values):
                 out[k] = value
             if self.cache is not None:
-                self.cache.put_many({judgment_key(fingerprint, *questions[k]): v for k, v in zip(idx, values)})
+                self.cache.put_many({keys[k]: v for k, v in zip(idx, values)})
         return out
 
     def _forward_halving(self, rows: list[list[int]]) -> list[float]:

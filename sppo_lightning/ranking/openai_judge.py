@@ -29,7 +29,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sppo_lightning.errors import ConfigError, ServiceError
-from sppo_lightning.ranking.cache import JudgmentCache, judgment_key
+from sppo_lightning.ranking.cache import JudgmentCache
 from sppo_lightning.ranking.pairwise_question import (
     DEFAULT_TEMPLATE, Question, cached_margins, check_question_settings, pairwise_matrix, render_question,
 )
@@ -92,9 +92,8 @@ class OpenAIJudge:
         return values
 
     # ------------------------------------------------------------------------------ requests
-    def _ask_all(self, questions: list[Question]) -> list[float]:
+    def _ask_all(self, questions: list[Question], keys: list[str]) -> list[float]:
         """Every question, ``max_concurrency`` at a time; each chunk's answers are cached as it finishes."""
-        fingerprint = fingerprint_hash(self.fingerprint())
         out: list[float] = []
         chunk = self.max_concurrency * 4
         with ThreadPoolExecutor(self.max_concurrency) as pool, \
@@ -105,7 +104,7 @@ class OpenAIJudge:
                 out += values
                 bar.update(len(part))
                 if self.cache is not None:
-                    self.cache.put_many({judgment_key(fingerprint, *q): v for q, v in zip(part, values)})
+                    self.cache.put_many(dict(zip(keys[start : start + chunk], values)))
         return out
 
     def _ask(self, question: Question) -> float:

@@ -58,14 +58,14 @@ def pairwise_matrix(prompts: list[str], candidates: list[list[str]], both_orders
 
 
 def cached_margins(judge: str, questions: list[Question], cache: Optional[JudgmentCache],
-                   compute: Callable[[list[Question]], list[float]]) -> tuple[list[float], int]:
+                   compute: Callable[[list[Question], list[str]], list[float]]) -> tuple[list[float], int]:
     """Margins of ``questions``: from ``cache`` where it has them (keyed by the judge's fingerprint
-    hash ``judge``), the rest from ``compute``, which may store them as it goes. Returns the margins
-    and how many were computed."""
+    hash ``judge``), the rest from ``compute(questions, keys)``, which stores them under ``keys`` as
+    it goes. Returns the margins and how many were computed."""
     keys = [judgment_key(judge, *q) for q in questions]
     known = cache.get_many(keys) if cache is not None else {}
     todo = [k for k, key in enumerate(keys) if key not in known]
     if todo:
-        values = compute([questions[k] for k in todo])
+        values = compute([questions[k] for k in todo], [keys[k] for k in todo])
         known = {**known, **{keys[k]: v for k, v in zip(todo, values)}}
     return [known[key] for key in keys], len(todo)
