@@ -18,10 +18,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from sppo_lightning import seeds
 from sppo_lightning.artifacts import RunSummary
-from sppo_lightning.callbacks.win_rate import InitialPolicyWinRate
+from sppo_lightning.callbacks.win_rate import InitialPolicyWinRate, policy_sampler
 from sppo_lightning.data.self_play import SelfPlayDataModule
 from sppo_lightning.errors import ConfigError
-from sppo_lightning.pipeline import DistContext, HFGenerator
+from sppo_lightning.pipeline import HFGenerator
 from sppo_lightning.pipeline.bond import BondPipeline
 from sppo_lightning.ranking import Ranker
 
@@ -97,12 +97,7 @@ class BondSelfPlay(L.Callback):
                                      self.tie_rule, self.generation_shard_size)
         self.datamodule.use_pipeline(self.pipeline)
         trainer.reload_dataloaders_every_n_epochs = 1
-
-        def sample(prompts, num_samples: int, seed: int) -> list[list[list[int]]]:
-            return generator.sample(trainer.lightning_module.policy, self.datamodule.tokenizer, prompts,
-                                    num_samples, seed, DistContext.from_trainer(trainer),
-                                    desc="evaluating (win rate vs initial)")
-
+        sample = policy_sampler(generator, trainer, self.datamodule.tokenizer)
         self.win_rate = InitialPolicyWinRate(self.run_dir, self.ranker, sample, self.eval_samples,
                                              seed=seeds.evaluation_stream(self.seed))
         self.summary = RunSummary(self.run_dir / "summary.json")

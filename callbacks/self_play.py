@@ -26,11 +26,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from sppo_lightning import seeds
 from sppo_lightning.artifacts import RunSummary, atomic_write_bytes
-from sppo_lightning.callbacks.win_rate import InitialPolicyWinRate
+from sppo_lightning.callbacks.win_rate import InitialPolicyWinRate, policy_sampler
 from sppo_lightning.data.self_play import SelfPlayDataModule
 from sppo_lightning.errors import ConfigError
 from sppo_lightning.outputs import written
-from sppo_lightning.pipeline import TRAINING_COLUMNS, DistContext, Generator, HFGenerator, SPPOPipeline  # noqa: F401
+from sppo_lightning.pipeline import TRAINING_COLUMNS, Generator, HFGenerator, SPPOPipeline  # noqa: F401
 from sppo_lightning.pipeline.generators import check_sampling
 from sppo_lightning.ranking import Ranker
 from sppo_lightning.report import PLOTS, log_images, write_report
@@ -134,7 +134,8 @@ class SelfPlay(L.Callback):
         datamodule.use_pipeline(self.pipeline)
         # One evaluation stream for every measurement: paired samples against the initial policy.
         evaluation = self.generator if self.generator is not None else plain
-        self.win_rate = InitialPolicyWinRate(self.run_dir, self.ranker, self._sampler(evaluation, trainer),
+        self.win_rate = InitialPolicyWinRate(self.run_dir, self.ranker,
+                                             policy_sampler(evaluation, trainer, datamodule.tokenizer),
                                              self.eval_samples, seed=seeds.evaluation_stream(self.seed))
         # Each epoch start asks the data module for its loader: the new iteration's pairs.
         trainer.reload_dataloaders_every_n_epochs = 1
@@ -154,14 +155,6 @@ class SelfPlay(L.Callback):
 
         return LinearAlignmentGenerator(self.aligned_sampling.principle, self.aligned_sampling.alpha,
                                         self.temperature, self.top_p, self.max_new_tokens, self.generation_batch_size)
-
-    def _sampler(self, generator: Generator, trainer: L.Trainer):
-        """(prompts, samples per prompt, seed) -> responses of the current policy, on every rank."""
-        def sample(prompts, num_samples: int, seed: int) -> list[list[list[int]]]:
-            return generator.sample(trainer.lightning_module.policy, self.datamodule.tokenizer, prompts,
-                                    num_samples, seed, DistContext.from_trainer(trainer),
-                                    desc="evaluating (win rate vs initial)")
-        return sample
 
     # ------------------------------------------------------------------------------ hooks
     def _iteration_bounds(self, trainer: L.Trainer) -> tuple[int, bool, bool]:

@@ -16,6 +16,16 @@ from sppo_lightning.ranking import Ranker
 Sampler = Callable[[list[Prompt], int, int], list[list[list[int]]]]
 
 
+def policy_sampler(generator, trainer: L.Trainer, tokenizer) -> Sampler:
+    """A ``Sampler`` of the module's current policy with ``generator`` (its progress bar says evaluating)."""
+    from sppo_lightning.distributed import DistContext
+
+    def sample(prompts: list[Prompt], num_samples: int, seed: int) -> list[list[list[int]]]:
+        return generator.sample(trainer.lightning_module.policy, tokenizer, prompts, num_samples, seed,
+                                DistContext.from_trainer(trainer), desc="evaluating (win rate vs initial)")
+    return sample
+
+
 class InitialPolicyWinRate:
     """P(current policy's response beats the initial policy's), ties counting one half.
 

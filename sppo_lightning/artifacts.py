@@ -267,6 +267,15 @@ def run_stage(ctx, artifacts: IterationArtifacts, stage: str, compute, on_every_
     return rows if rows is not None else artifacts.rows(stage)  # the others read what rank 0 wrote
 
 
+def memory_mapped_on_ranks(ctx, artifacts: IterationArtifacts, stage: str, columns: list[str]):
+    """``artifacts.memory_mapped`` on every rank: rank 0 writes the Arrow file, the others open it
+    after a barrier (two ranks writing the same file would race)."""
+    if ctx.is_global_zero:
+        data = artifacts.memory_mapped(stage, columns)
+    ctx.barrier(f"arrow_{stage}")
+    return data if ctx.is_global_zero else artifacts.memory_mapped(stage, columns)
+
+
 def _reused(ctx, artifacts: IterationArtifacts, stage: str) -> None:
     """One line per stage or shard a resumed run takes from disk (a redone one is warned with its reason)."""
     if ctx.is_global_zero:

@@ -34,7 +34,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from sppo_lightning import seeds
-from sppo_lightning.artifacts import IterationArtifacts, run_sharded_stage
+from sppo_lightning.artifacts import IterationArtifacts, memory_mapped_on_ranks, run_sharded_stage
 from sppo_lightning.data.prompts import Prompt, prompts_fingerprint
 from sppo_lightning.data.tokenize import collate_pairs
 from sppo_lightning.distributed import DistContext
@@ -137,12 +137,7 @@ class BondPipeline:
             "kl_to_initial": info["kl_sum"] / info["kl_rows"] if info.get("kl_rows") else None,
             "seconds": {"generate": artifacts.info("generations").get("seconds", 0.0), "rank": info.get("seconds", 0.0)},
         }
-        if ctx.is_global_zero:
-            pairs = artifacts.memory_mapped("train", TRAINING_COLUMNS)  # rank 0 writes the Arrow file
-        ctx.barrier("bond_train_arrow")
-        if not ctx.is_global_zero:
-            pairs = artifacts.memory_mapped("train", TRAINING_COLUMNS)
-        return IterationData(pairs, stats)
+        return IterationData(memory_mapped_on_ranks(ctx, artifacts, "train", TRAINING_COLUMNS), stats)
 
     def _generate(self, module, tokenizer, prompts: Sequence[Prompt], iteration: int, ctx: DistContext,
                   batch_offset: int) -> tuple[list[dict], dict]:

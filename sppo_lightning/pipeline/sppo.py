@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from torch import nn
 
 from sppo_lightning import seeds
-from sppo_lightning.artifacts import IterationArtifacts, atomic_write_bytes, run_sharded_stage
+from sppo_lightning.artifacts import IterationArtifacts, atomic_write_bytes, memory_mapped_on_ranks, run_sharded_stage
 from sppo_lightning.data.prompts import Prompt, prompts_fingerprint
 from sppo_lightning.errors import ConfigError, DataError
 from sppo_lightning.pipeline import stages
@@ -156,11 +156,6 @@ class SPPOPipeline:
         if judge:  # an LLM judge: its questions, cache hits, and how its margins were read
             stats["judge"] = judge
         samples = stages.samples_table(artifacts.read_shard("train", 0), self.log_samples)
-        if ctx.is_global_zero:
-            if self.log_samples > 0:
-                atomic_write_bytes(artifacts.dir / "samples.md", stages.markdown_table(*samples).encode())
-            pairs = artifacts.memory_mapped("train", TRAINING_COLUMNS)  # rank 0 writes the Arrow file
-        ctx.barrier("train_arrow")
-        if not ctx.is_global_zero:
-            pairs = artifacts.memory_mapped("train", TRAINING_COLUMNS)
-        return IterationData(pairs, stats, samples)
+        if ctx.is_global_zero and self.log_samples > 0:
+            atomic_write_bytes(artifacts.dir / "samples.md", stages.markdown_table(*samples).encode())
+        return IterationData(memory_mapped_on_ranks(ctx, artifacts, "train", TRAINING_COLUMNS), stats, samples)
