@@ -30,7 +30,6 @@ def run(config: str, seed: int, tmp: Path, tiny: Path) -> dict:
     data["model"]["init_args"]["model_name_or_path"] = str(tiny / "llama")
     out = tmp / f"{Path(config).stem}_{seed}"
     data["trainer"]["default_root_dir"] = str(out)
-    data["trainer"]["logger"]["init_args"]["save_dir"] = str(out)
     for callback in data["trainer"]["callbacks"]:
         if callback["class_path"].endswith(("SelfPlay", "BondSelfPlay")):
             callback["init_args"]["seed"] = seed

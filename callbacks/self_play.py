@@ -52,8 +52,10 @@ class SelfPlay(L.Callback):
         ranker: the preference oracle (``PairRMRanker``, ``RewardModelRanker``, ``FunctionJudge``,
             or any class with ``pairwise_logits`` and ``fingerprint``).
         generator: how π_t samples (``sppo_lightning.pipeline.HFGenerator``,
-            ``sppo_lightning.decoding.LinearAlignmentGenerator``, ...), with its own sampling
-            settings; None: an ``HFGenerator`` from the sampling settings below.
+            ``sppo_lightning.pipeline.VLLMGenerator``, ``sppo_lightning.decoding.LinearAlignmentGenerator``),
+            with its own sampling settings; None: an ``HFGenerator`` from the sampling settings below.
+            The win rate against the initial policy samples with the generator, except an engine
+            generator (vLLM), whose place the HF generator with the settings below takes there.
         num_samples: K responses per prompt (any K ≥ 2; the paper uses 5).
         temperature, top_p, max_new_tokens: sampling (paper: 0.7, 0.9, 2048) when ``generator`` is None.
         generation_batch_size: prompts per ``generate`` call when ``generator`` is None.
@@ -133,7 +135,10 @@ class SelfPlay(L.Callback):
                                      self.reference_batch_size, self.log_samples, self.show_progress)
         datamodule.use_pipeline(self.pipeline)
         # One evaluation stream for every measurement: paired samples against the initial policy.
-        evaluation = self.generator if self.generator is not None else plain
+        # An engine generator samples from exports of π_t, made once per iteration; the evaluation
+        # samples the policy in memory at other moments, with the HF generator.
+        evaluation = plain if self.generator is None or getattr(self.generator, "wants_export", False) \
+            else self.generator
         self.win_rate = InitialPolicyWinRate(self.run_dir, self.ranker,
                                              policy_sampler(evaluation, trainer, datamodule.tokenizer),
                                              self.eval_samples, seed=seeds.evaluation_stream(self.seed))
@@ -143,6 +148,10 @@ class SelfPlay(L.Callback):
 
     def _generator(self, plain: HFGenerator, pl_module: L.LightningModule) -> Generator:
         if self.generator is not None:
+            if self.aligned_sampling is not None and getattr(self.generator, "wants_export", False):
+                raise ConfigError(f"SelfPlay: aligned_sampling (Linear Alignment) cannot run on "
+                                  f"{type(self.generator).__name__}: it steers the policy's logits with a second, "
+                                  f"synchronised stream, which an engine does not expose; drop one of the two")
             if self.aligned_sampling is not None:
                 raise ConfigError("SelfPlay: set either generator or aligned_sampling, not both")
             return self.generator

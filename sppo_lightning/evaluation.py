@@ -51,7 +51,7 @@ def alpaca_eval_outputs(model, tokenizer, source: str, generator: str, column: s
                         **options: Any) -> list[dict[str, Any]]:
     """AlpacaEval ``model_outputs.json`` rows for the instructions in ``source``."""
     records = load_records(source)
-    instructions = [_text(r.get(column), f"{source}: row {i}: column '{column}'") for i, r in enumerate(records)]
+    instructions = [_text(r.get(column), f"{source}: row {i + 1}: column '{column}'") for i, r in enumerate(records)]
     outputs = answer(model, tokenizer, [[{"role": "user", "content": x}] for x in instructions], **options)
     rows = []
     for record, instruction, output in zip(records, instructions, outputs):
@@ -67,12 +67,12 @@ def mt_bench_answers(model, tokenizer, source: str, model_id: str, **options: An
     questions = load_records(source)
     for i, q in enumerate(questions):
         if not isinstance(q.get("question_id"), int):
-            raise DataError(f"{source}: row {i}: column 'question_id': expected an integer, got {q.get('question_id')!r}")
+            raise DataError(f"{source}: row {i + 1}: column 'question_id': expected an integer, got {q.get('question_id')!r}")
         turns = q.get("turns")
         if not isinstance(turns, list) or not turns:
-            raise DataError(f"{source}: row {i}: column 'turns': expected a non-empty list of questions")
+            raise DataError(f"{source}: row {i + 1}: column 'turns': expected a non-empty list of questions")
         for t, turn in enumerate(turns):
-            _text(turn, f"{source}: row {i}: column 'turns' [{t}]")
+            _text(turn, f"{source}: row {i + 1}: column 'turns' [{t}]")
     conversations: list[list[dict[str, str]]] = [[] for _ in questions]
     answers: list[list[str]] = [[] for _ in questions]
     for turn in range(max(len(q["turns"]) for q in questions)):

@@ -59,14 +59,14 @@ def _answers(path: str, questions: dict[int, str]) -> dict[Any, tuple[str, str]]
         elif "question_id" in row and "choices" in row:
             qid = row["question_id"]
             if qid not in questions:
-                raise DataError(f"{path}: row {i}: question_id {qid!r} is not in --questions (MT-Bench answers "
+                raise DataError(f"{path}: row {i + 1}: question_id {qid!r} is not in --questions (MT-Bench answers "
                                 f"need the questions file for their text)")
             turns = row["choices"][0].get("turns") if row["choices"] else None
             if not isinstance(turns, list) or not turns:
-                raise DataError(f"{path}: row {i}: column 'choices': expected choices[0].turns, a list of answers")
+                raise DataError(f"{path}: row {i + 1}: column 'choices': expected choices[0].turns, a list of answers")
             out[qid] = (questions[qid], "\n\n".join(str(t) for t in turns))
         else:
-            raise DataError(f"{path}: row {i}: neither an AlpacaEval row (instruction, output) nor an MT-Bench "
+            raise DataError(f"{path}: row {i + 1}: neither an AlpacaEval row (instruction, output) nor an MT-Bench "
                             f"answer (question_id, choices)")
     return out
 
@@ -100,7 +100,7 @@ def judge_main(argv: list[str]) -> None:
     if args.questions:
         for i, q in enumerate(load_records(args.questions)):
             if not isinstance(q.get("turns"), list):
-                raise DataError(f"{args.questions}: row {i}: column 'turns': expected a list of questions")
+                raise DataError(f"{args.questions}: row {i + 1}: column 'turns': expected a list of questions")
             questions[q.get("question_id")] = "\n\n".join(str(t) for t in q["turns"])
     ranker = build_ranker(args.ranker)
     if args.cache_dir and hasattr(ranker, "use_cache"):

@@ -50,6 +50,8 @@ class SPPOLightningCLI(LightningCLI):
         sections += [(f"trainer.callbacks[{i}]", c) for i, c in enumerate(callbacks if isinstance(callbacks, list) else [])]
         for where, section in sections:
             check_nulls(where, section)
+        if trainer is not None:
+            outputs_under_root(trainer)
 
     def instantiate_classes(self) -> None:
         # jsonargparse re-raises what a constructor raised as a plain ValueError/TypeError, so our
@@ -70,6 +72,26 @@ class SPPOLightningCLI(LightningCLI):
         # One model id configures both the policy and the tokenizer the data is encoded with.
         parser.link_arguments("model.init_args.model_name_or_path", "data.init_args.tokenizer")
         parser.link_arguments("model.init_args.trust_remote_code", "data.init_args.trust_remote_code")
+
+
+def outputs_under_root(trainer) -> None:
+    """Every output under ``trainer.default_root_dir`` unless a key says otherwise: a logger left to
+    its default becomes a ``CSVLogger`` there (``<root>/lightning_logs/version_<n>/metrics.csv``,
+    whatever else is installed), and a ``ModelCheckpoint`` without ``dirpath`` writes to
+    ``<root>/checkpoints``, one folder for every run on that root, so ``--ckpt_path last`` finds
+    the last checkpoint of the run it resumes (Lightning's default is the new run's version folder)."""
+    from jsonargparse import Namespace
+
+    root = trainer.get("default_root_dir") or os.getcwd()
+    if trainer.get("logger") in (None, True):
+        trainer["logger"] = Namespace(class_path="lightning.pytorch.loggers.CSVLogger",
+                                      init_args=Namespace(save_dir=str(root)))
+    callbacks = trainer.get("callbacks") or []
+    for callback in callbacks if isinstance(callbacks, list) else []:
+        init_args = getattr(callback, "init_args", None)
+        if str(getattr(callback, "class_path", "")).endswith("ModelCheckpoint") and init_args is not None \
+                and init_args.get("dirpath") is None:
+            init_args["dirpath"] = os.path.join(str(root), "checkpoints")
 
 
 def check_nulls(where: str, section) -> None:

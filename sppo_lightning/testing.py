@@ -11,6 +11,7 @@ head) and saves it in both checkpoint layouts: llm-blender's own and the Hugging
 Command line (used by the README quickstart)::
 
     python -m sppo_lightning.testing .tiny        # writes .tiny/llama and .tiny/pairrm*
+    python -m sppo_lightning.testing .tiny --vllm # and .tiny/llama_vllm (head size 32, for vLLM on CPU)
 """
 
 from __future__ import annotations
@@ -145,16 +146,20 @@ def make_tiny_llama(
     num_layers: int = 2,
     seed: int = 0,
     sft_steps: int = 0,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
 ) -> Path:
     """Save a tiny random Llama and its tokenizer to ``out_dir`` and return the path.
 
     ``sft_steps > 0`` first warms it up on synthetic chats (``sft_warmup``): the quickstart does,
-    so that self-play starts from a policy that writes words.
+    so that self-play starts from a policy that writes words. The head size is
+    ``hidden_size / num_heads`` (8 by default); vLLM's CPU attention needs 32 or more
+    (``hidden_size=64, num_heads=2``).
     """
     out_dir = Path(out_dir)
     tokenizer = make_tiny_tokenizer()
     config = llama_config(tokenizer, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                          num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                          num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
                           max_position_embeddings=1024)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
@@ -248,9 +253,16 @@ def make_tiny_pairrm(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", help="folder to write; the model goes to <out_dir>/llama")
+    parser.add_argument("--vllm", action="store_true",
+                        help="also write <out_dir>/llama_vllm: the same tiny Llama with a head size of 32, "
+                             "which vLLM's CPU attention needs (configs/vllm.yaml)")
     args = parser.parse_args(argv)
     path = make_tiny_llama(Path(args.out_dir) / "llama", hidden_size=64, sft_steps=300)
     print(f"tiny llama and tokenizer saved to {path}")
+    if args.vllm:
+        path = make_tiny_llama(Path(args.out_dir) / "llama_vllm", hidden_size=64, sft_steps=300, num_heads=2,
+                               num_kv_heads=1)
+        print(f"tiny llama for vLLM (head size 32) saved to {path}")
     blender_dir, hf_dir = make_tiny_pairrm(args.out_dir)
     print(f"tiny PairRM saved to {blender_dir} (llm-blender layout) and {hf_dir} (Hugging Face layout)")
 

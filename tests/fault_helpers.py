@@ -13,7 +13,7 @@ class SilentCheckpoints(L.Callback):
 
 
 def judge_that_raises(prompt: str, response: str) -> float:
-    """``positive_words``, except that it raises on one prompt (row 20 of tiny_prompts.jsonl)."""
+    """``positive_words``, except that it raises on one prompt (index 20: row 21, line 21 of tiny_prompts.jsonl)."""
     if prompt == "What is 0 plus 7?":
         raise ValueError("boom")
     return positive_words(prompt, response)

@@ -100,3 +100,30 @@ class KillWhileWriting(L.Callback):
             _kill_once(self.marker)
 
         artifacts.atomic_write = write
+
+
+class KillInEngineSampling(L.Callback):
+    """SIGKILL once iteration ``iteration``'s first generation shard is written and its second is
+    not, while the engine generator (vLLM) that sampled the first is still running (once).
+    ``iteration``: 0-based, the first by default (the folder iteration_1)."""
+
+    def __init__(self, marker: str, iteration: int = 0) -> None:
+        self.marker, self.iteration = marker, iteration
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        # setup, after SelfPlay's (listed later): the first iteration samples before on_fit_start
+        from sppo_lightning.callbacks.self_play import SelfPlay
+
+        callback = next(c for c in trainer.callbacks if isinstance(c, SelfPlay))
+        generator = callback.pipeline.generator
+        folder = callback.run_dir / f"iteration_{self.iteration + 1}"
+        original = generator.sample
+
+        def sample(*args, **kwargs):
+            if (folder / "generations.shard_00000.parquet").exists() and \
+                    not (folder / "generations.shard_00001.parquet").exists() and not Path(self.marker).exists():
+                assert generator._engine is not None and generator._engine.alive
+                _kill_once(self.marker)
+            return original(*args, **kwargs)
+
+        generator.sample = sample

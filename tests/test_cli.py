@@ -30,7 +30,6 @@ def fit(tmp_path, tiny_llama, *extra, check=True, subcommand="fit"):
         subcommand, "--config", "configs/tiny_pairs.yaml",
         "--model.model_name_or_path", tiny_llama,
         "--trainer.default_root_dir", tmp_path,
-        "--trainer.logger.init_args.save_dir", tmp_path,
         *extra,
         check=check,
     )
@@ -113,7 +112,7 @@ def test_bad_row_in_data_file_names_file_row_and_column(tmp_path, tiny_llama):
     bad.write_text("\n".join(lines) + "\n")
     result = fit(tmp_path, tiny_llama, "--data.init_args.train_data", bad, check=False)
     assert result.returncode == 2
-    assert f"{bad}: row 2: column 'chosen_probs_win': 7." in result.stderr
+    assert f"{bad}: row 3: column 'chosen_probs_win': 7." in result.stderr
 
 
 @pytest.mark.parametrize("recipe, keys", [

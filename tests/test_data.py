@@ -211,7 +211,7 @@ def test_bad_rows_name_file_row_and_column(record, column, problem):
     with pytest.raises(DataError) as info:
         parse_rows([good, record], "data.jsonl")
     message = str(info.value)
-    assert message.startswith(f"data.jsonl: row 1: column '{column}': ")
+    assert message.startswith(f"data.jsonl: row 2: column '{column}': ")
     assert problem in message
 
 
@@ -219,7 +219,7 @@ def test_skip_bad_rows_keeps_the_good_ones_and_counts():
     records = [sppo_record(), sppo_record(chosen_probs_win=2.0), sppo_record(chosen="x", rejected="x")]
     rows, skipped = parse_rows(records, "d.jsonl", skip_bad_rows=True)
     assert len(rows) == 1 and len(skipped) == 2
-    assert skipped[0].startswith("d.jsonl: row 1: column 'chosen_probs_win'")
+    assert skipped[0].startswith("d.jsonl: row 2: column 'chosen_probs_win'")
 
 
 def test_empty_file_is_an_error(tmp_path):

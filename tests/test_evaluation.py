@@ -70,5 +70,5 @@ def test_bad_mt_bench_questions_name_row_and_column(tiny_llama, tmp_path, capsys
         main(["generate", tiny_llama, str(bad), str(tmp_path / "out.jsonl"), "--format", "mt_bench"])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert re.search(f"question.jsonl: row 0: {message}", err) and not (tmp_path / "out.jsonl").exists()
+    assert re.search(f"question.jsonl: row 1: {message}", err) and not (tmp_path / "out.jsonl").exists()
 

@@ -37,15 +37,16 @@ def one_line_error(result) -> str:
 def test_output_paths_that_cannot_be_folders_stop_before_any_model_loads(tiny_dir, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    for option, key in [
-        ("--trainer.callbacks.dirpath", "trainer.callbacks (HFExport).init_args.dirpath"),  # the last with dirpath
-        ("run_dir", "trainer.callbacks (SelfPlay).init_args.run_dir"),
-        ("--trainer.logger.init_args.save_dir", "trainer.logger (CSVLogger).init_args.save_dir"),
+    for options, key in [
+        (["--trainer.callbacks.dirpath"], "trainer.callbacks (HFExport).init_args.dirpath"),  # the last with dirpath
+        (["run_dir"], "trainer.callbacks (SelfPlay).init_args.run_dir"),
+        (["--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir"],
+         "trainer.logger (CSVLogger).init_args.save_dir"),
     ]:
-        if option == "run_dir":  # a key of the first callback: in the config
+        if options == ["run_dir"]:  # a key of the first callback: in the config
             result = run_fit(quickstart(tmp_path, run_dir=str(blocker / "sub")), tiny_dir, tmp_path, check=False)
         else:
-            result = run_fit(quickstart(tmp_path), tiny_dir, tmp_path, option, str(blocker / "sub"), check=False)
+            result = run_fit(quickstart(tmp_path), tiny_dir, tmp_path, *options, str(blocker / "sub"), check=False)
         line = one_line_error(result)
         assert key in line and f"{blocker / 'sub'} is under {blocker}, which is a file" in line, line
         assert not (tmp_path / "self_play").exists()  # stopped before anything ran
@@ -90,7 +91,7 @@ def test_a_run_with_one_step_per_iteration_still_learns(tiny_dir, tmp_path):
 def test_a_judge_that_raises_names_the_row_and_keeps_the_generations(tiny_dir, tmp_path):
     config = quickstart(tmp_path, judge="tests.fault_helpers:judge_that_raises", generation_shard_size=16)
     line = one_line_error(run_fit(config, tiny_dir, tmp_path, check=False))
-    assert "judge tests.fault_helpers:judge_that_raises: prompt row 20, candidate 0: raised ValueError: boom" in line
+    assert "judge tests.fault_helpers:judge_that_raises: prompt row 21, candidate 0: raised ValueError: boom" in line
     manifest = json.loads((tmp_path / "self_play" / "iteration_1" / "manifest.json").read_text())
     assert manifest["stages"]["generations"]["rows"] == 64  # kept; the first shard's rankings too
     assert "rankings.shard_00000" in manifest["stages"]
@@ -100,7 +101,7 @@ def test_duplicate_prompts_are_counted_and_can_be_dropped(tiny_dir, tmp_path):
     prompts = ["Name a color.", "Tell me a story.", "Name a color.", "Say hi.", "Name a color."]
     config = quickstart(tmp_path, prompts=prompts, judge="sppo_lightning.ranking.judges:shorter")
     result = run_fit(config, tiny_dir, tmp_path)
-    assert "prompts.jsonl: 2 prompt(s) repeat an earlier one (first: row 2 repeats row 0)" in result.stderr
+    assert "prompts.jsonl: 2 prompt(s) repeat an earlier one (first: row 3 repeats row 1)" in result.stderr
     run_dir = tmp_path / "dropped"
     config = quickstart(tmp_path, prompts=prompts, judge="sppo_lightning.ranking.judges:shorter", run_dir=str(run_dir))
     run_fit(config, tiny_dir, tmp_path, "--data.drop_duplicate_prompts", "true")

@@ -71,3 +71,39 @@ def test_the_trainer_refuses_a_checkpoint_that_is_not_on_disk(tmp_path, tiny_lla
     trainer.strategy.checkpoint_io.save_checkpoint = lambda *a, **k: None  # a write that fails silently
     with pytest.raises(TrainingError, match="was not written"):
         trainer.save_checkpoint(tmp_path / "x.ckpt")
+
+
+def test_the_quickstart_writes_everything_under_default_root_dir_and_resumes_there(tiny_dir, tmp_path):
+    """Only `--trainer.default_root_dir` moves the outputs (the config hard-codes no other path);
+    `--ckpt_path last` finds the checkpoint and the resumed run writes under the same root."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.test_quickstart import REPO, SCRIPT
+
+    config = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
+    config["model"]["init_args"]["model_name_or_path"] = str(tiny_dir / "llama")
+    path = tmp_path / "quickstart.yaml"
+    path.write_text(yaml.safe_dump(config))
+    root = tmp_path / "out"
+    default_root = REPO / "runs" / "quickstart"
+    existed = default_root.exists()
+    command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "sppo_lightning.cli"]
+
+    def fit(*extra):
+        result = subprocess.run(command + ["fit", "--config", str(path), "--trainer.default_root_dir", str(root),
+                                           *extra], cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    fit("--trainer.max_epochs", "1")
+    assert (root / "checkpoints" / "last.ckpt").exists()
+    assert (root / "lightning_logs" / "version_0" / "metrics.csv").exists()
+    assert (root / "lightning_logs" / "version_0" / "hf_model" / "model.safetensors").exists()
+    fit("--trainer.max_epochs", "2", "--ckpt_path", "last")
+    summary = (root / "self_play" / "summary.json").read_text()
+    assert '"iteration": 2' in summary
+    assert (root / "lightning_logs" / "version_1" / "metrics.csv").exists()  # as the README says
+    assert (root / "lightning_logs" / "version_1" / "hf_model" / "model.safetensors").exists()
+    assert default_root.exists() == existed  # nothing went to the config's own root

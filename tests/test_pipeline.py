@@ -99,11 +99,11 @@ def test_a_judge_that_raises_names_the_rows(tokenizer):
     generations = [{"prompt_index": i, "prompt": p, "prompt_messages": [], "responses": ["a", "b"]}
                    for i, p in enumerate(["Hi", "Why is the sky blue?"])]
     # a function judge names the row; the stage makes it the iteration's row (the shard starts at 8)
-    with pytest.raises(DataError, match=rf"judge {__name__}:boom: prompt row 9, candidate 0: raised ValueError: "
+    with pytest.raises(DataError, match=rf"judge {__name__}:boom: prompt row 10, candidate 0: raised ValueError: "
                                         r"boom \(the generations are kept"):
         stages.rank(FunctionJudge(f"{__name__}:boom"), tokenizer, generations, first_row=8)
     # any other ranker: the rows of the shard
-    with pytest.raises(DataError, match=r"RaisingRanker failed on prompt rows 8-9 of generations.parquet "
+    with pytest.raises(DataError, match=r"RaisingRanker failed on prompt rows 9-10 of generations.parquet "
                                         r"\(RuntimeError: out of luck\); the generations are kept"):
         stages.rank(RaisingRanker(), tokenizer, generations, first_row=8)
 

@@ -34,9 +34,9 @@ def test_long_prompts_keep_their_end_and_are_counted(tmp_path, tokenizer):
 @pytest.mark.parametrize("rows, message", [
     ([], "no prompts"),
     ([{"question": "x"}], "missing column 'prompt'"),
-    ([{"prompt": "ok"}, {"prompt": "   "}], "row 1: column 'prompt': empty prompt"),
-    ([{"prompt": "ok"}, {"prompt": 5}], "row 1: column 'prompt': expected a string or a list"),
-    ([{"prompt": [{"role": "assistant", "content": "x"}]}], "row 0: column 'prompt': the last turn must be"),
+    ([{"prompt": "ok"}, {"prompt": "   "}], "row 2: column 'prompt': empty prompt"),
+    ([{"prompt": "ok"}, {"prompt": 5}], "row 2: column 'prompt': expected a string or a list"),
+    ([{"prompt": [{"role": "assistant", "content": "x"}]}], "row 1: column 'prompt': the last turn must be"),
 ])
 def test_bad_prompt_files(tmp_path, tokenizer, rows, message):
     with pytest.raises(DataError, match=message):

@@ -50,7 +50,7 @@ def test_select_pairs_picks_best_and_worst_and_drops_ties():
 
 
 def test_non_finite_scores_name_the_prompt_row():
-    with pytest.raises(DataError, match="iteration 2: prompt row 1: the ranker returned a non-finite score"):
+    with pytest.raises(DataError, match="iteration 2: prompt row 2: the ranker returned a non-finite score"):
         select_pairs(torch.tensor([[0.0, 1.0], [math.nan, 1.0]]), where="iteration 2")
 
 
@@ -79,7 +79,7 @@ def nan_judge(prompt, response):
 
 def test_function_judge_non_finite_value_names_row_and_candidate():
     judge = FunctionJudge(f"{__name__}:nan_judge")
-    with pytest.raises(DataError, match="prompt row 1, candidate 0: returned nan"):
+    with pytest.raises(DataError, match="prompt row 2, candidate 0: returned nan"):
         judge.rewards(["p", "q"], [["ok", "fine"], ["bad", "ok"]])
 
 

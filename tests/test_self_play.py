@@ -196,7 +196,7 @@ def test_all_ties_is_a_clear_error(tmp_path, tiny_llama):
 
 
 class NaNRanker:
-    """NaN for the last prompt (row 5) only."""
+    """NaN for the last prompt (index 5, row 6) only."""
 
     def pairwise_logits(self, prompts, candidates):
         m = torch.zeros(len(prompts), len(candidates[0]), len(candidates[0]))
@@ -208,7 +208,7 @@ class NaNRanker:
 
 @pytest.mark.parametrize("shard_size", [512, 4])
 def test_a_nan_ranker_is_an_error_and_keeps_the_generations(tmp_path, tiny_llama, shard_size):
-    with pytest.raises(DataError, match="prompt row 5: the ranker returned a non-finite score"):
+    with pytest.raises(DataError, match="prompt row 6: the ranker returned a non-finite score"):
         fit(tmp_path, tiny_llama, ranker=NaNRanker(), generation_shard_size=shard_size)
     manifest = json.loads((tmp_path / "self_play" / "iteration_1" / "manifest.json").read_text())
     finished = {"generations", "rankings"} | ({"train.shard_00000"} if shard_size == 4 else set())

@@ -110,7 +110,7 @@ class PreferenceDataModule(L.LightningDataModule):
             try:
                 examples.append(encode_row(self.tokenizer, row, self.max_length, self.max_prompt_length))
             except TemplateError as err:
-                raise DataError(f"{source}: row {i}: {err}") from None
+                raise DataError(f"{source}: row {i + 1}: {err}") from None
         return examples
 
     def _loader(self, examples: list[dict[str, Any]], batch_size: int, sampler: Optional[Sampler] = None) -> DataLoader:

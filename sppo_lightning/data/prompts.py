@@ -53,7 +53,7 @@ def load_prompts(
                 bad_column = principle_column
                 raise ValueError("expected a non-empty principle string")
         except ValueError as err:
-            message = f"{source}: row {i}: column '{bad_column}': {err}"
+            message = f"{source}: row {i + 1}: column '{bad_column}': {err}"
             if not skip_bad_rows:
                 raise DataError(message) from None
             skipped.append(message)

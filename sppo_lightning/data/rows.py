@@ -135,7 +135,7 @@ def parse_rows(
         try:
             rows.append(_parse_row(record, conversational, optional))
         except _RowError as err:
-            message = f"{source}: row {i}: column '{err.column}': {err.problem}"
+            message = f"{source}: row {i + 1}: column '{err.column}': {err.problem}"
             if not skip_bad_rows:
                 raise DataError(message) from None
             skipped.append(message)

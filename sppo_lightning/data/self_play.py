@@ -136,11 +136,11 @@ class SelfPlayDataModule(L.LightningDataModule):
             if self.drop_duplicate_prompts:
                 dropped = {r for r, _ in repeats}
                 prompts = [p for p in prompts if p.index not in dropped]
-                rank_zero_warn(f"{source}: dropped {len(repeats)} duplicate prompt(s) (first: row {row} repeats "
-                               f"row {original})")
+                rank_zero_warn(f"{source}: dropped {len(repeats)} duplicate prompt(s) (first: row {row + 1} repeats "
+                               f"row {original + 1})")
             else:
-                rank_zero_warn(f"{source}: {len(repeats)} prompt(s) repeat an earlier one (first: row {row} "
-                               f"repeats row {original}); set data.drop_duplicate_prompts: true to drop them")
+                rank_zero_warn(f"{source}: {len(repeats)} prompt(s) repeat an earlier one (first: row {row + 1} "
+                               f"repeats row {original + 1}); set data.drop_duplicate_prompts: true to drop them")
         return prompts
 
     def use_pipeline(self, pipeline: Pipeline) -> None:

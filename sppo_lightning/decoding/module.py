@@ -54,7 +54,7 @@ class LinearAlignmentModule(L.LightningModule):
         principles = [p.principle or self.hparams.principle for p in batch]
         missing = [p.index for p, principle in zip(batch, principles) if not principle]
         if missing:
-            raise DataError(f"prompt row {missing[0]}: no principle: set model.principle or a 'principle' column")
+            raise DataError(f"prompt row {missing[0] + 1}: no principle: set model.principle or a 'principle' column")
         ids = linear_alignment_generate(
             self.model, self.tokenizer, [p.messages for p in batch], principles, self.settings,
             max_new_tokens=self.hparams.max_new_tokens, batch_size=len(batch),

@@ -7,5 +7,7 @@ a ``DistContext`` instead of a Trainer, so they run (and are tested) in a plain 
 from sppo_lightning.distributed import DistContext
 from sppo_lightning.pipeline.generators import Generator, HFGenerator
 from sppo_lightning.pipeline.sppo import TRAINING_COLUMNS, IterationData, SPPOPipeline
+from sppo_lightning.pipeline.vllm_generator import VLLMGenerator
 
-__all__ = ["DistContext", "Generator", "HFGenerator", "IterationData", "SPPOPipeline", "TRAINING_COLUMNS"]
+__all__ = ["DistContext", "Generator", "HFGenerator", "IterationData", "SPPOPipeline", "TRAINING_COLUMNS",
+           "VLLMGenerator"]

@@ -4,7 +4,8 @@ A generator is chosen in the config by ``class_path`` (``SelfPlay(generator=...)
 calls ``sample`` and stores token ids, so every generator must return ids, not text. Its
 ``fingerprint()`` goes into the iteration's settings: a run dir made with another generator is
 refused on resume rather than mixed. Implementations: :class:`HFGenerator` (Hugging Face
-``generate``, here) and ``sppo_lightning.decoding.LinearAlignmentGenerator``.
+``generate``, here), ``VLLMGenerator`` (``vllm_generator.py``) and
+``sppo_lightning.decoding.LinearAlignmentGenerator``.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ from sppo_lightning.distributed import DistContext
 class Generator(Protocol):
     batch_size: int  # prompts per batch: seeds are per batch, and shards are cut at batch boundaries
 
-    def sample(self, model: nn.Module, tokenizer, prompts: Sequence[Prompt], num_samples: int, seed: int,
+    def sample(self, model: Any, tokenizer, prompts: Sequence[Prompt], num_samples: int, seed: int,
                ctx: DistContext, batch_offset: int = 0, desc: str = "sampling") -> list[list[list[int]]]:
         """``[N][num_samples]`` response token ids (EOS kept where the model stopped), the same on
-        every rank. ``seed`` with the global batch index ``batch_offset + b`` fixes batch b's
+        every rank. ``model``: the policy module; for a generator whose class sets
+        ``wants_export = True`` (an engine: ``VLLMGenerator``), the ``PolicyExport`` of π_t that the
+        pipeline writes each iteration, and the pipeline calls its ``release()`` after sampling. ``seed`` with the global batch index ``batch_offset + b`` fixes batch b's
         samples, so a prompt's samples do not depend on the shard or rank that draws it. ``desc``
         labels the progress bar (training samples, or the evaluation's)."""
         ...

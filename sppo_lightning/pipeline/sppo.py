@@ -27,6 +27,7 @@ from sppo_lightning.artifacts import IterationArtifacts, atomic_write_bytes, mem
 from sppo_lightning.data.prompts import Prompt, prompts_fingerprint
 from sppo_lightning.errors import ConfigError, DataError
 from sppo_lightning.pipeline import stages
+from sppo_lightning.pipeline.policy_export import export_policy, offloaded, prune_exports
 from sppo_lightning.distributed import DistContext
 from sppo_lightning.ranking.cache import attach_judgment_cache, counted
 from sppo_lightning.ranking.protocol import fingerprint_hash, fingerprint_of
@@ -103,12 +104,20 @@ class SPPOPipeline:
         size = math.ceil(self.shard_size / batch) * batch  # shards cut at batch boundaries
         starts = range(0, len(prompts), size)
         seed = seeds.iteration_stream(self.seed, iteration)
-        run_sharded_stage(
-            ctx, artifacts, "generations", len(starts),
-            lambda k: (stages.generate(self.generator, policy, tokenizer, prompts[starts[k] : starts[k] + size],
-                                       self.num_samples, seed, ctx, batch_offset=starts[k] // batch), {}),
-            on_every_rank=True, expect=lambda k: {"first_prompt": starts[k]},
-        )
+
+        def generations(sampled_from, source: dict[str, Any]) -> None:
+            run_sharded_stage(
+                ctx, artifacts, "generations", len(starts),
+                lambda k: (stages.generate(self.generator, sampled_from, tokenizer,
+                                           prompts[starts[k] : starts[k] + size], self.num_samples, seed, ctx,
+                                           batch_offset=starts[k] // batch), {}),
+                on_every_rank=True, source=source, expect=lambda k: {"first_prompt": starts[k]},
+            )
+
+        if getattr(self.generator, "wants_export", False) and not self._finished(artifacts, "generations", ctx):
+            self._generate_from_export(artifacts, policy, tokenizer, ctx, generations)
+        else:
+            generations(policy, {})
         # The rankings and pairs of shard k are made from the generations of shard k (one row group each).
         shards = artifacts.num_shards("generations")
         source = {"generations": artifacts.checksum("generations"),
@@ -124,6 +133,27 @@ class SPPOPipeline:
                                                                                 tokenizer, ctx),
                           on_every_rank=True, source=source)
         return self._result(artifacts, iteration, prompts, ctx)
+
+    @staticmethod
+    def _finished(artifacts: IterationArtifacts, stage: str, ctx: DistContext) -> bool:
+        return bool(ctx.broadcast(artifacts.finished(stage) if ctx.is_global_zero else None))
+
+    def _generate_from_export(self, artifacts: IterationArtifacts, policy: nn.Module, tokenizer, ctx: DistContext,
+                              generations) -> None:
+        """For an engine generator (vLLM): π_t exported to ``iteration_<t>/policy``, sampled by the
+        engine with the training policy offloaded, the engine released, old exports pruned. The
+        export's checksum is the generations' recorded input: shards sampled from other weights
+        are redone."""
+        export = export_policy(policy, tokenizer, artifacts.dir / "policy", ctx,
+                               lora=getattr(self.generator, "lora", "auto"))
+        try:
+            with offloaded(policy, getattr(self.generator, "offload_policy", False)):
+                generations(export, {"policy": export.checksum})
+        finally:
+            self.generator.release()
+        if ctx.is_global_zero:
+            prune_exports(self.run_dir, getattr(self.generator, "keep_policy_exports", -1))
+        ctx.barrier("prune_exports")
 
     def _pairs(self, artifacts: IterationArtifacts, shard: int, iteration: int, policy: nn.Module, tokenizer,
                ctx: DistContext) -> tuple[list[dict], dict]:

@@ -61,7 +61,7 @@ def rank(ranker, tokenizer, generations: Sequence[dict[str, Any]], first_row: in
         raise DataError(f"{message} (the generations are kept: a resumed run ranks again from this shard)") from error
     except Exception as error:  # a judge that raises: name the rows, keep what is written
         last = first_row + len(generations) - 1
-        raise DataError(f"the ranker {type(ranker).__name__} failed on prompt rows {first_row}-{last} of "
+        raise DataError(f"the ranker {type(ranker).__name__} failed on prompt rows {first_row + 1}-{last + 1} of "
                         f"generations.parquet ({type(error).__name__}: {error}); the generations are kept, "
                         f"and a resumed run ranks again from this shard") from error
     scores = scores_from_pairwise(pairwise.double())

@@ -64,7 +64,7 @@ def select_pairs(scores: Tensor, where: str = "ranker", first_row: int = 0) -> P
     bad = ~torch.isfinite(scores)
     if bad.any():
         row = int(bad.any(-1).nonzero()[0])
-        raise DataError(f"{where}: prompt row {first_row + row}: the ranker returned a non-finite score "
+        raise DataError(f"{where}: prompt row {first_row + row + 1}: the ranker returned a non-finite score "
                         f"{scores[row].tolist()}")
     pairwise, win_rate = win_probabilities(scores)
     chosen, rejected = scores.argmax(-1), scores.argmin(-1)

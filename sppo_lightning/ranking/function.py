@@ -70,11 +70,11 @@ class FunctionJudge:
                 try:
                     value = self.function(prompt, response)
                 except Exception as err:  # the user's judge: one line naming it, the row and the error
-                    raise DataError(f"judge {self.function_path}: prompt row {n}, candidate {k}: raised "
+                    raise DataError(f"judge {self.function_path}: prompt row {n + 1}, candidate {k}: raised "
                                     f"{type(err).__name__}: {err}") from err
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                     raise DataError(
-                        f"judge {self.function_path}: prompt row {n}, candidate {k}: returned {value!r}, "
+                        f"judge {self.function_path}: prompt row {n + 1}, candidate {k}: returned {value!r}, "
                         f"not a finite number"
                     )
                 out[n, k] = float(value)

