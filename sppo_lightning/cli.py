@@ -7,7 +7,9 @@
     sppo-lightning judge <answers A> <answers B> --ranker <class_path block>
 
 This module stays light: the top-level help answers before Lightning is imported (about 5 s here),
-and the LightningCLI lives in ``lightning_cli.py``. Known third-party noise is filtered
+and the LightningCLI lives in ``lightning_cli.py``. ``<loop> --help`` is rendered by LightningCLI
+once and then read from a cache (``$SPPO_LIGHTNING_CACHE``, default ``~/.cache/sppo-lightning``),
+keyed by every version it depends on. Known third-party noise is filtered
 (``sppo_lightning/console.py``); ``--verbose`` shows it.
 """
 
@@ -16,10 +18,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from sppo_lightning import console
 from sppo_lightning.errors import SPPOLightningError
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 # Before Lightning, peft and bitsandbytes are imported: some of their noise comes at import time.
 if not console.verbose_requested(sys.argv[1:]):
@@ -62,6 +67,67 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+LOOPS = ("fit", "validate", "test", "predict")
+
+
+def help_cache_path(loop: str) -> "Path":
+    """Where ``sppo-lightning <loop> --help`` is kept once rendered: keyed by what the text depends
+    on (the versions of this package, Lightning and jsonargparse, our CLI's source, the Python, the
+    terminal width), so any change renders it anew."""
+    import hashlib
+    import shutil
+    from importlib import metadata
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    parts = [sys.executable, str(shutil.get_terminal_size().columns)]
+    for package in ("sppo-lightning", "lightning", "jsonargparse"):
+        try:
+            parts.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            parts.append(package)
+    for source in ("cli.py", "lightning_cli.py", "outputs.py"):
+        stat = (here / source).stat()
+        parts.append(f"{source} {stat.st_mtime_ns} {stat.st_size}")
+    key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+    root = os.environ.get("SPPO_LIGHTNING_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") \
+        / "sppo-lightning"
+    return Path(root) / f"help-{loop}-{key}.txt"
+
+
+def loop_help(loop: str) -> str:
+    """``<loop> --help``: LightningCLI's text, rendered once (Lightning and the Trainer's parser take
+    seconds to build) and read back from the cache after that."""
+    import contextlib
+    import io
+
+    path = help_cache_path(loop)
+    try:
+        return path.read_text()
+    except OSError:
+        pass
+    from sppo_lightning.lightning_cli import run_cli
+
+    buffer, argv = io.StringIO(), sys.argv
+    sys.argv = [argv[0], loop, "--help"]  # LightningCLI reads sys.argv itself (and warns when given both)
+    with contextlib.redirect_stdout(buffer):
+        try:
+            run_cli()
+        except SystemExit:
+            pass
+        finally:
+            sys.argv = argv
+    text = buffer.getvalue()
+    try:  # a cache that cannot be written costs the next call its speed, nothing else
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return text
+
+
 def main(args: Optional[list[str]] = None) -> None:
     argv = sys.argv[1:] if args is None else args
     if "--verbose" in argv:  # every third-party line back (see sppo_lightning/console.py)
@@ -72,6 +138,9 @@ def main(args: Optional[list[str]] = None) -> None:
             args = argv
     if not argv or argv[0] in ("-h", "--help"):
         print(HELP, end="")
+        return
+    if len(argv) == 2 and argv[0] in LOOPS and argv[1] in ("-h", "--help"):
+        print(loop_help(argv[0]), end="")
         return
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 

@@ -4,6 +4,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The CLI's help cache (and anything else of ours that caches) in a temporary folder, not ~/.cache.
+os.environ["SPPO_LIGHTNING_CACHE"] = __import__("tempfile").mkdtemp(prefix="sppo-lightning-test-cache-")
 
 import json  # noqa: E402
 

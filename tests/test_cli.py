@@ -174,6 +174,21 @@ def test_top_level_help_names_the_tool_and_every_command_fast():
             assert command in out, command
 
 
+def test_fit_help_is_rendered_once_then_answers_from_the_cache_fast(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setenv("SPPO_LIGHTNING_CACHE", str(tmp_path / "cache"))
+    first = run("fit", "--help").stdout
+    assert "--model.help PreferenceModule" in " ".join(first.split()) and "--trainer.max_epochs" in first
+    (cached,) = (tmp_path / "cache").glob("help-fit-*.txt")
+    start = time.perf_counter()
+    again = run("fit", "--help").stdout
+    assert time.perf_counter() - start < 3.0 and again == first
+    cached.write_text("stale\n")  # the cache is what answers
+    assert run("fit", "--help").stdout == "stale\n"
+    assert run("validate", "-h").stdout.startswith("usage:")  # each loop its own entry
+
+
 def test_fit_help_points_at_our_settings_and_those_commands_work():
     assert "--model.help PreferenceModule" in " ".join(run("fit", "--help").stdout.split())
     for flag, target, key in [
