@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from tests.test_quickstart import REPO, run_fit
-from tests.test_resume import final_weights, losses
+from tests.test_resume import final_weights, losses, uninterrupted
 
 
 def jbond_config(tmp_path: Path) -> Path:
@@ -31,10 +31,7 @@ def jbond_config(tmp_path: Path) -> Path:
 @pytest.fixture(scope="module")
 def baseline(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("jbond_baseline")
-    marker = out / "never"
-    marker.write_text("the baseline never dies")
-    run_fit(jbond_config(out), tiny_dir, out, env={"KILL_MARKER": str(marker)})
-    return out
+    return uninterrupted(jbond_config(out), tiny_dir, out)
 
 
 @pytest.mark.parametrize("where", ["ranking", "training"])

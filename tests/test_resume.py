@@ -42,13 +42,19 @@ def final_weights(out_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(model)
 
 
+def uninterrupted(config: Path, tiny_dir: Path, out: Path) -> Path:
+    """Run ``config`` (with the killing judge) to its end: its kill marker already exists, so the
+    judge never kills. The baseline a killed and resumed run is compared with."""
+    marker = out / "never"
+    marker.write_text("the baseline never dies")
+    run_fit(config, tiny_dir, out, env={"KILL_MARKER": str(marker)})
+    return out
+
+
 @pytest.fixture(scope="module")
 def baseline(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("baseline")
-    marker = out / "never"
-    marker.write_text("the baseline never dies")
-    run_fit(config_with_killing_judge(out), tiny_dir, out, env={"KILL_MARKER": str(marker)})
-    return out
+    return uninterrupted(config_with_killing_judge(out), tiny_dir, out)
 
 
 @pytest.mark.parametrize("where", ["generation", "ranking", "writing_temp", "writing_unrecorded", "training"])

@@ -29,8 +29,8 @@ class Generator(Protocol):
         """``[N][num_samples]`` response token ids (EOS kept where the model stopped), the same on
         every rank. ``model``: the policy module; for a generator whose class sets
         ``wants_export = True`` (an engine: ``VLLMGenerator``), the ``PolicyExport`` of π_t that the
-        pipeline writes each iteration, and the pipeline calls its ``release()`` after sampling. ``seed`` with the global batch index ``batch_offset + b`` fixes batch b's
-        samples, so a prompt's samples do not depend on the shard or rank that draws it. ``desc``
+        pipeline writes each iteration, and the pipeline calls its ``release()`` after sampling.
+        ``seed`` with the global batch index ``batch_offset + b`` fixes batch b's samples, so a prompt's samples do not depend on the shard or rank that draws it. ``desc``
         labels the progress bar (training samples, or the evaluation's)."""
         ...
 
