@@ -35,7 +35,7 @@ def bytes_of(model: torch.nn.Module) -> int:
 def main() -> None:
     from transformers import LlamaForCausalLM
 
-    from sppo_lightning.footprints import GIB, ModelShape, estimate_memory
+    from sppo_lightning.memory import GIB, ModelShape, estimate_memory
     from sppo_lightning.models import LoraSettings, add_lora, load_causal_lm
     from sppo_lightning.testing import llama_config, make_tiny_tokenizer
 

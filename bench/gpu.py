@@ -81,7 +81,7 @@ def main() -> None:
 
     from transformers import LlamaForCausalLM
 
-    from sppo_lightning.footprints import GIB, ModelShape, estimate_memory
+    from sppo_lightning.memory import GIB, ModelShape, estimate_memory
     from sppo_lightning.models import LoraSettings
     from sppo_lightning.module import PreferenceModule
     from sppo_lightning.testing import llama_config, make_tiny_tokenizer

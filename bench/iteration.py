@@ -43,18 +43,22 @@ def one_iteration(model_dir: str, prompts: str, run_dir: str, shard_size: str) -
 
     from sppo_lightning.callbacks.self_play import SelfPlay
     from sppo_lightning.data import SelfPlayDataModule
+    from sppo_lightning.methods import SPPO
     from sppo_lightning.module import PreferenceModule
+    from sppo_lightning.pipeline import HFGenerator
     from sppo_lightning.ranking import FunctionJudge
 
     L.seed_everything(0)
-    callback = SelfPlay(FunctionJudge("sppo_lightning.ranking.judges:positive_words"), num_samples=5,
-                        max_new_tokens=24, generation_batch_size=16, run_dir=run_dir, show_progress=False,
-                        generation_shard_size=int(shard_size))
+    method = SPPO(FunctionJudge("sppo_lightning.ranking.judges:positive_words"),
+                  HFGenerator(max_new_tokens=24, batch_size=16, show_progress=False), num_samples=5,
+                  show_progress=False, generation_shard_size=int(shard_size))
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[SelfPlay()],
+                        reload_dataloaders_every_n_epochs=1)
     start = time.perf_counter()
     trainer.fit(PreferenceModule(model_dir, loss="sppo", reference="cached", lr=3e-4),
-                datamodule=SelfPlayDataModule(prompts=prompts, tokenizer=model_dir, batch_size=8, max_prompt_length=64))
+                datamodule=SelfPlayDataModule(method, prompts=prompts, tokenizer=model_dir, batch_size=8,
+                                              max_prompt_length=64, run_dir=run_dir))
     seconds = json.loads((Path(run_dir) / "summary.json").read_text())["iterations"][0]["seconds"]
     return {"total_seconds": time.perf_counter() - start, "stages": seconds,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

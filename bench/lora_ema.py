@@ -70,9 +70,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from sppo_lightning.bond import BondModule
-    from sppo_lightning.callbacks.bond import BondSelfPlay
     from sppo_lightning.callbacks.ema_anchor import EMAAnchor
+    from sppo_lightning.callbacks.self_play import SelfPlay
     from sppo_lightning.data import SelfPlayDataModule
+    from sppo_lightning.methods import JBOND
+    from sppo_lightning.pipeline import HFGenerator
     from sppo_lightning.models import LoraSettings
     from sppo_lightning.ranking import FunctionJudge
 
@@ -84,12 +86,13 @@ def main() -> None:
         measure = ExactEMA(args.eta)
         trainer = L.Trainer(max_epochs=args.steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp,
-                            callbacks=[BondSelfPlay(FunctionJudge("sppo_lightning.ranking.judges:positive_words"),
-                                                    max_new_tokens=24, run_dir=f"{tmp}/bond", show_progress=False),
-                                       EMAAnchor(args.eta), measure])
+                            callbacks=[SelfPlay(), EMAAnchor(args.eta), measure], reload_dataloaders_every_n_epochs=1)
+        method = JBOND(FunctionJudge("sppo_lightning.ranking.judges:positive_words"),
+                       HFGenerator(temperature=1.0, top_p=1.0, max_new_tokens=24, show_progress=False))
         trainer.fit(BondModule(model, lr=3e-3, lora=LoraSettings(r=4, alpha=8)),
-                    datamodule=SelfPlayDataModule(prompts=str(repo / "configs/data/tiny_prompts.jsonl"),
-                                                  tokenizer=model, batch_size=4, max_prompt_length=64))
+                    datamodule=SelfPlayDataModule(method, prompts=str(repo / "configs/data/tiny_prompts.jsonl"),
+                                                  tokenizer=model, batch_size=4, max_prompt_length=64,
+                                                  run_dir=f"{tmp}/bond"))
     print(json.dumps({
         "steps": len(measure.relative), "eta": args.eta,
         "relative_error_final": round(measure.relative[-1], 4),

@@ -1,169 +1,75 @@
-"""``SelfPlay``: SPPO's self-play settings, and the iteration boundary of training.
+"""``SelfPlay``: the iteration boundary of training, for every self-play method.
 
-The callback builds the run's :class:`~sppo_lightning.pipeline.SPPOPipeline` from its settings and
-hands it to :class:`~sppo_lightning.data.self_play.SelfPlayDataModule`, which builds each
-iteration's pairs with it (generate → rank → estimate → reference log-probs → persist; see
-``sppo_lightning/pipeline/``). The callback itself only works at the iteration boundary:
+The data module's method (``sppo_lightning.methods``: SPPO, J-BOND, online pairs) makes each
+iteration's rows and records its statistics in the iteration's manifest; this callback reads them
+from there and does what happens between iterations, the same for every method:
 
-* the first batch of an iteration: a fresh optimizer and LR schedule (as the official pipeline,
-  a new training job per iteration, has), and the iteration's statistics logged;
+* the first batch of an iteration: a fresh optimizer and LR schedule when the method restarts it
+  (SPPO's official pipeline, a new training job per iteration), through Lightning's
+  ``strategy.setup_optimizers``; the iteration's first pairs to loggers that take tables;
 * every batch: the loss, to ``<run_dir>/losses.jsonl`` for the report's plot;
-* the last epoch of an iteration: the win rate against the initial policy on held-out prompts,
-  a summary row (``<run_dir>/summary.json``), the report and its plots.
+* the last epoch of an iteration: the win rate against the initial policy on held-out prompts
+  (sampled with the method's generator, judged by its ranker), the statistics logged, a summary
+  row (``<run_dir>/summary.json``), the report and its plots.
+
+The CLI adds it to every run (its settings: ``--self_play.eval_samples``, ``--self_play.eval_every``).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from sppo_lightning import seeds
-from sppo_lightning.artifacts import RunSummary, atomic_write_bytes
+from sppo_lightning.artifacts import RunSummary, atomic_write_bytes, read_stats
 from sppo_lightning.callbacks.win_rate import InitialPolicyWinRate, policy_sampler
 from sppo_lightning.data.self_play import SelfPlayDataModule
 from sppo_lightning.errors import ConfigError
+from sppo_lightning.iteration import iteration_number
 from sppo_lightning.outputs import written
-from sppo_lightning.pipeline import TRAINING_COLUMNS, Generator, HFGenerator, SPPOPipeline  # noqa: F401
-from sppo_lightning.pipeline.generators import check_sampling
-from sppo_lightning.ranking import Ranker
+from sppo_lightning.pipeline.generators import HFGenerator
 from sppo_lightning.report import PLOTS, log_images, write_report
-
-@dataclass
-class AlignedSampling:
-    """Sample self-play responses with Linear Alignment: the policy's logits steered by a principle
-    (``sppo_lightning.decoding.LinearAlignmentGenerator``); the callback's temperature and top_p
-    apply. Training still sees the plain prompt."""
-
-    principle: str
-    alpha: float = 2.0
 
 
 class SelfPlay(L.Callback):
-    """SPPO self-play: the pipeline's settings, and the iteration boundary (see the module docstring).
+    """The iteration boundary of a ``SelfPlayDataModule`` run (see the module docstring); does
+    nothing in a run of another data module.
 
     Args:
-        ranker: the preference oracle (``PairRMRanker``, ``RewardModelRanker``, ``FunctionJudge``,
-            or any class with ``pairwise_logits`` and ``fingerprint``).
-        generator: how π_t samples (``sppo_lightning.pipeline.HFGenerator``,
-            ``sppo_lightning.pipeline.VLLMGenerator``, ``sppo_lightning.decoding.LinearAlignmentGenerator``),
-            with its own sampling settings; None: an ``HFGenerator`` from the sampling settings below.
-            The win rate against the initial policy samples with the generator, except an engine
-            generator (vLLM), whose place the HF generator with the settings below takes there.
-        num_samples: K responses per prompt (any K ≥ 2; the paper uses 5).
-        temperature, top_p, max_new_tokens: sampling (paper: 0.7, 0.9, 2048) when ``generator`` is None.
-        generation_batch_size: prompts per ``generate`` call when ``generator`` is None.
-        reference_batch_size: pairs per forward when computing the reference log-probs.
-        seed: fixes every sample; iteration t and the win-rate evaluation draw their own streams.
-        run_dir: where the iterations' data go; default ``<trainer.default_root_dir>/self_play``.
-            Keep it to resume a run.
-        reset_optimizer: a fresh optimizer and LR schedule every iteration, as the official
-            pipeline (a new training job per iteration) does.
-        eval_samples: responses per held-out prompt for the win rate against the initial policy.
-        log_samples: how many prompts with their chosen/rejected responses to log per iteration.
-        show_progress: progress bars for generation and ranking.
-        aligned_sampling: shorthand for ``generator: LinearAlignmentGenerator`` with the sampling
-            settings above (``{principle: ..., alpha: 2.0}``); None samples plainly.
-        retry_oom: a generation batch that runs out of memory is retried as two halves (warned).
-        generation_shard_size: prompts per shard (rounded up to whole generation batches). Every
-            stage (generate, rank, pairs with reference log-probs) runs shard by shard and writes
-            each shard as it finishes: memory holds one shard's rows whatever the number of
-            prompts, and a killed run resumes from the last written shard. The shards of a stage
-            are merged into its parquet file when it is done. Results do not depend on it.
+        eval_samples: responses per held-out prompt (``data.eval_prompts``) for the win rate
+            against the initial policy.
+        eval_every: measure that win rate every this many iterations, and at the last (per-step
+            methods have one iteration per optimizer step: every one would be costly).
     """
 
-    def __init__(
-        self,
-        ranker: Ranker,
-        num_samples: int = 5,
-        temperature: float = 0.7,
-        top_p: float = 0.9,
-        max_new_tokens: int = 512,
-        generation_batch_size: int = 16,
-        reference_batch_size: int = 8,
-        seed: int = 0,
-        run_dir: Optional[str] = None,
-        reset_optimizer: bool = True,
-        eval_samples: int = 1,
-        log_samples: int = 3,
-        show_progress: bool = True,
-        aligned_sampling: Optional[AlignedSampling] = None,
-        retry_oom: bool = True,
-        generation_shard_size: int = 512,
-        generator: Optional[Generator] = None,
-    ) -> None:
-        self.ranker, self.generator = ranker, generator
-        self.generation_shard_size = generation_shard_size
-        self.retry_oom = retry_oom
-        self.aligned_sampling = aligned_sampling
-        self.num_samples, self.temperature, self.top_p = num_samples, temperature, top_p
-        self.max_new_tokens = max_new_tokens
-        self.generation_batch_size, self.reference_batch_size = generation_batch_size, reference_batch_size
-        self.seed, self.run_dir_setting, self.reset_optimizer = seed, run_dir, reset_optimizer
-        self.eval_samples, self.log_samples, self.show_progress = eval_samples, log_samples, show_progress
+    def __init__(self, eval_samples: int = 1, eval_every: int = 1) -> None:
+        self.eval_samples, self.eval_every = eval_samples, eval_every
+        self.active = False
 
-    # ------------------------------------------------------------------------------ wiring
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        for name in ("num_samples", "reference_batch_size", "eval_samples", "log_samples", "seed",
-                     "generation_shard_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"SelfPlay: {name} must be an integer, got {value!r}")
-        check_sampling("SelfPlay", self.temperature, self.top_p, self.max_new_tokens, self.generation_batch_size)
-        if self.eval_samples < 1:
-            raise ConfigError(f"SelfPlay: eval_samples must be at least 1, got {self.eval_samples}")
         datamodule = trainer.datamodule
-        if not isinstance(datamodule, SelfPlayDataModule):
-            raise ConfigError("the SelfPlay callback needs data.class_path: sppo_lightning.data.SelfPlayDataModule")
-        if getattr(pl_module, "reference_mode", None) == "copy":
+        self.active = stage == "fit" and isinstance(datamodule, SelfPlayDataModule)
+        if not self.active:
+            return
+        for name in ("eval_samples", "eval_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"self_play.{name} must be an integer of at least 1, got {value!r}")
+        method = datamodule.method
+        if getattr(pl_module, "reference_mode", None) == "copy" and getattr(method, "caches_reference", False):
             rank_zero_warn("self-play caches π_t's log-probs as the reference; set model.reference: cached "
                            "to free the frozen copy of the initial policy it now holds for nothing")
-        self.datamodule = datamodule
-        self.run_dir = Path(self.run_dir_setting or Path(trainer.default_root_dir) / "self_play")
-        plain = HFGenerator(self.temperature, self.top_p, self.max_new_tokens, self.generation_batch_size,
-                            self.retry_oom, self.show_progress)
-        self.pipeline = SPPOPipeline(self._generator(plain, pl_module), self.ranker, self.run_dir,
-                                     self.num_samples, self.seed, self.generation_shard_size,
-                                     self.reference_batch_size, self.log_samples, self.show_progress)
-        datamodule.use_pipeline(self.pipeline)
+        self.datamodule, self.method, self.run_dir = datamodule, method, datamodule.run_dir
         # One evaluation stream for every measurement: paired samples against the initial policy.
-        # An engine generator samples from exports of π_t, made once per iteration; the evaluation
-        # samples the policy in memory at other moments, with the HF generator.
-        evaluation = plain if self.generator is None or getattr(self.generator, "wants_export", False) \
-            else self.generator
-        self.win_rate = InitialPolicyWinRate(self.run_dir, self.ranker,
-                                             policy_sampler(evaluation, trainer, datamodule.tokenizer),
-                                             self.eval_samples, seed=seeds.evaluation_stream(self.seed))
-        # Each epoch start asks the data module for its loader: the new iteration's pairs.
-        trainer.reload_dataloaders_every_n_epochs = 1
+        sampler = policy_sampler(evaluation_generator(method.generator), trainer, datamodule.tokenizer)
+        self.win_rate = InitialPolicyWinRate(self.run_dir, method.ranker, sampler, self.eval_samples,
+                                             seed=seeds.evaluation_stream(method.seed))
         self.summary = RunSummary(self.run_dir / "summary.json")
-
-    def _generator(self, plain: HFGenerator, pl_module: L.LightningModule) -> Generator:
-        if self.generator is not None:
-            if self.aligned_sampling is not None and getattr(self.generator, "wants_export", False):
-                raise ConfigError(f"SelfPlay: aligned_sampling (Linear Alignment) cannot run on "
-                                  f"{type(self.generator).__name__}: it steers the policy's logits with a second, "
-                                  f"synchronised stream, which an engine does not expose; drop one of the two")
-            if self.aligned_sampling is not None:
-                raise ConfigError("SelfPlay: set either generator or aligned_sampling, not both")
-            return self.generator
-        if self.aligned_sampling is None:
-            return plain
-        if getattr(pl_module, "footprint", None) == "fsdp":
-            raise ConfigError("SelfPlay: aligned_sampling (Linear Alignment) does not run under footprint "
-                              "'fsdp' yet; sample plainly or use footprint full / lora / qlora")
-        from sppo_lightning.decoding.generator import LinearAlignmentGenerator
-
-        return LinearAlignmentGenerator(self.aligned_sampling.principle, self.aligned_sampling.alpha,
-                                        self.temperature, self.top_p, self.max_new_tokens, self.generation_batch_size)
 
     # ------------------------------------------------------------------------------ hooks
     def _iteration_bounds(self, trainer: L.Trainer) -> tuple[int, bool, bool]:
@@ -171,11 +77,9 @@ class SelfPlay(L.Callback):
         epoch = trainer.current_epoch
         return epoch // per, epoch % per == 0, (epoch + 1) % per == 0
 
-    def _stats(self, iteration: int) -> dict[str, Any]:
-        data = self.datamodule.iteration_data.get(iteration)
-        return data.stats if data is not None else {}
-
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.active:
+            return
         # The initial policy's evaluation answers, before its first step (reused when resuming).
         if trainer.current_epoch == 0 and self.datamodule.eval_prompts:
             self.win_rate.initial(trainer, self.datamodule.eval_prompts)
@@ -185,33 +89,28 @@ class SelfPlay(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         # The first batch of an iteration, not on_train_epoch_start: Lightning skips that hook when a
         # run resumes from an end-of-epoch checkpoint, and the optimizer reset must happen anyway.
-        iteration, starts, _ = self._iteration_bounds(trainer)
+        if not self.active:
+            return
+        _, starts, _ = self._iteration_bounds(trainer)
         if not starts or batch_idx != 0:
             return
         self._train_start = time.perf_counter()
-        if self.reset_optimizer:
-            steps = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
-            pl_module.schedule_override = (steps * self.datamodule.epochs_per_iteration,
-                                           self.datamodule.epochs_per_iteration)
+        if self.method.restarts_optimizer:  # the module's schedule then spans the iteration (optim.schedule_span)
             trainer.strategy.setup_optimizers(trainer)
-        stats = self._stats(iteration)
-        for key in ("chosen_p_win", "rejected_p_win", "ties_dropped", "pairs"):
-            if key in stats:
-                pl_module.log(f"self_play/{key}", float(stats[key]), on_epoch=True, on_step=False, batch_size=1)
-        data = self.datamodule.iteration_data.get(iteration)
-        if data is not None and data.samples[1] and trainer.is_global_zero:
+        columns, rows = self.datamodule.samples
+        if rows and trainer.is_global_zero:
             for logger in trainer.loggers:
                 if hasattr(logger, "log_text"):  # W&B; others get samples.md in the iteration folder
-                    logger.log_text(key="self_play/samples", columns=data.samples[0], data=data.samples[1])
+                    logger.log_text(key=f"{self.method.log_prefix}/samples", columns=columns, data=rows)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if loss is None or not trainer.is_global_zero:
+        if not self.active or loss is None or not trainer.is_global_zero:
             return  # a skipped non-finite batch has no loss
         iteration, _, _ = self._iteration_bounds(trainer)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        row = {"step": trainer.global_step, "iteration": iteration, "loss": float(loss)}
+        row = {"step": trainer.global_step, "iteration": iteration_number(iteration), "loss": float(loss)}
         gap = trainer.callback_metrics.get("train/target_gap")  # SPPO's gap to its targets, in nats
         if gap is not None:
             row["gap"] = float(gap)
@@ -219,19 +118,26 @@ class SelfPlay(L.Callback):
             f.write(json.dumps(row) + "\n")
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.active:
+            return
         iteration, _, ends = self._iteration_bounds(trainer)
         if not ends:
             return
-        stats = self._stats(iteration)
-        row: dict[str, Any] = {"iteration": iteration + 1, **{k: v for k, v in stats.items() if k != "seconds"}}
-        if self.datamodule.eval_prompts:
+        number = iteration_number(iteration)
+        stats = self.method.summary(read_stats(self.run_dir, iteration))
+        row: dict[str, Any] = {"iteration": number, **{k: v for k, v in stats.items() if k != "seconds"}}
+        prefix = self.method.log_prefix
+        for key, value in row.items():
+            if key != "iteration" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                pl_module.log(f"{prefix}/{key}", float(value), on_epoch=True, on_step=False, batch_size=1)
+        last = trainer.current_epoch + 1 >= (trainer.max_epochs or 0)
+        eval_seconds = 0.0
+        if self.datamodule.eval_prompts and (number % self.eval_every == 0 or last):
             start = time.perf_counter()
             row["win_rate_vs_initial"] = self.win_rate.measure(trainer, self.datamodule.eval_prompts,
                                                                self.datamodule.tokenizer)
-            pl_module.log("self_play/win_rate_vs_initial", row["win_rate_vs_initial"], on_epoch=True, on_step=False)
+            pl_module.log(f"{prefix}/win_rate_vs_initial", row["win_rate_vs_initial"], on_epoch=True, on_step=False)
             eval_seconds = time.perf_counter() - start
-        else:
-            eval_seconds = 0.0
         loss = trainer.callback_metrics.get("train/loss")
         row["final_loss"] = float(loss) if loss is not None else None
         row["seconds"] = {**stats.get("seconds", {}),
@@ -256,13 +162,22 @@ class SelfPlay(L.Callback):
         return where
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.summary.rows:
+        if self.active and self.summary.rows:
             lines = [format_row(r) for r in self.summary.rows]
             rank_zero_info("Self-play summary (also in {}):\n  {}".format(self.run_dir / "summary.json",
                                                                           "\n  ".join(lines)))
             plots = ", ".join(str(self.run_dir / name) for name in PLOTS)
             where = "".join(f"\n{what}: {place}" for what, place in self._where(trainer).items())
             rank_zero_info(f"Report: {self.run_dir / 'report.md'}\nPlots: {plots}{where}")
+
+
+def evaluation_generator(generator):
+    """The generator the win rate samples the policy in memory with: the run's own, or, for an
+    engine generator (vLLM samples exports of π_t made once per iteration), Hugging Face
+    ``generate`` with the engine's sampling settings."""
+    if not getattr(generator, "wants_export", False):
+        return generator
+    return HFGenerator(generator.temperature, generator.top_p, generator.max_new_tokens, generator.batch_size)
 
 
 def keep_steps_up_to(path: Path, step: int) -> None:
@@ -282,13 +197,21 @@ def written_checkpoints(folder: str) -> bool:
 
 
 def format_row(row: dict[str, Any]) -> str:
+    """One console line of a summary row (any method's: the keys it has)."""
     parts = [f"iteration {row['iteration']}"]
     if row.get("win_rate_vs_initial") is not None:
         parts.append(f"win rate vs initial {row['win_rate_vs_initial']:.3f}")
     if "chosen_p_win" in row:
         parts.append(f"p_win chosen {row['chosen_p_win']:.3f} / rejected {row['rejected_p_win']:.3f}")
-    truncated = f", prompts truncated {row['prompts_truncated']}" if row.get("prompts_truncated") else ""
-    parts.append(f"pairs {row.get('pairs', 0)} (ties dropped {row.get('ties_dropped', 0)}{truncated})")
+    if "pairs" in row:
+        truncated = f", prompts truncated {row['prompts_truncated']}" if row.get("prompts_truncated") else ""
+        parts.append(f"pairs {row['pairs']} (ties dropped {row.get('ties_dropped', 0)}{truncated})")
+    if row.get("reward") is not None:
+        parts.append(f"reward {row['reward']:.4g}")
+    if "ties" in row:
+        parts.append(f"ties {row['ties']} (broken by coin {row.get('ties_broken', 0)})")
+    if row.get("kl_to_initial") is not None:
+        parts.append(f"KL to initial {row['kl_to_initial']:.4g}")
     if row.get("final_loss") is not None:
         parts.append(f"final loss {row['final_loss']:.4g}")
     seconds = row.get("seconds", {})

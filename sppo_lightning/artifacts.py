@@ -20,6 +20,7 @@ checksum matches; a file that does not match is redone, with a warning. Each fil
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -32,6 +33,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sppo_lightning.errors import ConfigError
+from sppo_lightning.iteration import iteration_dir
+
+
+def file_mode() -> int:
+    """The mode a new file gets under the process's umask (0644 under 0022), as ``open`` gives it."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def readable_as_umask_says(*paths: str | Path) -> None:
+    """Give files written through a private temporary (``mkstemp``'s 0600, or a library's) the mode
+    the umask gives new files, so that colleagues on a shared machine read a run as they read HF's files."""
+    mode = file_mode()
+    for path in paths:
+        path = Path(path)
+        for file in ([path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]):
+            os.chmod(file, mode)
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
@@ -44,10 +63,20 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
+            os.fchmod(f.fileno(), file_mode())  # mkstemp makes it 0600
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            import shutil
+
+            from sppo_lightning.errors import TrainingError
+
+            free = shutil.disk_usage(path.parent).free / 2**20
+            raise TrainingError(f"no space left in {path.parent} to write {path.name} ({free:.1f} MiB free); "
+                                f"what was finished before is kept: free space, then resume with --ckpt_path "
+                                f"last to redo only this file") from None
         raise
 
 
@@ -78,7 +107,7 @@ class IterationArtifacts:
     """
 
     def __init__(self, root: str | Path, iteration: int, settings: dict[str, Any]) -> None:
-        self.dir = Path(root) / f"iteration_{iteration + 1}"  # counted from 1, as everywhere users see it
+        self.dir = iteration_dir(root, iteration)
         self.manifest_path = self.dir / "manifest.json"
         self.settings = json.loads(json.dumps(settings))  # as it reads back from JSON
         if not self.manifest_path.exists() and any(self.dir.glob("*.parquet")):
@@ -126,10 +155,6 @@ class IterationArtifacts:
             warnings.warn(f"{path} has {rows} rows, its manifest says {entry['rows']}; redoing {stage}")
             return False
         return True
-
-    def load(self, stage: str) -> Optional[list[dict[str, Any]]]:
-        """The stage's rows if it finished intact, else None (a damaged file warns)."""
-        return self.rows(stage) if self.finished(stage) else None
 
     def rows(self, stage: str) -> list[dict[str, Any]]:
         """The stage's rows, unchecked: for a stage that ``finished`` has just verified."""
@@ -235,36 +260,47 @@ class IterationArtifacts:
     def info(self, stage: str) -> dict[str, Any]:
         return self._read_manifest().get("stages", {}).get(stage, {})
 
+    def record_stats(self, stats: dict[str, Any]) -> None:
+        """The method's statistics of the iteration, in the manifest (read by ``read_stats``)."""
+        manifest = self._read_manifest()
+        manifest["settings"] = self.settings
+        manifest["stats"] = stats
+        atomic_write_json(self.manifest_path, manifest)
+
+
+def read_stats(root: str | Path, iteration: int) -> dict[str, Any]:
+    """The statistics a method recorded for the 0-based ``iteration`` in its manifest ({} if none)."""
+    path = iteration_dir(root, iteration) / "manifest.json"
+    try:
+        return json.loads(path.read_text()).get("stats", {})
+    except (OSError, json.JSONDecodeError):
+        return {}
+
 
 def run_stage(ctx, artifacts: IterationArtifacts, stage: str, compute, on_every_rank: bool = False,
-              load: bool = True, expect: Optional[dict[str, Any]] = None) -> Optional[list[dict]]:
-    """Read a finished stage back, or make it: ``compute()`` returns ``(rows, info)`` and rank 0 writes.
+              expect: Optional[dict[str, Any]] = None) -> None:
+    """Make a stage unless it is finished: ``compute()`` returns ``(rows, info)`` and rank 0 writes.
 
     ``on_every_rank``: every rank computes (generation: each samples its share, then all gather);
     otherwise rank 0 alone computes (ranking, reference log-probs) and the others read its file.
     Rank 0 decides whether the stage is finished and every rank follows: a rank that looked for
     itself could see the file rank 0 has just written and skip a collective the others are in.
-    ``load=False`` returns None instead of the rows (the caller reads the file when it needs them).
     ``expect``: manifest entries the stage must have to count as finished; they are recorded with it.
     ``ctx``: the processes (``pipeline.DistContext``: ``is_global_zero``, ``broadcast``, ``barrier``).
     """
     import time
 
     done = artifacts.finished(stage, expect) if ctx.is_global_zero else False
-    if ctx.broadcast(done):  # rank 0 has just checked the file: read it, do not check it again
+    if ctx.broadcast(done):  # rank 0 has just checked the file: every rank reuses it
         _reused(ctx, artifacts, stage)
-        return artifacts.rows(stage) if load else None
-    rows = None
+        return
     if on_every_rank or ctx.is_global_zero:
         start = time.perf_counter()
         rows, info = compute()
         if ctx.is_global_zero:
             artifacts.save(stage, rows, seconds=time.perf_counter() - start, **info,
                            **({"input": expect} if expect else {}))
-    ctx.barrier(f"stage_{stage}")
-    if not load:
-        return None
-    return rows if rows is not None else artifacts.rows(stage)  # the others read what rank 0 wrote
+    ctx.barrier(f"stage_{stage}")  # the others read what rank 0 wrote when they need it
 
 
 def memory_mapped_on_ranks(ctx, artifacts: IterationArtifacts, stage: str, columns: list[str]):
@@ -307,7 +343,7 @@ def run_sharded_stage(ctx, artifacts: IterationArtifacts, stage: str, shards: in
         return
     parts = [f"{stage}.shard_{k:05d}" for k in range(shards)]
     for k, part in enumerate(parts):
-        run_stage(ctx, artifacts, part, lambda k=k: compute_shard(k), on_every_rank, load=False,
+        run_stage(ctx, artifacts, part, lambda k=k: compute_shard(k), on_every_rank,
                   expect={**source, **(expect(k) if expect else {})} or None)
     if ctx.is_global_zero:
         artifacts.merge(stage, parts, shards=shards, **({"input": source} if source else {}))

@@ -1,6 +1,6 @@
 """``BondModule``: J-BOND / BOND training of a policy against an EMA anchor (arXiv 2407.14622).
 
-Each batch row pair (built by ``callbacks/bond.py``) holds, per prompt, the best anchor sample
+Each batch row pair (built by ``sppo_lightning/methods/jbond.py``) holds, per prompt, the best anchor sample
 (forward KL: its NLL) and the policy's own sample with its reward (backward KL: REINFORCE). The
 anchor is a second set of weights the ``EMAAnchor`` callback moves toward the policy after every
 optimizer step: a frozen copy for full fine-tuning, or, with LoRA, a second adapter on the same
@@ -22,6 +22,7 @@ from sppo_lightning import losses
 from sppo_lightning.errors import ConfigError
 from sppo_lightning.footprints import check_strategy, resolve_footprint
 from sppo_lightning.logprobs import model_logprobs
+from sppo_lightning.methods.protocol import Policies
 from sppo_lightning.models import LoraSettings
 from sppo_lightning.optim import make_optimizer
 from sppo_lightning.policy import load_base, non_finite_loss, restore_checkpoint, trim_checkpoint, wrap_policy
@@ -146,6 +147,10 @@ class BondModule(L.LightningModule):
             return
         with self.policy.disable_adapter():
             yield self.policy
+
+    def policies(self) -> Policies:
+        """What a self-play method may sample or score: the policy, its ``anchor`` and the ``initial`` policy."""
+        return Policies(self.policy, {"anchor": self.anchor_model, "initial": self.initial_model})
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The initial copy reloads from model_name_or_path; the anchor (EMA state) is kept.

@@ -45,7 +45,9 @@ commands:
 our settings, with their defaults and docs:
   sppo-lightning fit --model.help PreferenceModule      (or sppo_lightning.bond.BondModule)
   sppo-lightning fit --data.help sppo_lightning.data.SelfPlayDataModule
-  sppo-lightning fit --trainer.callbacks.help sppo_lightning.callbacks.self_play.SelfPlay
+  sppo-lightning fit --data SelfPlayDataModule --data.method.help sppo_lightning.methods.SPPO
+                     (or JBOND, OnlinePairs: K, the generator, the ranker)
+  sppo-lightning fit --help      (also the boundary's --self_play.eval_samples, --self_play.eval_every)
   sppo-lightning fit --config configs/quickstart.yaml --print_config
   sppo-lightning <command> --help      (a command's own options; fit's lists the Trainer's)
 
@@ -53,19 +55,6 @@ options:
   --verbose  show third-party warnings and tips (or SPPO_LIGHTNING_VERBOSE=1)
   -h, --help show this message
 """
-
-# Names that lived here before the LightningCLI moved to lightning_cli.py.
-_MOVED = {"SPPOLightningCLI", "check_nulls", "condense", "config_error_line", "run_cli", "export_main",
-          "_load_for_export", "_export_reference"}
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        from sppo_lightning import lightning_cli
-
-        return getattr(lightning_cli, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 LOOPS = ("fit", "validate", "test", "predict")
 

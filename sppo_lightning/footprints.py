@@ -61,18 +61,3 @@ def check_strategy(trainer, footprint: str) -> None:
     if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() != 1:
         raise ConfigError(f"model.footprint 'fsdp' is data-parallel: set the ModelParallelStrategy's "
                           f"data_parallel_size: {world} and tensor_parallel_size: 1")
-
-
-# Re-exported: the names callers imported from here before the split.
-from sppo_lightning.memory import (  # noqa: E402,F401
-    GIB, LLAMA3_8B, MISTRAL_7B, ModelShape, MemoryEstimate, OPTIMIZER_STATES, device_memory_gib, estimate_memory,
-    memory_table,
-)
-from sppo_lightning.quantization import (  # noqa: E402,F401
-    dequantize_4bit_weight, dequantized_model, quantization_config, require_bitsandbytes,
-)
-from sppo_lightning.sharding import decoder_layers, is_sharded, shard_model  # noqa: E402,F401
-from sppo_lightning.models import check_lora_targets  # noqa: E402,F401
-
-if __name__ == "__main__":
-    print(memory_table())

@@ -21,8 +21,11 @@ from sppo_lightning.outputs import Trainer, check_output_locations
 SETTINGS_HELP = (
     "Our model, data and callback settings, with their defaults and docs, are listed by "
     "--model.help PreferenceModule (or sppo_lightning.bond.BondModule), --data.help sppo_lightning.data.SelfPlayDataModule "
-    "(or sppo_lightning.data.PreferenceDataModule) and --trainer.callbacks.help "
-    "sppo_lightning.callbacks.self_play.SelfPlay (or sppo_lightning.callbacks.bond.BondSelfPlay); "
+    "(or sppo_lightning.data.PreferenceDataModule), --data.method.help sppo_lightning.methods.SPPO (or JBOND, "
+    "OnlinePairs: K, the generator, the ranker; with --config or --data SelfPlayDataModule before it), "
+    "--data.method.ranker.help <ranker class> and --data.method.generator.help <generator class>; every key is "
+    "a flag, e.g. --data.method.num_samples 3 --data.method.generator.temperature 1.0. The boundary's "
+    "--self_play.eval_samples and --self_play.eval_every are listed below; "
     "--config <file> --print_config shows every key a config sets, defaults filled in. "
     "The options below are the Trainer's and LightningCLI's."
 )
@@ -66,12 +69,46 @@ class SPPOLightningCLI(LightningCLI):
 
     def before_fit(self) -> None:
         # Before any model is loaded: every folder the run writes must be writable (one line, exit 2).
-        check_output_locations(self.trainer)
+        check_output_locations(self.trainer, self.datamodule)
+        kwargs = self.config_init[self.subcommand]
+        if kwargs.get("ckpt_path") == "last":  # a whole one, or a true line (not Lightning's hint)
+            kwargs["ckpt_path"] = resume_point(self.trainer)
+        if kwargs.get("ckpt_path") and os.path.isdir(kwargs["ckpt_path"]):  # sharded: data, not code
+            from sppo_lightning.checkpoints import check_dcp_metadata
+
+            check_dcp_metadata(kwargs["ckpt_path"])
+
+
 
     def add_arguments_to_parser(self, parser) -> None:
+        # The iteration boundary of self-play runs, in every run (it does nothing in pair runs), so
+        # that its settings are flags: --self_play.eval_samples 8.
+        from sppo_lightning.callbacks.self_play import SelfPlay
+
+        parser.add_lightning_class_args(SelfPlay, "self_play")
+        # A self-play data module makes new rows every iteration: Lightning asks for them each epoch.
+        parser.set_defaults({"trainer.reload_dataloaders_every_n_epochs": 1})
         # One model id configures both the policy and the tokenizer the data is encoded with.
         parser.link_arguments("model.init_args.model_name_or_path", "data.init_args.tokenizer")
         parser.link_arguments("model.init_args.trust_remote_code", "data.init_args.trust_remote_code")
+
+
+def resume_point(trainer) -> Optional[str]:
+    """The checkpoint ``--ckpt_path last`` loads: the newest whole ``last*.ckpt`` of the run's
+    checkpoint folders, else the newest whole checkpoint (warned), else None, said in one line."""
+    from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+    from sppo_lightning.checkpoints import resolve_last
+
+    folders = [c.dirpath for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)]
+    path, warning = resolve_last(folders)
+    if warning:
+        rank_zero_warn(warning)
+    if path is None:
+        where = ", ".join(str(f) for f in folders) or "the run (it has no ModelCheckpoint)"
+        rank_zero_info(f"--ckpt_path last: no checkpoint in {where} yet (the run stopped before its first "
+                       f"checkpoint): starting from the beginning; finished self-play stages are reused")
+    return path
 
 
 def outputs_under_root(trainer) -> None:
@@ -134,6 +171,10 @@ def export_main(argv: list[str]) -> None:
                                            "folder of the fsdp footprint")
     parser.add_argument("out_dir", help="folder for config.json, model.safetensors and the tokenizer")
     args = parser.parse_args(argv)
+    from pathlib import Path
+
+    if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        raise ConfigError(f"{args.out_dir} is a file, not a folder: give export a folder to write the model into")
     module = _load_for_export(args.checkpoint)
     tokenizer = load_tokenizer(module.hparams.model_name_or_path, module.hparams.trust_remote_code)
     out = export_hf(module.policy, tokenizer, args.out_dir)
@@ -153,6 +194,9 @@ def _load_for_export(checkpoint: str) -> PreferenceModule:
     if path.is_dir():
         from lightning.fabric.utilities.load import _load_distributed_checkpoint
 
+        from sppo_lightning.checkpoints import check_dcp_metadata
+
+        check_dcp_metadata(path)  # before torch's reader unpickles it
         full = _load_distributed_checkpoint(path)
         hparams = dict(full["hyper_parameters"])
         hparams["reference"] = _export_reference(hparams)

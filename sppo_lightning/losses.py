@@ -198,6 +198,12 @@ def bond_reward(beaten_or_tied: Tensor, n: int) -> Tensor:
     return (n - 1) * beaten_or_tied.mean(-1).clamp(min=1.0 / (2 * k)).log()
 
 
+def best_of_n_kl(n: int) -> float:
+    """KL(π_BoN‖π_ref) = log N − (N−1)/N of Best-of-N sampling for continuous rewards (BOND's
+    Theorem 1): what BOND's fixed-N distillation is compared with."""
+    return math.log(n) - (n - 1) / n
+
+
 def leave_one_out_baseline(returns: Tensor) -> Tensor:
     """For each sample, the mean return of the *other* samples of the batch, ``[B]``; 0 if B = 1."""
     n = returns.shape[0]

@@ -231,6 +231,9 @@ def export_hf(
     model.save_pretrained(out_dir, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
+    from sppo_lightning.artifacts import readable_as_umask_says
+
+    readable_as_umask_says(out_dir, *([adapter_dir] if adapter_dir is not None and is_peft(policy) else []))
     return out_dir
 
 

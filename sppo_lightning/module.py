@@ -15,7 +15,8 @@ from sppo_lightning.errors import ConfigError, DataError
 from sppo_lightning.footprints import Footprint, check_strategy, resolve_footprint
 from sppo_lightning.logprobs import SequenceLogps, model_logprobs
 from sppo_lightning.models import DTYPES, LoraSettings
-from sppo_lightning.optim import make_optimizer
+from sppo_lightning.methods.protocol import Policies
+from sppo_lightning.optim import make_optimizer, schedule_span
 from sppo_lightning.policy import load_base, non_finite_loss, restore_checkpoint, trim_checkpoint, wrap_policy
 from sppo_lightning.sharding import shard_model
 
@@ -117,9 +118,6 @@ class PreferenceModule(L.LightningModule):
         _check_training_settings(self.hparams)
         self.policy: Optional[nn.Module] = None
         self.reference: Optional[nn.Module] = None
-        # (optimizer steps, epochs they span) of one LR schedule; set by the SelfPlay callback when
-        # it restarts the optimizer every iteration. None: the whole fit is one schedule.
-        self.schedule_override: Optional[tuple[int, int]] = None
         self.skipped_non_finite = 0
 
     # ----------------------------------------------------------------------------- models
@@ -129,11 +127,6 @@ class PreferenceModule(L.LightningModule):
         explicit = {"eta": hp.eta, "beta": hp.beta, "lam": hp.lam, "label_smoothing": hp.label_smoothing,
                     "ipo_average_logps": hp.ipo_average_logps}
         return loss_table.resolve_hyperparameters(self.loss_name, explicit, hp.get("loss_args"))
-
-    # The resolved settings by name, as earlier versions exposed them (None where the loss has none).
-    eta = property(lambda self: self.loss_hyperparameters().get("eta", self.hparams.eta))
-    beta = property(lambda self: self.loss_hyperparameters().get("beta", self.hparams.beta))
-    lam = property(lambda self: self.loss_hyperparameters().get("lam", self.hparams.lam))
 
     # ----------------------------------------------------------------------------- models
     def configure_model(self) -> None:
@@ -154,6 +147,10 @@ class PreferenceModule(L.LightningModule):
         if self.reference is not None:  # Lightning's .train() must not wake the frozen reference
             self.reference.eval()
         return self
+
+    def policies(self) -> Policies:
+        """What a self-play method may sample or score: the policy (its reference is π_t's cache or the module's)."""
+        return Policies(self.policy)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The reference is the initial weights, reloaded from `model_name_or_path` on resume:
@@ -227,10 +224,7 @@ class PreferenceModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        if self.schedule_override is not None:
-            total, epochs = self.schedule_override
-        else:
-            total, epochs = int(self.trainer.estimated_stepping_batches), self.trainer.max_epochs
+        total, epochs = schedule_span(self.trainer)
         if hp.schedule_epochs is not None and epochs:
             total = round(total * hp.schedule_epochs / epochs)
         return make_optimizer(self.policy.parameters(), hp.optimizer, hp.lr, hp.weight_decay, hp.warmup_ratio, total)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 
 from sppo_lightning.errors import ConfigError, TrainingError
 
@@ -37,16 +38,17 @@ def check_writable_folder(path: str | os.PathLike, key: str) -> None:
                           f"or fix its permissions") from None
 
 
-def output_locations(trainer: L.Trainer) -> Iterator[tuple[Path, str]]:
-    """(folder, config key) of every place the run writes."""
+def output_locations(trainer: L.Trainer, datamodule=None) -> Iterator[tuple[Path, str]]:
+    """(folder, config key) of every place the run writes (``datamodule``: the run's, before fit attaches it)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from sppo_lightning.callbacks.bond import BondSelfPlay
     from sppo_lightning.callbacks.hf_export import HFExport
-    from sppo_lightning.callbacks.self_play import SelfPlay
 
     root = Path(trainer.default_root_dir)
     yield root, "trainer.default_root_dir"
+    method = getattr(datamodule, "method", None)
+    if method is not None:  # a self-play data module: its run folder
+        yield Path(datamodule.run_dir_setting or root / method.run_folder), "data.init_args.run_dir"
     for logger in trainer.loggers:
         save_dir: Optional[str] = getattr(logger, "save_dir", None) or getattr(logger, "root_dir", None)
         if save_dir:
@@ -55,15 +57,12 @@ def output_locations(trainer: L.Trainer) -> Iterator[tuple[Path, str]]:
         name = type(callback).__name__
         if isinstance(callback, ModelCheckpoint) and callback.dirpath:
             yield Path(callback.dirpath), f"trainer.callbacks ({name}).init_args.dirpath"
-        elif isinstance(callback, (SelfPlay, BondSelfPlay)):
-            default = root / ("self_play" if isinstance(callback, SelfPlay) else "bond")
-            yield Path(callback.run_dir_setting or default), f"trainer.callbacks ({name}).init_args.run_dir"
         elif isinstance(callback, HFExport) and callback.dirpath:
             yield Path(callback.dirpath), f"trainer.callbacks ({name}).init_args.dirpath"
 
 
-def check_output_locations(trainer: L.Trainer) -> None:
-    for path, key in output_locations(trainer):
+def check_output_locations(trainer: L.Trainer, datamodule=None) -> None:
+    for path, key in output_locations(trainer, datamodule):
         check_writable_folder(path, key)
 
 
@@ -76,10 +75,35 @@ def written(path: str | os.PathLike) -> bool:
 
 
 class Trainer(L.Trainer):
-    """Lightning's ``Trainer``, whose ``save_checkpoint`` checks that the checkpoint is on disk."""
+    """Lightning's ``Trainer``, whose ``save_checkpoint`` checks that the checkpoint is on disk, and
+    whose logging interval never exceeds an epoch's batches (a small data set still logs its loss)."""
+
+    @property
+    def log_every_n_steps(self) -> int:
+        interval = self._log_every_n_steps
+        batches = self.num_training_batches
+        if interval and batches != float("inf") and 0 < batches < interval:
+            if not getattr(self, "_said_log_interval", False):
+                self._said_log_interval = True
+                rank_zero_info(f"trainer.log_every_n_steps {interval} is more than an epoch's {int(batches)} "
+                               f"batch(es): logging every {int(batches)}")
+            return int(batches)
+        return interval
+
+    @log_every_n_steps.setter
+    def log_every_n_steps(self, value: int) -> None:
+        self._log_every_n_steps = value
 
     def save_checkpoint(self, filepath, weights_only: Optional[bool] = None, storage_options=None) -> None:
-        super().save_checkpoint(filepath, weights_only=weights_only, storage_options=storage_options)
+        if "://" not in str(filepath):  # a local file: written whole beside its name, then renamed (checkpoints.py)
+            from sppo_lightning.checkpoints import save_whole
+
+            save_whole(filepath, lambda tmp: super(Trainer, self).save_checkpoint(
+                tmp, weights_only=weights_only, storage_options=storage_options), self.is_global_zero,
+                lambda: self.strategy.barrier("checkpoint_partial"))
+            self.strategy.barrier("save_whole")
+        else:
+            super().save_checkpoint(filepath, weights_only=weights_only, storage_options=storage_options)
         if self.is_global_zero and "://" not in str(filepath) and not written(filepath):
             raise TrainingError(f"the checkpoint {filepath} was not written (is its folder writable, is the disk "
                                 f"full?); stopping, since this run could not be resumed from it")

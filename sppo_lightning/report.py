@@ -1,6 +1,6 @@
 """The run report people look at: plots and a markdown summary in the run directory.
 
-Written by the ``SelfPlay`` callback at the end of every iteration (rank 0), from what the run
+Written by the ``SelfPlay`` boundary callback at the end of every iteration (rank 0), from what the run
 already stored: ``summary.json`` rows, the per-step losses in ``losses.jsonl`` and the win
 probabilities of each ``iteration_<t>/train.parquet``. Files:
 
@@ -52,12 +52,15 @@ def read_gaps(path: Path) -> dict[int, float]:
 
 
 def read_p_wins(run_dir: Path, iteration: int) -> Optional[tuple[list[float], list[float]]]:
-    """Chosen and rejected P(win) of iteration ``iteration`` (counted from 1, as its folder)."""
-    """Chosen and rejected P(win) of one iteration's training pairs, or None if not there."""
+    """Chosen and rejected P(win) of the training pairs of iteration ``iteration`` (counted from 1, as
+    its folder), or None where there are none (not written yet, or a method without win probabilities)."""
     path = Path(run_dir) / f"iteration_{iteration}" / "train.parquet"
     if not path.exists():
         return None
     import pyarrow.parquet as pq
+
+    if not {"chosen_probs_win", "chosen_probs_lose"} <= set(pq.read_schema(path).names):
+        return None
 
     table = pq.read_table(path, columns=["chosen_probs_win", "chosen_probs_lose"])
     return table.column("chosen_probs_win").to_pylist(), table.column("chosen_probs_lose").to_pylist()
@@ -100,6 +103,7 @@ def plot_win_rate(rows: list[dict[str, Any]], path: Path) -> Path:
 
 
 def plot_p_win(p_wins: dict[int, tuple[list[float], list[float]]], path: Path) -> Path:
+    """Violins of chosen and rejected P(win), keyed by iteration number (from 1, as the summary)."""
     plt, figure, axis = _figure()
     iterations = sorted(p_wins)
     positions, data, colors = [], [], []
@@ -112,7 +116,7 @@ def plot_p_win(p_wins: dict[int, tuple[list[float], list[float]]], path: Path) -
         parts = axis.violinplot(data, positions=positions, showmedians=True)
         for body, color in zip(parts["bodies"], colors):
             body.set_facecolor(color)
-    axis.set_xticks([3 * k + 1.5 for k in range(len(iterations))], [str(t + 1) for t in iterations])
+    axis.set_xticks([3 * k + 1.5 for k in range(len(iterations))], [str(t) for t in iterations])
     axis.set(xlabel="iteration (green: chosen, red: rejected)", ylabel="estimated P(win)", ylim=(0, 1),
              title="Win probabilities of the training pairs")
     return _save(plt, figure, path)
@@ -177,7 +181,7 @@ def write_report(run_dir: Path, rows: list[dict[str, Any]], where: dict[str, str
     for row in rows:
         found = read_p_wins(run_dir, row["iteration"])
         if found is not None:
-            p_wins[row["iteration"] - 1] = found
+            p_wins[row["iteration"]] = found
     paths = {
         "win_rate": plot_win_rate(rows, run_dir / "win_rate.png"),
         "p_win": plot_p_win(p_wins, run_dir / "p_win.png"),

@@ -11,7 +11,9 @@ import lightning as L
 
 from sppo_lightning.callbacks.self_play import SelfPlay
 from sppo_lightning.data import SelfPlayDataModule
+from sppo_lightning.methods import SPPO
 from sppo_lightning.module import PreferenceModule
+from sppo_lightning.pipeline import HFGenerator
 from sppo_lightning.ranking import FunctionJudge
 
 QUESTIONS = ["Tell me about the moon.", "What is 2 plus 3?", "Why is the sky blue?", "Name a color.",
@@ -24,15 +26,16 @@ def main(model_dir: str, out_dir: str, devices: int) -> None:
     prompts = out / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in QUESTIONS))
     L.seed_everything(0)
-    datamodule = SelfPlayDataModule(prompts=str(prompts), eval_prompts=str(prompts), tokenizer=model_dir,
-                                    batch_size=2, max_prompt_length=32)
+    method = SPPO(FunctionJudge("sppo_lightning.ranking.judges:shorter"),
+                  HFGenerator(max_new_tokens=8, batch_size=2, show_progress=False), num_samples=3, show_progress=False)
+    datamodule = SelfPlayDataModule(method, prompts=str(prompts), eval_prompts=str(prompts), tokenizer=model_dir,
+                                    batch_size=2, max_prompt_length=32, run_dir=str(out / "self_play"))
     module = PreferenceModule(model_dir, loss="sppo", eta=10.0, reference="cached", lr=1e-3)
-    callback = SelfPlay(FunctionJudge("sppo_lightning.ranking.judges:shorter"), num_samples=3, max_new_tokens=8,
-                        generation_batch_size=2, run_dir=str(out / "self_play"), show_progress=False)
+    callback = SelfPlay()
     trainer = L.Trainer(
         accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_epochs=1,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[callback], default_root_dir=str(out),
+        callbacks=[callback], default_root_dir=str(out), reload_dataloaders_every_n_epochs=1,
     )
     trainer.fit(module, datamodule=datamodule)
 

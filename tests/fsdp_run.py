@@ -22,6 +22,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from sppo_lightning.callbacks.hf_export import HFExport
 from sppo_lightning.callbacks.self_play import SelfPlay
 from sppo_lightning.data import PreferenceDataModule, SelfPlayDataModule
+from sppo_lightning.methods import SPPO
+from sppo_lightning.pipeline import HFGenerator
 from sppo_lightning.models import LoraSettings
 from sppo_lightning.module import PreferenceModule
 from sppo_lightning.ranking import FunctionJudge
@@ -88,15 +90,16 @@ def self_play(model_dir: str, out: Path, devices: int) -> None:
     prompts = out / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in QUESTIONS[:6]))
     L.seed_everything(0)
-    datamodule = SelfPlayDataModule(prompts=str(prompts), eval_prompts=str(prompts), tokenizer=model_dir,
-                                    batch_size=2, max_prompt_length=32)
+    method = SPPO(FunctionJudge("sppo_lightning.ranking.judges:shorter"),
+                  HFGenerator(max_new_tokens=8, batch_size=2, show_progress=False), num_samples=3,
+                  reference_batch_size=1, show_progress=False)
+    datamodule = SelfPlayDataModule(method, prompts=str(prompts), eval_prompts=str(prompts), tokenizer=model_dir,
+                                    batch_size=2, max_prompt_length=32, run_dir=str(out / "self_play"))
     module = PreferenceModule(model_dir, loss="sppo", eta=10.0, reference="cached", lr=1e-3,
                               lora=LoraSettings(r=4, alpha=8), footprint="fsdp" if devices > 1 else "lora")
     # 6 prompts in batches of 2: 3 generate calls, so one rank runs an extra synced one.
-    callback = SelfPlay(FunctionJudge("sppo_lightning.ranking.judges:shorter"), num_samples=3, max_new_tokens=8,
-                        generation_batch_size=2, reference_batch_size=1, run_dir=str(out / "self_play"),
-                        show_progress=False)
-    trainer = trainer_for(devices, out, [callback], max_epochs=1, enable_checkpointing=False)
+    trainer = trainer_for(devices, out, [SelfPlay()], max_epochs=1, enable_checkpointing=False,
+                          reload_dataloaders_every_n_epochs=1)
     trainer.fit(module, datamodule=datamodule)
 
 

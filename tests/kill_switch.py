@@ -40,9 +40,7 @@ def killing_judge(prompt: str, response: str) -> float:
 
 
 def _self_play_run_dir(trainer) -> Path:
-    from sppo_lightning.callbacks.self_play import SelfPlay
-
-    return next(c.run_dir for c in trainer.callbacks if isinstance(c, SelfPlay))
+    return trainer.datamodule.run_dir
 
 
 class KillInGeneration(L.Callback):
@@ -111,12 +109,9 @@ class KillInEngineSampling(L.Callback):
         self.marker, self.iteration = marker, iteration
 
     def setup(self, trainer, pl_module, stage) -> None:
-        # setup, after SelfPlay's (listed later): the first iteration samples before on_fit_start
-        from sppo_lightning.callbacks.self_play import SelfPlay
-
-        callback = next(c for c in trainer.callbacks if isinstance(c, SelfPlay))
-        generator = callback.pipeline.generator
-        folder = callback.run_dir / f"iteration_{self.iteration + 1}"
+        # setup, after the data module's: the first iteration samples before on_fit_start
+        generator = trainer.datamodule.method.generator
+        folder = trainer.datamodule.run_dir / f"iteration_{self.iteration + 1}"
         original = generator.sample
 
         def sample(*args, **kwargs):

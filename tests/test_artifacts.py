@@ -5,14 +5,19 @@ import pytest
 from sppo_lightning.artifacts import IterationArtifacts
 from sppo_lightning.errors import ConfigError
 
+def load(art, stage):
+    """The stage's rows if it finished intact (its checks, as a resumed run makes them), else None."""
+    return art.rows(stage) if art.finished(stage) else None
+
+
 ROWS = [{"prompt": "a", "response_ids": [[1, 2], [3]], "score": 0.5}, {"prompt": "b", "response_ids": [[4], [5]], "score": -1.0}]
 
 
 def test_roundtrip_and_manifest(tmp_path):
     art = IterationArtifacts(tmp_path, 3, {"k": 2})
-    assert art.load("generations") is None
+    assert load(art, "generations") is None
     art.save("generations", ROWS, seconds=1.5)
-    assert IterationArtifacts(tmp_path, 3, {"k": 2}).load("generations") == ROWS
+    assert load(IterationArtifacts(tmp_path, 3, {"k": 2}), "generations") == ROWS
     manifest = json.loads((tmp_path / "iteration_4" / "manifest.json").read_text())
     assert manifest["stages"]["generations"]["rows"] == 2
     assert manifest["stages"]["generations"]["seconds"] == 1.5
@@ -29,14 +34,14 @@ def test_truncated_file_is_detected_and_redone(tmp_path):
     data = art.path("rankings").read_bytes()
     art.path("rankings").write_bytes(data[: len(data) // 2])
     with pytest.warns(UserWarning, match="does not match its manifest checksum"):
-        assert art.load("rankings") is None
+        assert load(art, "rankings") is None
 
 
 def test_a_file_without_manifest_entry_is_not_trusted(tmp_path):
     art = IterationArtifacts(tmp_path, 0, {})
     art.path("train").parent.mkdir(parents=True)
     art.path("train").write_bytes(b"half-written")
-    assert art.load("train") is None
+    assert load(art, "train") is None
 
 
 def test_other_settings_are_refused(tmp_path):
@@ -57,7 +62,7 @@ def test_merge_streams_shards_into_row_groups_and_sums_their_counts(tmp_path):
     for k, rows in enumerate(SHARDS):
         art.save(f"train.shard_{k:05d}", rows, seconds=1.5, ties_dropped=k, input={"generations": "abc"})
     art.merge("train", [f"train.shard_{k:05d}" for k in range(3)], shards=3)
-    assert art.load("train") == SHARDS[0] + SHARDS[2]
+    assert load(art, "train") == SHARDS[0] + SHARDS[2]
     assert art.num_shards("train") == 2 and art.read_shard("train", 1) == SHARDS[2]
     assert art.shard_start("train", 1) == 2
     entry = art.info("train")
@@ -86,3 +91,46 @@ def test_memory_mapped_serves_columns_from_an_arrow_file_made_once(tmp_path):
     art.save("train", ROWS[:1])  # the stage was redone: a new file, the stale one removed
     assert len(art.memory_mapped("train", ["score"])) == 1
     assert len(list(art.dir.glob("train.*.arrow"))) == 1
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_files_we_write_get_the_mode_the_umask_gives(tmp_path, tiny_llama, umask, mode):
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    from sppo_lightning.artifacts import atomic_write_json
+    from sppo_lightning.models import export_hf
+
+    previous = os.umask(umask)
+    try:
+        atomic_write_json(tmp_path / "summary.json", {"iterations": []})
+        IterationArtifacts(tmp_path, 0, {}).save("train", ROWS)
+        export_hf(AutoModelForCausalLM.from_pretrained(tiny_llama), None, tmp_path / "hf_model")
+    finally:
+        os.umask(previous)
+    written = [tmp_path / "summary.json", tmp_path / "iteration_1" / "train.parquet",
+               tmp_path / "iteration_1" / "manifest.json", tmp_path / "hf_model" / "model.safetensors"]
+    assert {oct(p.stat().st_mode & 0o777) for p in written} == {oct(mode)}
+
+
+def test_a_full_disk_mid_stage_is_one_line_and_keeps_what_was_finished(tmp_path):
+    import errno
+
+    from sppo_lightning.artifacts import atomic_write
+    from sppo_lightning.errors import TrainingError
+
+    art = IterationArtifacts(tmp_path, 0, {})
+    art.save("generations.shard_00000", ROWS)
+    before = art.path("generations.shard_00000").read_bytes()
+
+    def fills_the_disk(f):
+        f.write(b"PAR1 half a shard")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(TrainingError, match=rf"^no space left in {art.dir} to write generations.shard_00001.parquet "
+                                            rf"\(.* MiB free\); what was finished before is kept"):
+        atomic_write(art.path("generations.shard_00001"), fills_the_disk)
+    assert art.path("generations.shard_00000").read_bytes() == before and art.finished("generations.shard_00000")
+    assert not art.path("generations.shard_00001").exists() and not list(art.dir.glob(".*.tmp"))
+    assert art.stages() == ["generations.shard_00000"]  # the resume redoes shard 1 only

@@ -1,17 +1,28 @@
 import json
+import math
 
 import lightning as L
 import pytest
 import torch
 
 from sppo_lightning.bond import BondModule
-from sppo_lightning.callbacks.bond import BondSelfPlay
 from sppo_lightning.callbacks.ema_anchor import EMAAnchor
 from sppo_lightning.data import SelfPlayDataModule
 from sppo_lightning.errors import ConfigError
+from sppo_lightning.methods import JBOND
 from sppo_lightning.models import LoraSettings
 from sppo_lightning.ranking import FunctionJudge
+from tests import self_play_setup
 from tests.test_quickstart import REPO, run_fit
+
+
+def bond_run(ranker, prompts, tokenizer, batch_size, callbacks=(), prompts_per_iteration=None, **settings):
+    """(datamodule, trainer options) of a J-BOND run: the method from flat settings (tests/self_play_setup.py)."""
+    trainer_options = {k: settings.pop(k) for k in ("max_epochs", "default_root_dir") if k in settings}
+    method, boundary, run_dir = self_play_setup.parts(JBOND, ranker, **settings)
+    datamodule = SelfPlayDataModule(method, prompts=str(prompts), tokenizer=tokenizer, batch_size=batch_size,
+                                    prompts_per_iteration=prompts_per_iteration, run_dir=run_dir)
+    return datamodule, self_play_setup.trainer(callbacks=[boundary, *callbacks], **trainer_options)
 
 IDS = torch.tensor([[1, 5, 40, 41, 42, 2]])
 
@@ -60,14 +71,12 @@ def test_bond_rows_rewards_and_ties(tmp_path, tiny_llama, variant, tie_rule):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in ["Hi", "Name a color.", "Why?"]))
     judge = "sppo_lightning.ranking.judges:shorter" if variant == "jbond" else f"{__name__}:constant"
-    callback = BondSelfPlay(FunctionJudge(judge), variant=variant, n=3, quantile_samples=4, max_new_tokens=6,
-                            generation_batch_size=2, run_dir=str(tmp_path / "bond"), show_progress=False,
-                            tie_rule=tie_rule)
+    datamodule, trainer = bond_run(FunctionJudge(judge), prompts, tiny_llama, 3, [EMAAnchor(0.1)], variant=variant,
+                                   n=3, quantile_samples=4, max_new_tokens=6, generation_batch_size=2,
+                                   run_dir=tmp_path / "bond", max_epochs=1, tie_rule=tie_rule)
     module = BondModule(tiny_llama, lr=1e-3, lora=LoraSettings(r=4, alpha=8))
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback, EMAAnchor(0.1)])
     # on-policy: the iteration is one optimizer step's prompts, here all 3
-    trainer.fit(module, datamodule=SelfPlayDataModule(prompts=str(prompts), tokenizer=tiny_llama, batch_size=3))
+    trainer.fit(module, datamodule=datamodule)
     import pyarrow.parquet as pq
 
     gens = pq.read_table(tmp_path / "bond" / "iteration_1" / "generations.parquet").to_pylist()
@@ -99,21 +108,25 @@ def test_bond_rows_rewards_and_ties(tmp_path, tiny_llama, variant, tie_rule):
         assert train["ties"] == 3 * (2 + 4)
         assert train["ties_broken"] == (3 * (1 + 4) if tie_rule == "coin" else 0)  # coins thrown
     assert train["kl_rows"] == 3  # LoRA: the initial policy is adapters-off
+    (row,) = json.loads((tmp_path / "bond" / "summary.json").read_text())["iterations"]
+    assert (row["ties"], row["ties_broken"]) == (train["ties"], train["ties_broken"])  # counted in the summary
+    if variant == "bond":  # Best-of-N's own KL to its reference, N = 3, beside the distilled policy's
+        assert row["best_of_n_kl"] == pytest.approx(math.log(3) - 2 / 3)
+    else:
+        assert "best_of_n_kl" not in row
 
 
 def test_full_fine_tuning_logs_kl_with_an_initial_copy(tmp_path, tiny_llama):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in ["Hi", "Name a color."]))
     module = BondModule(tiny_llama, lr=1e-2, keep_initial_copy=True)
-    callback = BondSelfPlay(FunctionJudge("sppo_lightning.ranking.judges:shorter"), max_new_tokens=6,
-                            run_dir=str(tmp_path / "bond"), show_progress=False)
     modes = []
     record = L.Callback()
     record.on_train_batch_start = lambda trainer, pl_module, batch, i: modes.append(pl_module.policy.training)
-    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[callback, EMAAnchor(0.5), record])
-    trainer.fit(module, datamodule=SelfPlayDataModule(prompts=str(prompts), tokenizer=tiny_llama, batch_size=2))
+    datamodule, trainer = bond_run(FunctionJudge("sppo_lightning.ranking.judges:shorter"), prompts, tiny_llama, 2,
+                                   [EMAAnchor(0.5), record], max_new_tokens=6, run_dir=tmp_path / "bond",
+                                   max_epochs=2)
+    trainer.fit(module, datamodule=datamodule)
     entries = [json.loads((tmp_path / "bond" / f"iteration_{t + 1}" / "manifest.json").read_text())["stages"]["train"]
                for t in (0, 1)]
     kl = [e["kl_sum"] / e["kl_rows"] for e in entries]
@@ -126,9 +139,13 @@ def test_full_fine_tuning_logs_kl_with_an_initial_copy(tmp_path, tiny_llama):
 
 def test_jbond_recipe_raises_the_win_rate(tiny_dir, tmp_path):
     """configs/jbond.yaml through the CLI, on the quickstart's models and rule judge."""
-    run_fit(REPO / "configs" / "jbond.yaml", tiny_dir, tmp_path)
+    result = run_fit(REPO / "configs" / "jbond.yaml", tiny_dir, tmp_path)
     summary = json.loads((tmp_path / "bond" / "summary.json").read_text())["iterations"]
     assert len(summary) == 48  # on-policy: one iteration (a fresh draw) per optimizer step
+    console = result.stdout + result.stderr  # ties are counted in the summary, and it ends as SPPO's runs do
+    assert "tied comparison" not in console and "Self-play summary (also in" in console and "Report: " in console
+    assert f"checkpoints (resume with --ckpt_path last): {tmp_path / 'checkpoints'}" in console
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
     win_rates = [row["win_rate_vs_initial"] for row in summary if "win_rate_vs_initial" in row]
     assert len(win_rates) == 3  # every 16 iterations
     assert win_rates[-1] > 0.6 and win_rates[-1] > win_rates[0], win_rates
@@ -143,14 +160,13 @@ def test_jbond_runs_on_the_qlora_footprint(tmp_path):
     model = str(make_tiny_llama(tmp_path / "llama64", hidden_size=64))  # bitsandbytes' CPU blocks need 64
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in ["Hi", "Name a color.", "Why?"]))
-    callback = BondSelfPlay(FunctionJudge("sppo_lightning.ranking.judges:shorter"), n=3, max_new_tokens=6,
-                            generation_batch_size=2, run_dir=str(tmp_path / "bond"), show_progress=False)
+    datamodule, trainer = bond_run(FunctionJudge("sppo_lightning.ranking.judges:shorter"), prompts, model, 2,
+                                   [EMAAnchor(0.5)], n=3, max_new_tokens=6, generation_batch_size=2,
+                                   run_dir=tmp_path / "bond", max_epochs=1)
     module = BondModule(model, footprint="qlora", lr=1e-2, lora=LoraSettings(r=4, alpha=8))
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback, EMAAnchor(0.5)])
     module.configure_model()
     before = [a.detach().clone() for a, _ in module.anchor_parameter_pairs()]
-    trainer.fit(module, datamodule=SelfPlayDataModule(prompts=str(prompts), tokenizer=model, batch_size=2))
+    trainer.fit(module, datamodule=datamodule)
     assert is_quantized(module.policy) and module.anchor is None
     after = [a for a, _ in module.anchor_parameter_pairs()]
     assert any(not torch.equal(a, b) for a, b in zip(after, before))  # the EMA moved the anchor adapter
@@ -183,8 +199,8 @@ def test_bond_lora_checkpoint_holds_both_adapters_only_and_loads_back(tiny_llama
         assert torch.equal(a, a2) and torch.equal(p, p2)
     other = BondModule(tiny_llama, lora=LoraSettings(r=8, alpha=8))
     other.configure_model()
-    with pytest.raises(Exception, match="adapter weight|size mismatch"):
-        other.on_load_checkpoint({"state_dict": dict(checkpoint["state_dict"])})
+    other.on_load_checkpoint({"state_dict": dict(checkpoint["state_dict"])})  # same names: the key check passes
+    with pytest.raises(RuntimeError, match="size mismatch for policy.*lora_A"):  # the rank-4 tensors do not fit rank 8
         other.load_state_dict(checkpoint["state_dict"], strict=False)
 
 
@@ -207,12 +223,9 @@ def test_bond_non_finite_loss_skips_or_stops(tmp_path, tiny_llama, mode):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in ["Hi", "Name a color.", "Why?", "Go"]))
     module = BondModule(tiny_llama, lr=1e-2, on_non_finite=mode)
-    callback = BondSelfPlay(FunctionJudge("sppo_lightning.ranking.judges:shorter"), max_new_tokens=4,
-                            run_dir=str(tmp_path / "bond"), show_progress=False)
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                        callbacks=[callback, _NaNReward()])
-    datamodule = SelfPlayDataModule(prompts=str(prompts), tokenizer=tiny_llama, batch_size=2)
+    datamodule, trainer = bond_run(FunctionJudge("sppo_lightning.ranking.judges:shorter"), prompts, tiny_llama, 2,
+                                   [_NaNReward()], max_new_tokens=4, run_dir=tmp_path / "bond", max_epochs=1,
+                                   default_root_dir=tmp_path)
     if mode == "stop":
         with pytest.raises(TrainingError, match=r"non-finite loss nan at step 0 \(epoch 0, batch 0, prompts \[0, 1\]\)"):
             trainer.fit(module, datamodule=datamodule)
@@ -230,14 +243,10 @@ def fit_bond(tmp_path, tiny_llama, ranker, run_dir, epochs=1, batch_size=2, prom
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in
                                ["Hi", "Name a color.", "Why?", "Say yes.", "Count to two.", "Be kind."]))
-    callback = BondSelfPlay(ranker, max_new_tokens=6, generation_batch_size=2, run_dir=str(run_dir),
-                            show_progress=False, **options)
-    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback, EMAAnchor(0.1)])
-    datamodule = SelfPlayDataModule(prompts=str(prompts), tokenizer=tiny_llama, batch_size=batch_size,
-                                    prompts_per_iteration=prompts_per_iteration)
+    datamodule, trainer = bond_run(ranker, prompts, tiny_llama, batch_size, [EMAAnchor(0.1)], prompts_per_iteration,
+                                   max_new_tokens=6, generation_batch_size=2, run_dir=run_dir, max_epochs=epochs,
+                                   **options)
     trainer.fit(BondModule(tiny_llama, lr=1e-3), datamodule=datamodule)
-    return callback
 
 
 def test_on_policy_draws_one_step_of_prompts_per_iteration(tmp_path, tiny_llama):
@@ -305,3 +314,20 @@ def test_gamma_adds_the_anchor_kl_term_to_the_training_loss(tiny_llama):
     assert expected.abs() > 0
     with pytest.raises(ConfigError, match="model.gamma must be >= 0"):
         BondModule(tiny_llama, gamma=-1.0)
+
+
+def test_jbond_samples_with_any_generator(tmp_path, tiny_llama):
+    """Linear Alignment as J-BOND's generator: policy and anchor samples steered by the principle."""
+    import pyarrow.parquet as pq
+
+    from sppo_lightning.decoding import LinearAlignmentGenerator
+
+    generator = LinearAlignmentGenerator("Be brief.", alpha=2.0, temperature=1.0, top_p=1.0, max_new_tokens=6,
+                                         batch_size=2)
+    fit_bond(tmp_path, tiny_llama, CountingJudge(), tmp_path / "aligned", generator=generator)
+    fit_bond(tmp_path, tiny_llama, CountingJudge(), tmp_path / "plain")
+    manifest = json.loads((tmp_path / "aligned" / "iteration_1" / "manifest.json").read_text())
+    assert manifest["settings"]["generator"]["class"] == "LinearAlignmentGenerator"
+    aligned, plain = (pq.read_table(tmp_path / run / "iteration_1" / "generations.parquet").to_pylist()
+                      for run in ("aligned", "plain"))
+    assert [g["anchor_ids"] for g in aligned] != [g["anchor_ids"] for g in plain]

@@ -6,23 +6,20 @@ import signal
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from tests.test_quickstart import REPO, run_fit
-from tests.test_resume import final_weights, losses, uninterrupted
+from tests.test_resume import assert_same_run, uninterrupted
 
 
 def jbond_config(tmp_path: Path) -> Path:
     data = yaml.safe_load((REPO / "configs" / "jbond.yaml").read_text())
     data["trainer"]["max_epochs"] = 6
     data["trainer"]["log_every_n_steps"] = 1
-    callback = data["trainer"]["callbacks"][0]["init_args"]
-    callback["eval_every"] = 3
+    data["self_play"]["eval_every"] = 3
+    callback = data["data"]["init_args"]["method"]["init_args"]
     callback["generation_shard_size"] = 2  # 2 shards of the 4 prompts an iteration draws
     callback["ranker"]["init_args"]["function"] = "tests.kill_switch:killing_judge"
-    data["trainer"]["callbacks"].insert(1, {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                                            "init_args": {"dirpath": "unused", "save_last": True}})
     path = tmp_path / "jbond_source.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -46,10 +43,4 @@ def test_killed_jbond_resumes_to_the_same_result(tiny_dir, tmp_path, baseline, w
                         "--trainer.callbacks.batch=0", check=False)
     assert first.returncode == -signal.SIGKILL and marker.exists()
     run_fit(config, tiny_dir, tmp_path, "--ckpt_path", "last", env={"KILL_MARKER": str(marker)})
-    expected, got = losses(baseline), losses(tmp_path)
-    assert set(got) == set(expected) and len(expected) == 6
-    for step in expected:
-        assert got[step] == pytest.approx(expected[step], rel=1e-6), step
-    want, have = final_weights(baseline), final_weights(tmp_path)
-    for name in want:
-        torch.testing.assert_close(have[name], want[name], rtol=1e-5, atol=1e-6)
+    assert_same_run(baseline, tmp_path, steps=6)

@@ -58,8 +58,13 @@ def test_fit_exports_a_model_that_transformers_loads(tmp_path, tiny_llama):
     initial = AutoModelForCausalLM.from_pretrained(tiny_llama)
     assert not torch.equal(model.model.embed_tokens.weight, initial.model.embed_tokens.weight)
 
-    # the export command writes the same weights from the checkpoint
+    # the export command writes the same weights from the checkpoint, into a folder (a file is refused)
     (ckpt,) = (run_dir / "checkpoints").glob("*.ckpt")
+    (tmp_path / "a_file").write_text("not a folder")
+    refused = run("export", ckpt, tmp_path / "a_file", check=False)
+    assert refused.returncode == 2 and "Exported" not in refused.stdout
+    assert refused.stderr.strip().splitlines()[-1] == (f"sppo-lightning: error: {tmp_path / 'a_file'} is a file, not a "
+                                                       f"folder: give export a folder to write the model into")
     run("export", ckpt, tmp_path / "exported")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
@@ -77,7 +82,7 @@ def test_lora_fit_exports_merged_weights(tmp_path, tiny_llama):
     merged = AutoModelForCausalLM.from_pretrained(run_dir / "hf_model").eval()
     assert not any("lora" in k for k in merged.state_dict())
 
-    from sppo_lightning.cli import _load_for_export
+    from sppo_lightning.lightning_cli import _load_for_export
 
     (ckpt,) = (run_dir / "checkpoints").glob("*.ckpt")
     module = _load_for_export(str(ckpt))
@@ -123,9 +128,10 @@ def test_bad_row_in_data_file_names_file_row_and_column(tmp_path, tiny_llama):
     ("simpo", ["train/rewards/margins", "train/rewards/accuracy"]),
 ])
 def test_pair_recipes_run_on_the_tiny_model(tmp_path, tiny_llama, recipe, keys):
-    """configs/<recipe>.yaml as shipped, only the model, data and hardware made tiny."""
+    """configs/dpo.yaml with configs/losses/<recipe>.yaml as shipped, only the model, data and hardware made tiny."""
+    layer = [] if recipe == "dpo" else ["--config", f"configs/losses/{recipe}.yaml"]
     run(
-        "fit", "--config", f"configs/{recipe}.yaml", "--model.model_name_or_path", tiny_llama,
+        "fit", "--config", "configs/dpo.yaml", *layer, "--model.model_name_or_path", tiny_llama,
         "--model.torch_dtype", "float32", "--model.gradient_checkpointing", "false", "--model.lr", "1e-3",
         "--data.train_data", "configs/data/tiny_preferences.jsonl",
         "--data.eval_data", "configs/data/tiny_preferences_eval.jsonl", "--data.max_length", "128",
@@ -195,6 +201,24 @@ def test_fit_help_points_at_our_settings_and_those_commands_work():
         ("--model.help", "PreferenceModule", "--model.loss"),
         ("--model.help", "sppo_lightning.bond.BondModule", "--model.gamma"),
         ("--data.help", "sppo_lightning.data.SelfPlayDataModule", "--data.prompts_per_iteration"),
-        ("--trainer.callbacks.help", "sppo_lightning.callbacks.self_play.SelfPlay", "--trainer.callbacks.num_samples"),
     ]:
         assert key in run("fit", flag, target).stdout, (flag, target)
+    # a method's keys (K, the generator, the ranker) once the data module is named, and the boundary's
+    method = run("fit", "--data", "sppo_lightning.data.SelfPlayDataModule", "--data.method.help",
+                 "sppo_lightning.methods.SPPO").stdout
+    assert "--method.num_samples" in method and "--method.generator" in method and "--method.ranker" in method
+    assert "--self_play.eval_samples" in run("fit", "--help").stdout
+
+
+def test_a_small_pair_run_logs_its_loss(tmp_path, tiny_llama):
+    """20 rows in batches of 4 (5 batches) with log_every_n_steps 10: the interval is clamped to the
+    epoch's batches, said in one line, and metrics.csv holds the loss."""
+    rows = (REPO / "configs" / "data" / "tiny_preferences.jsonl").read_text().splitlines()[:20]
+    data = tmp_path / "small.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    result = fit(tmp_path, tiny_llama, "--trainer.max_epochs", "1", "--data.train_data", data,
+                 "--data.eval_data", "null", "--data.batch_size", "4", "--trainer.log_every_n_steps", "10")
+    assert "trainer.log_every_n_steps 10 is more than an epoch's 5 batch(es): logging every 5" in result.stderr
+    assert "smaller than the logging interval" not in result.stderr  # Lightning's own warning is not needed
+    rows = list(csv.DictReader((tmp_path / "lightning_logs" / "version_0" / "metrics.csv").open()))
+    assert [r["step"] for r in rows if r.get("train/loss")] == ["4"]

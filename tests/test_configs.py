@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sppo_lightning.cli import run_cli
+from sppo_lightning.lightning_cli import run_cli
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
 
@@ -24,8 +24,18 @@ def test_config_parses(config, capsys, monkeypatch):
         if isinstance(value, dict):  # dataclass settings: defaults fill the keys not given
             got = {k: got[k] for k in value}
         assert got == value, key
-    for key, value in source["data"]["init_args"].items():
-        assert printed["data"]["init_args"][key] == value, key
+    assert_given(source["data"]["init_args"], printed["data"]["init_args"], "data.init_args")
+    if "self_play" in source:
+        assert_given(source["self_play"], printed["self_play"], "self_play")
+
+
+def assert_given(source, printed, where: str) -> None:
+    """Every key the config gives is printed with its value (nested blocks: the defaults fill in the rest)."""
+    for key, value in source.items():
+        if isinstance(value, dict) and isinstance(printed.get(key), dict):
+            assert_given(value, printed[key], f"{where}.{key}")
+        else:
+            assert printed.get(key) == value, f"{where}.{key}"
 
 
 def test_configs_exist():
@@ -36,7 +46,7 @@ def test_configs_exist():
 def test_config_instantiates(config, monkeypatch):
     """Every class the config names is built (module, data module, callbacks, ranker) with its
     constructor checks; only the hardware is made CPU. Weights load later, in configure_model."""
-    from sppo_lightning.cli import SPPOLightningCLI
+    from sppo_lightning.lightning_cli import SPPOLightningCLI
 
     import lightning as L
 
@@ -47,3 +57,42 @@ def test_config_instantiates(config, monkeypatch):
     )
     assert cli.model.hparams["model_name_or_path"]
     assert cli.trainer.callbacks
+
+
+LOSS_LAYERS = sorted(Path(__file__).resolve().parents[1].joinpath("configs", "losses").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("layer", LOSS_LAYERS, ids=lambda p: p.name)
+def test_a_loss_layer_changes_only_its_keys_of_the_dpo_base(layer, capsys, monkeypatch):
+    """configs/losses/<loss>.yaml on configs/dpo.yaml: its keys win, the base's model, data and
+    trainer stay, and the module builds (the loss's settings checked)."""
+    from sppo_lightning.lightning_cli import SPPOLightningCLI
+
+    import lightning as L
+
+    base = layer.parents[1] / "dpo.yaml"
+    monkeypatch.setattr("sys.argv", ["sppo-lightning"])
+    with pytest.raises(SystemExit):
+        run_cli(["fit", "--config", str(base), "--config", str(layer), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    source, own = yaml.safe_load(base.read_text()), yaml.safe_load(layer.read_text())
+    assert printed["model"]["init_args"]["loss"] == layer.stem
+    for key, value in own["model"]["init_args"].items():
+        assert printed["model"]["init_args"][key] == value, key
+    assert printed["model"]["init_args"]["model_name_or_path"] == source["model"]["init_args"]["model_name_or_path"]
+    assert printed["data"]["init_args"]["train_data"] == source["data"]["init_args"]["train_data"]
+    assert printed["trainer"]["default_root_dir"] == f"runs/{layer.stem}"
+    cli = SPPOLightningCLI(
+        L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
+        args=["--config", str(base), "--config", str(layer), "--trainer.accelerator", "cpu", "--trainer.devices", "1"],
+    )
+    assert cli.model.loss_name == layer.stem
+
+
+def test_no_config_lists_the_loss_names_by_hand():
+    from sppo_lightning import loss_table
+
+    for config in CONFIGS + LOSS_LAYERS:
+        for line in config.read_text().splitlines():
+            named = [name for name in loss_table.LOSSES if f" {name} " in f" {line} ".replace("|", " ")]
+            assert len(named) < 3, f"{config.name}: {line}"

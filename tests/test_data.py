@@ -169,6 +169,19 @@ def test_missing_local_file_is_not_sent_to_the_hub(tmp_path):
 
 
 # ---------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("suffix", ["jsonl", "json"])
+def test_a_byte_order_mark_is_read_and_bytes_that_are_not_text_are_one_line(tmp_path, suffix):
+    record = sppo_record()
+    path = tmp_path / f"bom.{suffix}"
+    text = json.dumps(record) + "\n" if suffix == "jsonl" else json.dumps([record])
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())  # what Windows editors write first
+    assert load_records(str(path)) == [record]
+    noise = tmp_path / f"noise.{suffix}"
+    noise.write_bytes(json.dumps(record).encode() + b"\n\xff\xfe\x00garbage\n")
+    with pytest.raises(DataError, match=rf"noise.{suffix}: line 2: not UTF-8 text \(byte 0xff at offset"):
+        load_records(str(noise))
+
+
 def test_broken_json_line_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(sppo_record()) + "\n{not json\n")

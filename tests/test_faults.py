@@ -10,14 +10,16 @@ from tests.test_quickstart import REPO, run_fit
 
 
 def quickstart(tmp_path: Path, epochs: int = 1, prompts: list[str] | None = None, judge: str | None = None,
-               **self_play) -> Path:
-    """configs/quickstart.yaml with fewer epochs, optionally other prompts, judge or SelfPlay settings."""
+               **method) -> Path:
+    """configs/quickstart.yaml with fewer epochs, optionally other prompts, judge or SPPO settings."""
     data = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
     data["trainer"]["max_epochs"] = epochs
-    callback = data["trainer"]["callbacks"][0]["init_args"]
-    callback.update(self_play)
+    if "run_dir" in method:
+        data["data"]["init_args"]["run_dir"] = method.pop("run_dir")
+    settings = data["data"]["init_args"]["method"]["init_args"]
+    settings.update(method)
     if judge:
-        callback["ranker"]["init_args"]["function"] = judge
+        settings["ranker"]["init_args"]["function"] = judge
     if prompts is not None:
         path = tmp_path / "prompts.jsonl"
         path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
@@ -39,14 +41,11 @@ def test_output_paths_that_cannot_be_folders_stop_before_any_model_loads(tiny_di
     blocker.write_text("not a folder")
     for options, key in [
         (["--trainer.callbacks.dirpath"], "trainer.callbacks (HFExport).init_args.dirpath"),  # the last with dirpath
-        (["run_dir"], "trainer.callbacks (SelfPlay).init_args.run_dir"),
+        (["--data.init_args.run_dir"], "data.init_args.run_dir"),
         (["--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir"],
          "trainer.logger (CSVLogger).init_args.save_dir"),
     ]:
-        if options == ["run_dir"]:  # a key of the first callback: in the config
-            result = run_fit(quickstart(tmp_path, run_dir=str(blocker / "sub")), tiny_dir, tmp_path, check=False)
-        else:
-            result = run_fit(quickstart(tmp_path), tiny_dir, tmp_path, *options, str(blocker / "sub"), check=False)
+        result = run_fit(quickstart(tmp_path), tiny_dir, tmp_path, *options, str(blocker / "sub"), check=False)
         line = one_line_error(result)
         assert key in line and f"{blocker / 'sub'} is under {blocker}, which is a file" in line, line
         assert not (tmp_path / "self_play").exists()  # stopped before anything ran

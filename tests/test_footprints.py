@@ -13,9 +13,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sppo_lightning.errors import ConfigError
-from sppo_lightning.footprints import (
-    GIB, LLAMA3_8B, MISTRAL_7B, ModelShape, estimate_memory, memory_table, resolve_footprint,
-)
+from sppo_lightning.footprints import resolve_footprint
+from sppo_lightning.memory import GIB, LLAMA3_8B, MISTRAL_7B, ModelShape, estimate_memory, memory_table
 from sppo_lightning.logprobs import model_logprobs
 from sppo_lightning.models import LoraSettings, export_hf, is_checkpointing, is_quantized, load_causal_lm, load_tokenizer
 from sppo_lightning.module import PreferenceModule
@@ -139,6 +138,8 @@ def test_a_checkpoint_of_other_lora_settings_is_refused(trained_qlora, tmp_path)
 def test_qlora_self_play_generates_with_the_4bit_model(llama64, tmp_path):
     from sppo_lightning.callbacks.self_play import SelfPlay
     from sppo_lightning.data import SelfPlayDataModule
+    from sppo_lightning.methods import SPPO
+    from sppo_lightning.pipeline import HFGenerator
     from sppo_lightning.ranking import FunctionJudge
 
     prompts = tmp_path / "prompts.jsonl"
@@ -156,11 +157,14 @@ def test_qlora_self_play_generates_with_the_4bit_model(llama64, tmp_path):
             pl_module.policy.generate = generate
 
     module = PreferenceModule(llama64, footprint="qlora", loss="sppo", eta=10.0, reference="cached", lr=1e-3)
-    datamodule = SelfPlayDataModule(prompts=str(prompts), tokenizer=llama64, batch_size=2, max_prompt_length=32)
-    callback = SelfPlay(FunctionJudge("sppo_lightning.ranking.judges:shorter"), num_samples=3, max_new_tokens=6,
-                        generation_batch_size=3, show_progress=False, run_dir=str(tmp_path / "self_play"))
+    method = SPPO(FunctionJudge("sppo_lightning.ranking.judges:shorter"),
+                  HFGenerator(max_new_tokens=6, batch_size=3, show_progress=False), num_samples=3, show_progress=False)
+    datamodule = SelfPlayDataModule(method, prompts=str(prompts), tokenizer=llama64, batch_size=2, max_prompt_length=32,
+                                    run_dir=str(tmp_path / "self_play"))
+    callback = SelfPlay()
     # Iteration 1's data is built when the LR schedule is set up, before on_fit_start; iteration 2's after.
-    fit(module, datamodule, epochs=2, callbacks=[Watch(), callback], default_root_dir=str(tmp_path))
+    fit(module, datamodule, epochs=2, callbacks=[Watch(), callback], default_root_dir=str(tmp_path),
+        reload_dataloaders_every_n_epochs=1)
     assert seen and all(seen)  # every generate call ran on the 4-bit base (+ LoRA), no other copy
     assert module.reference is None
     assert (tmp_path / "self_play" / "iteration_1" / "train.parquet").exists()

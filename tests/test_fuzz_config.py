@@ -21,16 +21,17 @@ EXAMPLES = 40  # recorded in the README
 BASE = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
 # Small, so that the configs that are valid set up quickly (they generate iteration 0's data).
 BASE["data"]["init_args"].update(prompts_per_iteration=4, eval_prompts=None)
-BASE["trainer"]["callbacks"][0]["init_args"].update(max_new_tokens=4, num_samples=2)
+BASE["data"]["init_args"]["method"]["init_args"].update(num_samples=2)
+BASE["data"]["init_args"]["method"]["init_args"]["generator"]["init_args"].update(max_new_tokens=4)
 SECTIONS = [("model", "init_args"), ("data", "init_args"), ("trainer",),
-            ("trainer", "callbacks", 0, "init_args")]
+            ("data", "init_args", "method", "init_args"), ("self_play",)]
 WRONG_VALUES = st.one_of(
     st.text(max_size=12), st.integers(-5, 5), st.floats(allow_nan=True, allow_infinity=True),
     st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
     st.none(), st.booleans(),
 )
 IMPOSSIBLE = [
-    ("trainer.callbacks.0.init_args.num_samples", 1),
+    ("data.init_args.method.init_args.num_samples", 1),
     ("model.init_args.eta", 0.0),
     ("model.init_args.eta", -3.0),
     ("model.init_args.loss", "asft", "model.init_args.reference", "copy"),
@@ -40,7 +41,7 @@ IMPOSSIBLE = [
     ("data.init_args.prompts", "/no/such/prompts.jsonl"),
     ("model.init_args.model_name_or_path", "/no/such/model"),
     ("data.init_args.max_prompt_length", 0),
-    ("trainer.callbacks.0.init_args.top_p", 1.5),
+    ("data.init_args.method.init_args.generator.init_args.top_p", 1.5),
     ("trainer.devices", 0),
     ("trainer.devices", "two"),
     ("trainer.max_epochs", -2),
@@ -77,7 +78,8 @@ def broken_configs(draw):
     else:
         # Not devices / num_nodes / strategy: a valid multi-process value would make Lightning
         # relaunch this pytest process as DDP workers. Their bad values are in IMPOSSIBLE.
-        keys = [k for k in section if k not in ("callbacks", "logger", "ranker", "devices", "num_nodes", "strategy")]
+        keys = [k for k in section if k not in ("callbacks", "logger", "ranker", "generator", "method", "devices",
+                                                "num_nodes", "strategy")]
         section[draw(st.sampled_from(keys))] = draw(WRONG_VALUES)
     return config
 
@@ -133,7 +135,7 @@ def test_impossible_combinations_are_each_refused(workdir):
         config = copy.deepcopy(BASE)
         config["model"]["init_args"]["model_name_or_path"] = str(tiny_dir / "llama")
         config["trainer"].update(default_root_dir=str(out / "run"), logger=False)
-        config["trainer"]["callbacks"][1]["init_args"]["dirpath"] = str(out / "checkpoints")
+        config["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(out / "checkpoints")
         for key, value in zip(case[::2], case[1::2]):
             _set(config, key, value)
         path = out / "config.yaml"

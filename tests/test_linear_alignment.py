@@ -6,7 +6,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from sppo_lightning.callbacks.self_play import AlignedSampling
 from sppo_lightning.decoding import LinearAlignmentSettings, linear_alignment_generate, linear_alignment_step, nucleus_mask
 from sppo_lightning.decoding.linear_alignment import with_principle
 from tests.test_quickstart import REPO
@@ -112,7 +111,7 @@ def test_predict_through_the_cli(tiny_dir, tmp_path):
 
 
 def test_aligned_sampling_for_self_play(tmp_path, tiny_llama):
-    aligned = AlignedSampling(principle=PRINCIPLE, alpha=2.0)
+    aligned = {"principle": PRINCIPLE, "alpha": 2.0}  # a LinearAlignmentGenerator (tests/self_play_setup.py)
     fit(tmp_path, tiny_llama, run_dir=tmp_path / "a", aligned_sampling=aligned)
     fit(tmp_path, tiny_llama, run_dir=tmp_path / "b")
     a = pq.read_table(tmp_path / "a" / "iteration_1" / "generations.parquet").to_pylist()
@@ -124,19 +123,16 @@ def test_aligned_sampling_for_self_play(tmp_path, tiny_llama):
     assert a == c  # seeded
 
 
-def test_the_generator_key_selects_linear_alignment_as_aligned_sampling_does(tmp_path, tiny_llama):
-    """``SelfPlay(generator=LinearAlignmentGenerator(...))`` is the plug-in form of ``aligned_sampling``."""
+def test_the_generator_key_selects_linear_alignment(tmp_path, tiny_llama):
+    """``SPPO(generator=LinearAlignmentGenerator(...))``: the one way to sample with Linear Alignment."""
     from sppo_lightning.decoding import LinearAlignmentGenerator
-    from sppo_lightning.errors import ConfigError
 
-    fit(tmp_path, tiny_llama, run_dir=tmp_path / "a", aligned_sampling=AlignedSampling(principle=PRINCIPLE))
     generator = LinearAlignmentGenerator(PRINCIPLE, alpha=2.0, max_new_tokens=8, batch_size=4)
     fit(tmp_path, tiny_llama, run_dir=tmp_path / "g", generator=generator)
-    a = pq.read_table(tmp_path / "a" / "iteration_1" / "generations.parquet").to_pylist()
+    fit(tmp_path, tiny_llama, run_dir=tmp_path / "plain")
     g = pq.read_table(tmp_path / "g" / "iteration_1" / "generations.parquet").to_pylist()
-    assert a == g
+    plain = pq.read_table(tmp_path / "plain" / "iteration_1" / "generations.parquet").to_pylist()
+    assert [r["response_ids"] for r in g] != [r["response_ids"] for r in plain]
     manifest = json.loads((tmp_path / "g" / "iteration_1" / "manifest.json").read_text())
     assert manifest["settings"]["generator"]["class"] == "LinearAlignmentGenerator"
-    with pytest.raises(ConfigError, match="either generator or aligned_sampling"):
-        fit(tmp_path, tiny_llama, run_dir=tmp_path / "x", generator=generator,
-            aligned_sampling=AlignedSampling(principle=PRINCIPLE))
+    assert manifest["settings"]["generator"]["principle"] == PRINCIPLE

@@ -122,7 +122,8 @@ def test_a_self_play_iteration_judged_by_the_llm_judge(tmp_path, tiny_llama):
 
 def test_another_template_redoes_the_rankings_in_the_same_run_dir(tmp_path, tiny_llama, tokenizer):
     from sppo_lightning.data.prompts import load_prompts
-    from sppo_lightning.pipeline import HFGenerator, SPPOPipeline
+    from sppo_lightning.methods import SPPO, Policies
+    from sppo_lightning.pipeline import DistContext, HFGenerator
 
     path = tmp_path / "p.jsonl"
     path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
@@ -130,14 +131,14 @@ def test_another_template_redoes_the_rankings_in_the_same_run_dir(tmp_path, tiny
     policy = AutoModelForCausalLM.from_pretrained(tiny_llama)
     generator = HFGenerator(max_new_tokens=4, show_progress=False)
     first = judge(tiny_llama)
-    SPPOPipeline(generator, first, tmp_path / "run", num_samples=3).build(0, policy, tokenizer, prompts)
+    SPPO(first, generator, num_samples=3).build(0, prompts, Policies(policy), tokenizer, DistContext(), tmp_path / "run")
     assert first.calls == 12
     same = judge(tiny_llama)  # a resumed run: the rankings are reused, nothing is asked
-    SPPOPipeline(generator, same, tmp_path / "run", num_samples=3).build(0, policy, tokenizer, prompts)
+    SPPO(same, generator, num_samples=3).build(0, prompts, Policies(policy), tokenizer, DistContext(), tmp_path / "run")
     assert same.calls == 0
     other = judge(tiny_llama, template="{prompt}\nA: {a}\nB: {b}\nBetter, A or B?")
     with pytest.warns(UserWarning, match="redoing rankings"):
-        SPPOPipeline(generator, other, tmp_path / "run", num_samples=3).build(0, policy, tokenizer, prompts)
+        SPPO(other, generator, num_samples=3).build(0, prompts, Policies(policy), tokenizer, DistContext(), tmp_path / "run")
     assert other.calls == 12
 
 
@@ -148,7 +149,7 @@ def test_the_llm_judge_recipe_runs_through_the_cli(tiny_dir, tmp_path):
     from tests.test_quickstart import REPO, run_fit
 
     data = yaml.safe_load((REPO / "configs" / "llm_judge.yaml").read_text())
-    data["trainer"]["callbacks"][0]["init_args"]["ranker"]["init_args"]["path"] = str(tiny_dir / "llama")
+    data["data"]["init_args"]["method"]["init_args"]["ranker"]["init_args"]["path"] = str(tiny_dir / "llama")
     config = tmp_path / "llm_judge.yaml"
     config.write_text(yaml.safe_dump(data))
     run_fit(config, tiny_dir, tmp_path)

@@ -179,7 +179,9 @@ def test_best_of_n_kl_formula():
     cdf = p.cumsum(0)
     bon = cdf**n - (cdf - p) ** n
     kl = (bon * (bon / p).log()).sum().item()
-    assert kl == pytest.approx(math.log(n) - (n - 1) / n, abs=1e-3)
+    assert kl == pytest.approx(losses.best_of_n_kl(n), abs=1e-3)
+    assert losses.best_of_n_kl(1) == 0.0  # one sample is the reference itself
+    assert losses.best_of_n_kl(8) == pytest.approx(math.log(8) - 7 / 8)
 
 
 def test_anchor_kl_surrogate_gradient_is_the_kl_gradient():

@@ -167,10 +167,11 @@ def test_impossible_settings_are_config_errors(kwargs, message):
 
 
 def test_loss_defaults_follow_the_recipes():
-    assert PreferenceModule("m", loss="orpo").lam == 0.1
+    assert PreferenceModule("m", loss="orpo").loss_hyperparameters()["lam"] == 0.1
     asft = PreferenceModule("m", loss="asft")
-    assert (asft.lam, asft.beta, asft.reference_mode) == (1.0, 1.0, "none")
-    assert PreferenceModule("m", loss="dpo").beta == 0.1
+    settings = asft.loss_hyperparameters()
+    assert (settings["lam"], settings["beta"], asft.reference_mode) == (1.0, 1.0, "none")
+    assert PreferenceModule("m", loss="dpo").loss_hyperparameters()["beta"] == 0.1
     assert PreferenceModule("m", loss="dpo", lora=LoraSettings()).reference_mode == "adapter"
 
 

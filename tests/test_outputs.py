@@ -6,32 +6,35 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from sppo_lightning.callbacks.hf_export import HFExport
-from sppo_lightning.callbacks.self_play import SelfPlay
+from sppo_lightning.data import SelfPlayDataModule
 from sppo_lightning.errors import ConfigError, TrainingError
 from sppo_lightning.outputs import Trainer, check_output_locations, check_writable_folder, output_locations
+from sppo_lightning.methods import SPPO
 from sppo_lightning.ranking import FunctionJudge
 
 
 def trainer_writing_to(tmp_path, **paths):
+    """(trainer, data module) of a self-play run writing to ``paths`` (the defaults under ``tmp_path``)."""
     judge = FunctionJudge("sppo_lightning.ranking.judges:shorter")
-    return L.Trainer(
+    trainer = L.Trainer(
         default_root_dir=paths.get("root", tmp_path), logger=CSVLogger(paths.get("logs", tmp_path / "logs")),
-        callbacks=[ModelCheckpoint(dirpath=paths.get("checkpoints", tmp_path / "ckpt")),
-                   SelfPlay(judge, run_dir=paths.get("run_dir")), HFExport(paths.get("export"))],
+        callbacks=[ModelCheckpoint(dirpath=paths.get("checkpoints", tmp_path / "ckpt")), HFExport(paths.get("export"))],
         accelerator="cpu", enable_progress_bar=False, enable_model_summary=False,
     )
+    run_dir = paths.get("run_dir")
+    return trainer, SelfPlayDataModule(SPPO(judge), prompts="p.jsonl", run_dir=None if run_dir is None else str(run_dir))
 
 
 def test_every_output_location_is_listed_with_its_key(tmp_path):
-    found = dict((key, path) for path, key in output_locations(trainer_writing_to(tmp_path, export=tmp_path / "hf")))
+    found = dict((key, path) for path, key in output_locations(*trainer_writing_to(tmp_path, export=tmp_path / "hf")))
     assert found == {
         "trainer.default_root_dir": tmp_path,
         "trainer.logger (CSVLogger).init_args.save_dir": tmp_path / "logs",
         "trainer.callbacks (ModelCheckpoint).init_args.dirpath": tmp_path / "ckpt",
-        "trainer.callbacks (SelfPlay).init_args.run_dir": tmp_path / "self_play",
+        "data.init_args.run_dir": tmp_path / "self_play",
         "trainer.callbacks (HFExport).init_args.dirpath": tmp_path / "hf",
     }
-    check_output_locations(trainer_writing_to(tmp_path))  # creatable: fine, and nothing is created
+    check_output_locations(*trainer_writing_to(tmp_path))  # creatable: fine, and nothing is created
     assert not (tmp_path / "ckpt").exists()
 
 
@@ -40,7 +43,7 @@ def test_a_location_under_a_file_is_one_line_naming_its_key(tmp_path, key):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(ConfigError, match=f"{blocker / 'x'} is under {blocker}, which is a file"):
-        check_output_locations(trainer_writing_to(tmp_path, **{key: blocker / "x"}))
+        check_output_locations(*trainer_writing_to(tmp_path, **{key: blocker / "x"}))
 
 
 def test_a_file_itself_is_not_a_folder(tmp_path):

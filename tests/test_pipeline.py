@@ -1,5 +1,5 @@
 """The self-play pipeline without a Trainer: each stage on the tiny Llama, a function judge and a
-tmp run dir; then a whole SPPO iteration with ``SPPOPipeline.build`` in a plain process."""
+tmp run dir; then a whole SPPO iteration with ``SPPO.build`` in a plain process."""
 
 import json
 import warnings
@@ -13,7 +13,8 @@ from sppo_lightning.data.prompts import load_prompts
 from sppo_lightning.data.tokenize import collate_pairs
 from sppo_lightning.errors import DataError
 from sppo_lightning.logprobs import model_logprobs
-from sppo_lightning.pipeline import DistContext, HFGenerator, SPPOPipeline, stages
+from sppo_lightning.methods import SPPO, Policies
+from sppo_lightning.pipeline import DistContext, HFGenerator, stages
 from sppo_lightning.ranking import FunctionJudge, fingerprint_of, weights_fingerprint
 
 QUESTIONS = ["Tell me about the moon.", "What is 2 plus 3?", "Why is the sky blue?", "Name a color.",
@@ -142,34 +143,34 @@ def test_reference_logps_stage_equals_a_plain_forward(policy, tokenizer):
 
 def test_sppo_pipeline_builds_and_reuses_an_iteration_without_a_trainer(tmp_path, policy, tokenizer, prompts):
     generator = CountingGenerator(max_new_tokens=6, batch_size=2)
-    pipeline = SPPOPipeline(generator, FunctionJudge("sppo_lightning.ranking.judges:shorter"), tmp_path / "run",
-                            num_samples=3, shard_size=2)
-    data = pipeline.build(0, policy, tokenizer, prompts)
+    pipeline = SPPO(FunctionJudge("sppo_lightning.ranking.judges:shorter"), generator, num_samples=3,
+                    generation_shard_size=2)
+    data = pipeline.build(0, prompts, Policies(policy), tokenizer, DistContext(), tmp_path / "run")
     folder = tmp_path / "run" / "iteration_1"
     assert generator.calls == 3  # shards of 2, 2 and 1 prompts
     train = pq.read_table(folder / "train.parquet").to_pylist()
     assert len(data.pairs) == len(train) == data.stats["pairs"] == len(QUESTIONS) - data.stats["ties_dropped"]
     assert set(data.stats["seconds"]) == {"generate", "rank", "reference"}
     assert (folder / "samples.md").read_text().startswith("| prompt | chosen |")
-    again = pipeline.build(0, policy, tokenizer, prompts)
+    again = pipeline.build(0, prompts, Policies(policy), tokenizer, DistContext(), tmp_path / "run")
     assert generator.calls == 3 and [dict(r) for r in again.pairs] == [dict(r) for r in data.pairs]
 
 
 def test_a_changed_ranker_redoes_the_rankings_not_the_generations(tmp_path, policy, tokenizer, prompts):
     generator = CountingGenerator(max_new_tokens=6, batch_size=2)
-    shorter = SPPOPipeline(generator, FunctionJudge("sppo_lightning.ranking.judges:shorter"), tmp_path, num_samples=3)
-    shorter.build(0, policy, tokenizer, prompts)
+    shorter = SPPO(FunctionJudge("sppo_lightning.ranking.judges:shorter"), generator, num_samples=3)
+    shorter.build(0, prompts, Policies(policy), tokenizer, DistContext(), tmp_path)
     rankings = tmp_path / "iteration_1" / "rankings.parquet"
     before = pq.read_table(rankings).column("rm_scores").to_pylist()
-    longer_ = SPPOPipeline(generator, FunctionJudge(f"{__name__}:longer"), tmp_path, num_samples=3)
+    longer_ = SPPO(FunctionJudge(f"{__name__}:longer"), generator, num_samples=3)
     with pytest.warns(UserWarning, match="made from other input .*ranker.*redoing rankings"):
-        longer_.build(0, policy, tokenizer, prompts)
+        longer_.build(0, prompts, Policies(policy), tokenizer, DistContext(), tmp_path)
     assert generator.calls == 1  # the generations were reused
     after = pq.read_table(rankings).column("rm_scores").to_pylist()
     assert after == [[-x for x in row] for row in before]  # the preference reversed
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same ranker again: everything reused, no warning
-        longer_.build(0, policy, tokenizer, prompts)
+        longer_.build(0, prompts, Policies(policy), tokenizer, DistContext(), tmp_path)
 
 
 def test_fingerprints_change_with_what_changes_the_scores(tmp_path, tiny_llama):

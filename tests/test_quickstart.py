@@ -69,13 +69,13 @@ def test_quickstart_win_rate_rises_every_iteration(tiny_dir, tmp_path):
     assert [row.split(" | ")[1] for row in rows] == [f"{w:.3f}" for w in win_rates]
     assert str(tmp_path / "checkpoints") in report and "hf_model" in report
     losses = [json.loads(line) for line in (run_dir / "losses.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in losses] == sorted(r["iteration"] for r in losses) and {r["iteration"] for r in losses} == {0, 1, 2}
+    assert [r["iteration"] for r in losses] == sorted(r["iteration"] for r in losses) and {r["iteration"] for r in losses} == {1, 2, 3}
 
 
 def test_quickstart_with_pairrm_instead_of_the_judge(tiny_dir, tmp_path):
     """Switching the oracle is one config block: here the tiny PairRM in llm-blender's layout."""
     config = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
-    config["trainer"]["callbacks"][0]["init_args"]["ranker"] = {
+    config["data"]["init_args"]["method"]["init_args"]["ranker"] = {
         "class_path": "sppo_lightning.ranking.PairRMRanker",
         "init_args": {"path": str(tiny_dir / "pairrm"), "device": "cpu"},
     }

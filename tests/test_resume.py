@@ -20,8 +20,8 @@ def config_with_killing_judge(tmp_path: Path) -> Path:
     judge but can die at its first call: one config serves the baseline, the killed and the resumed run."""
     data = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
     data["trainer"]["max_epochs"] = 2
-    data["trainer"]["callbacks"][0]["init_args"]["generation_shard_size"] = 16  # 4 shards of one batch
-    data["trainer"]["callbacks"][0]["init_args"]["ranker"]["init_args"]["function"] = "tests.kill_switch:killing_judge"
+    data["data"]["init_args"]["method"]["init_args"]["generation_shard_size"] = 16  # 4 shards of one batch
+    data["data"]["init_args"]["method"]["init_args"]["ranker"]["init_args"]["function"] = "tests.kill_switch:killing_judge"
     path = tmp_path / "source.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -40,6 +40,17 @@ def losses(out_dir: Path) -> dict[int, float]:
 def final_weights(out_dir: Path) -> dict[str, torch.Tensor]:
     (model,) = sorted(out_dir.glob("lightning_logs/version_*/hf_model/model.safetensors"))[-1:]
     return load_file(model)
+
+
+def assert_same_run(baseline: Path, resumed: Path, steps: int | None = None) -> None:
+    """The resumed run logged the baseline's loss at every step and ended with its weights."""
+    expected, got = losses(baseline), losses(resumed)
+    assert set(got) == set(expected) and (steps is None or len(expected) == steps)
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-6), step
+    want, have = final_weights(baseline), final_weights(resumed)
+    for name in want:
+        torch.testing.assert_close(have[name], want[name], rtol=1e-5, atol=1e-6)
 
 
 def uninterrupted(config: Path, tiny_dir: Path, out: Path) -> Path:
@@ -96,10 +107,4 @@ def test_killed_run_resumes_to_the_same_result(tiny_dir, tmp_path, baseline, whe
         assert training_calls == [train[16:32], train[32:48], train[48:64]]  # shards 2-4, not shard 1
         assert not shard.exists()  # merged into generations.parquet, then removed
     assert generations.stat().st_mtime_ns == before  # the finished stage was reused, not redone
-    expected, got = losses(baseline), losses(tmp_path)
-    assert set(got) == set(expected)
-    for step in expected:
-        assert got[step] == pytest.approx(expected[step], rel=1e-6), step
-    want, have = final_weights(baseline), final_weights(tmp_path)
-    for name in want:
-        torch.testing.assert_close(have[name], want[name], rtol=1e-5, atol=1e-6)
+    assert_same_run(baseline, tmp_path)

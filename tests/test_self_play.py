@@ -1,4 +1,5 @@
-"""The SelfPlay callback and SelfPlayDataModule, through a real Trainer on the tiny model."""
+"""SPPO as a method of SelfPlayDataModule, with the SelfPlay boundary callback, through a real Trainer
+on the tiny model."""
 
 import json
 
@@ -9,14 +10,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import sppo_lightning.pipeline.generators as generators_module
-from sppo_lightning.callbacks.self_play import SelfPlay
 from sppo_lightning.data import SelfPlayDataModule
 from sppo_lightning.data.tokenize import collate_pairs
 from sppo_lightning.errors import ConfigError, DataError
 from sppo_lightning.logprobs import sequence_logprobs
 from sppo_lightning.module import PreferenceModule
-from sppo_lightning.pipeline import TRAINING_COLUMNS
+from sppo_lightning.methods import SPPO
+from sppo_lightning.methods.sppo import TRAINING_COLUMNS
 from sppo_lightning.ranking import FunctionJudge
+from tests import self_play_setup
 
 QUESTIONS = ["Tell me about the moon.", "What is 2 plus 3?", "Why is the sky blue?", "Name a color.",
              "What is 4 plus 4?", "Say something about the dog."]
@@ -29,21 +31,19 @@ def write_prompts(path, questions):
 
 def fit(tmp_path, tiny_llama, ranker=None, max_epochs=1, epochs_per_iteration=1, run_dir=None,
         callbacks=(), **options):
-    datamodule = SelfPlayDataModule(
-        prompts=write_prompts(tmp_path / "prompts.jsonl", QUESTIONS),
-        eval_prompts=write_prompts(tmp_path / "eval.jsonl", QUESTIONS[:3]),
-        tokenizer=tiny_llama, batch_size=4, max_prompt_length=32, epochs_per_iteration=epochs_per_iteration,
-    )
-    module = PreferenceModule(tiny_llama, loss="sppo", eta=10.0, reference="cached", lr=1e-3, warmup_ratio=0.5)
     settings = dict(num_samples=3, max_new_tokens=8, generation_batch_size=4, show_progress=False,
                     run_dir=str(run_dir or tmp_path / "self_play"))
     settings.update(options)
-    callback = SelfPlay(ranker or FunctionJudge("sppo_lightning.ranking.judges:shorter"), **settings)
-    trainer = L.Trainer(
-        max_epochs=max_epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-        callbacks=[callback, *callbacks],
+    method, callback, run_dir = self_play_setup.parts(
+        SPPO, ranker or FunctionJudge("sppo_lightning.ranking.judges:shorter"), **settings)
+    datamodule = SelfPlayDataModule(
+        method, prompts=write_prompts(tmp_path / "prompts.jsonl", QUESTIONS),
+        eval_prompts=write_prompts(tmp_path / "eval.jsonl", QUESTIONS[:3]),
+        tokenizer=tiny_llama, batch_size=4, max_prompt_length=32, epochs_per_iteration=epochs_per_iteration,
+        run_dir=run_dir,
     )
+    module = PreferenceModule(tiny_llama, loss="sppo", eta=10.0, reference="cached", lr=1e-3, warmup_ratio=0.5)
+    trainer = self_play_setup.trainer(max_epochs=max_epochs, default_root_dir=tmp_path, callbacks=[callback, *callbacks])
     trainer.fit(module, datamodule=datamodule)
     return trainer, module, callback
 
@@ -253,9 +253,23 @@ def test_epochs_per_iteration(tmp_path, tiny_llama, monkeypatch):
     assert calls.count(3) == 2  # K samples: once per iteration, not per epoch
 
 
-def test_self_play_data_module_needs_the_callback(tmp_path, tiny_llama):
-    datamodule = SelfPlayDataModule(prompts=write_prompts(tmp_path / "p.jsonl", QUESTIONS), tokenizer=tiny_llama)
+def test_self_play_data_module_needs_the_callback_and_reloads(tmp_path, tiny_llama):
+    method = SPPO(FunctionJudge("sppo_lightning.ranking.judges:shorter"))
+    datamodule = SelfPlayDataModule(method, prompts=write_prompts(tmp_path / "p.jsonl", QUESTIONS), tokenizer=tiny_llama)
     module = PreferenceModule(tiny_llama, reference="cached")
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        reload_dataloaders_every_n_epochs=1)
     with pytest.raises(ConfigError, match="needs the SelfPlay callback"):
         trainer.fit(module, datamodule=datamodule)
+    trainer = self_play_setup.trainer(max_epochs=1, callbacks=[self_play_setup.SelfPlay()],
+                                      reload_dataloaders_every_n_epochs=0)
+    with pytest.raises(ConfigError, match="set trainer.reload_dataloaders_every_n_epochs to 1"):
+        trainer.fit(module, datamodule=datamodule)
+
+
+def test_the_memory_estimate_uses_the_runs_own_lengths_and_batch(tmp_path):
+    from sppo_lightning.pipeline import HFGenerator
+
+    method = SPPO(FunctionJudge("sppo_lightning.ranking.judges:shorter"), HFGenerator(max_new_tokens=100))
+    datamodule = SelfPlayDataModule(method, prompts="p.jsonl", max_prompt_length=50, batch_size=3)
+    assert (datamodule.max_length, datamodule.batch_size) == (150, 3)  # what policy.py's estimate reads

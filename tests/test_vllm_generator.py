@@ -13,7 +13,6 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from sppo_lightning.callbacks.self_play import AlignedSampling, SelfPlay
 from sppo_lightning.data.prompts import load_prompts
 from sppo_lightning.errors import ConfigError
 from sppo_lightning.generation import batch_seed
@@ -155,11 +154,23 @@ def test_one_line_errors(monkeypatch, tiny_llama, prompts, tokenizer):
         VLLMGenerator().sample(AutoModelForCausalLM.from_pretrained(tiny_llama), tokenizer, prompts, 2, 0, DistContext())
 
 
-def test_linear_alignment_on_an_engine_is_refused():
-    callback = SelfPlay(FunctionJudge("sppo_lightning.ranking.judges:shorter"), generator=VLLMGenerator(),
-                        aligned_sampling=AlignedSampling("Be kind."))
-    with pytest.raises(ConfigError, match="aligned_sampling \\(Linear Alignment\\) cannot run on VLLMGenerator"):
-        callback._generator(None, None)
+def test_per_step_methods_refuse_an_engine_that_cannot_follow_the_weights_yet():
+    from sppo_lightning.methods import JBOND, OnlinePairs
+
+    judge = FunctionJudge("sppo_lightning.ranking.judges:shorter")
+    for method in (JBOND, OnlinePairs):
+        with pytest.raises(ConfigError, match="VLLMGenerator samples from an export"):
+            method(judge, generator=VLLMGenerator())
+
+
+def test_the_win_rate_of_a_vllm_run_samples_with_the_engines_settings():
+    from sppo_lightning.callbacks.self_play import evaluation_generator
+
+    evaluation = evaluation_generator(VLLMGenerator(temperature=0.5, top_p=0.8, max_new_tokens=7, batch_size=3))
+    assert isinstance(evaluation, HFGenerator)
+    assert (evaluation.temperature, evaluation.top_p, evaluation.max_new_tokens, evaluation.batch_size) == (0.5, 0.8, 7, 3)
+    plain = HFGenerator(temperature=0.3)
+    assert evaluation_generator(plain) is plain
 
 
 def test_engine_reason_quotes_the_innermost_cause_on_one_line():

@@ -19,7 +19,8 @@ from sppo_lightning import seeds
 from sppo_lightning.errors import ConfigError
 from sppo_lightning.generation import eos_ids, sample_responses
 from sppo_lightning.models import LoraSettings, add_lora, load_causal_lm
-from sppo_lightning.pipeline import DistContext, SPPOPipeline, VLLMGenerator
+from sppo_lightning.methods import SPPO, Policies
+from sppo_lightning.pipeline import DistContext, VLLMGenerator
 from sppo_lightning.pipeline.policy_export import export_policy
 from sppo_lightning.pipeline.vllm_engine import EngineProcess
 from sppo_lightning.ranking import FunctionJudge
@@ -103,9 +104,9 @@ def test_a_pipeline_iteration_with_a_lora_policy_and_no_kept_export(tmp_path, ll
     policy = add_lora(load_causal_lm(llama), LoraSettings(r=8, alpha=16, extra={"init_lora_weights": False})).eval()
     generator = VLLMGenerator(max_new_tokens=16, batch_size=2, dtype="float32", max_model_len=256,
                               enforce_eager=True, kv_cache_gib=1, keep_policy_exports=0, show_progress=False)
-    pipeline = SPPOPipeline(generator, FunctionJudge("sppo_lightning.ranking.judges:shorter"), tmp_path / "run",
-                            num_samples=3, shard_size=2)
-    data = pipeline.build(0, policy, tokenizer, prompts)
+    pipeline = SPPO(FunctionJudge("sppo_lightning.ranking.judges:shorter"), generator, num_samples=3,
+                    generation_shard_size=2)
+    data = pipeline.build(0, prompts, Policies(policy), tokenizer, DistContext(), tmp_path / "run")
     folder = tmp_path / "run" / "iteration_1"
     assert data.stats["pairs"] + data.stats["ties_dropped"] == len(prompts)
     assert not (folder / "policy").exists()  # keep_policy_exports: 0
@@ -146,9 +147,7 @@ def vllm_config(out_dir: Path, llama: str, epochs: int, extra_callbacks=()) -> P
     data["model"]["init_args"]["model_name_or_path"] = llama
     trainer = data["trainer"]
     trainer.update(default_root_dir=str(out_dir), max_epochs=epochs)
-    for callback in trainer["callbacks"]:
-        if callback["class_path"].endswith("SelfPlay"):
-            callback["init_args"]["generation_shard_size"] = 16  # 64 prompts: 4 shards
+    data["data"]["init_args"]["method"]["init_args"]["generation_shard_size"] = 16  # 64 prompts: 4 shards
     trainer["callbacks"] += list(extra_callbacks)
     path = out_dir / "config.yaml"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -86,25 +86,36 @@ def _load_hub(name: str, split: str) -> list[dict[str, Any]]:
         ) from None
 
 
+def _text_lines(path: Path) -> list[str]:
+    """The file's lines as UTF-8 text (a byte-order mark, as some editors write, is dropped); bytes
+    that are not UTF-8 are one line naming the file and the line they are on."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line}: not UTF-8 text (byte {data[err.start]:#04x} at offset {err.start}); "
+                        f"save the file as UTF-8") from None
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}: line {lineno}: invalid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}: line {lineno}: expected a JSON object, got {type(record).__name__}")
-            records.append(record)
+    for lineno, line in enumerate(_text_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: line {lineno}: invalid JSON ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: line {lineno}: expected a JSON object, got {type(record).__name__}")
+        records.append(record)
     return records
 
 
 def _read_json(path: Path) -> list[dict[str, Any]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads("\n".join(_text_lines(path)))
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: invalid JSON at line {err.lineno} ({err.msg})") from None
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):

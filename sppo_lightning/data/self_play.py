@@ -1,15 +1,18 @@
 """``SelfPlayDataModule``: prompts in, each iteration's generated and ranked pairs out.
 
-The data module owns the self-play pipeline (``sppo_lightning.pipeline``): at each iteration's first
-epoch ``train_dataloader`` asks it for iteration t's data from the current policy, and serves it.
-Control runs one way: callback → data module → pipeline → artifacts; nothing calls back up.
+The data module holds a self-play method (``sppo_lightning.methods``: ``SPPO``, ``JBOND``,
+``OnlinePairs``, ...): at each iteration's first epoch ``train_dataloader`` asks it for iteration
+t's rows from the current policies, and serves them. Control runs one way: data module → method →
+stages → artifacts; the method gets plain arguments and calls nothing back. The boundary
+callback (``callbacks/self_play.py``) reads what the method recorded from the run folder.
 """
 
 from __future__ import annotations
 
 import json
 from functools import partial
-from typing import Any, Optional, Protocol, Sequence
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -20,29 +23,23 @@ from sppo_lightning.data.prompts import Prompt, load_prompts
 from sppo_lightning.data.shuffle import EpochShuffle
 from sppo_lightning.data.tokenize import collate_pairs
 from sppo_lightning.errors import ConfigError
-from sppo_lightning.models import load_tokenizer
 from sppo_lightning.distributed import DistContext
-
-
-class Pipeline(Protocol):
-    """What the data module needs of a self-play pipeline (``SPPOPipeline``, ``BondPipeline``)."""
-
-    def build(self, iteration: int, model: Any, tokenizer, prompts: Sequence[Prompt], ctx: DistContext) -> Any:
-        """Iteration t's data: an object with ``pairs`` (len() and integer indexing) and ``stats``."""
-        ...
+from sppo_lightning.methods.protocol import Policies, SelfPlayMethod
+from sppo_lightning.models import load_tokenizer
 
 
 class SelfPlayDataModule(L.LightningDataModule):
-    """Serves the pairs of the current SPPO iteration; one iteration = ``epochs_per_iteration`` epochs.
+    """Serves the rows of the current self-play iteration; one iteration = ``epochs_per_iteration`` epochs.
 
-    The pairs do not exist before the iteration starts: ``train_dataloader()`` has its pipeline
-    build them (generate with the current policy, rank, estimate win rates, cache reference
+    The rows do not exist before the iteration starts: ``train_dataloader()`` has the method build
+    them (for SPPO: generate with the current policy, rank, estimate win rates, cache reference
     log-probs), so each iteration samples from the policy as it is at that moment. Lightning
-    requests the loader at every epoch start. The pipeline is the ``SelfPlay`` (or ``BondSelfPlay``)
-    callback's, handed over with :meth:`use_pipeline` when the run is set up; each iteration's
-    result stays in ``iteration_data[t]`` for the callback to report.
+    requests the loader at every epoch start (``trainer.reload_dataloaders_every_n_epochs: 1``,
+    the CLI's default; checked at setup).
 
     Args:
+        method: the self-play method (``sppo_lightning.methods.SPPO``, ``JBOND``, ``OnlinePairs``),
+            with its generator, ranker and settings.
         prompts: prompt file (json/jsonl/parquet), saved dataset folder or hub name.
         eval_prompts: held-out prompts for the win rate against the initial policy.
         tokenizer: linked to ``model.model_name_or_path`` by the CLI.
@@ -58,10 +55,14 @@ class SelfPlayDataModule(L.LightningDataModule):
             resumed at an epoch boundary sees the same order as an uninterrupted one.
         drop_duplicate_prompts: keep the first of prompts that repeat an earlier one (same
             conversation); off, repeats are kept and counted in a warning.
+        run_dir: where the iterations' data, the summary and the report go; default
+            ``<trainer.default_root_dir>/<the method's run_folder>`` (``self_play``, ``bond``,
+            ``online``). Keep it to resume a run.
     """
 
     def __init__(
         self,
+        method: SelfPlayMethod,
         prompts: str,
         eval_prompts: Optional[str] = None,
         tokenizer: Optional[str] = None,
@@ -77,9 +78,13 @@ class SelfPlayDataModule(L.LightningDataModule):
         trust_remote_code: bool = False,
         shuffle_seed: int = 0,
         drop_duplicate_prompts: bool = False,
+        run_dir: Optional[str] = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["method"])
+        self.method = method
+        self.run_dir_setting = run_dir
+        self.run_dir = Path(run_dir or Path("runs") / method.run_folder)
         self.prompts_source, self.eval_source = prompts, eval_prompts
         self.tokenizer_name = tokenizer
         self.prompt_column, self.split, self.eval_split = prompt_column, split, eval_split
@@ -94,9 +99,8 @@ class SelfPlayDataModule(L.LightningDataModule):
         self.tokenizer: Optional[PreTrainedTokenizerBase] = None
         self.prompts: list[Prompt] = []
         self.eval_prompts: list[Prompt] = []
-        self.pipeline: Optional[Pipeline] = None
-        self.iteration_data: dict[int, Any] = {}
         self.pairs: Sequence[dict[str, Any]] = []
+        self.samples: tuple[list[str], list[list[Any]]] = ([], [])  # the current iteration's first pairs
         self._built_iteration: Optional[int] = None
 
     def setup(self, stage: str) -> None:
@@ -106,6 +110,17 @@ class SelfPlayDataModule(L.LightningDataModule):
                 raise ConfigError(f"data.{key} must be at least 1, got {value}")
         if self.prompts_per_iteration is not None and self.prompts_per_iteration < 1:
             raise ConfigError(f"data.prompts_per_iteration must be at least 1, got {self.prompts_per_iteration}")
+        trainer = self.trainer
+        if trainer is not None:
+            from sppo_lightning.callbacks.self_play import SelfPlay
+
+            if not any(isinstance(c, SelfPlay) for c in trainer.callbacks):
+                raise ConfigError("SelfPlayDataModule needs the SelfPlay callback (sppo_lightning.callbacks.self_play."
+                                  "SelfPlay; the CLI adds it): it starts each iteration and records its results")
+            if trainer.reload_dataloaders_every_n_epochs != 1:
+                raise ConfigError("SelfPlayDataModule makes new rows every iteration: set "
+                                  "trainer.reload_dataloaders_every_n_epochs to 1 (the CLI's default)")
+            self.run_dir = Path(self.run_dir_setting or Path(trainer.default_root_dir) / self.method.run_folder)
         if self.tokenizer is None:
             if self.tokenizer_name is None:
                 raise ConfigError("data.tokenizer is not set (the CLI links it to model.model_name_or_path)")
@@ -114,6 +129,11 @@ class SelfPlayDataModule(L.LightningDataModule):
             self.prompts = self._load(self.prompts_source, self.split)
         if self.eval_source is not None and not self.eval_prompts:
             self.eval_prompts = self._load(self.eval_source, self.eval_split)
+        self.iteration_size = self.prompts_per_iteration
+        if trainer is not None:  # per-step methods draw one optimizer step's prompts per iteration
+            per_step = self.batch_size * trainer.accumulate_grad_batches * trainer.world_size
+            self.iteration_size = self.method.prompts_per_iteration(per_step, self.prompts_per_iteration,
+                                                                    self.epochs_per_iteration, len(self.prompts))
 
     def _load(self, source: str, split: str) -> list[Prompt]:
         prompts, truncated, skipped = load_prompts(
@@ -143,9 +163,10 @@ class SelfPlayDataModule(L.LightningDataModule):
                                f"repeats row {original + 1}); set data.drop_duplicate_prompts: true to drop them")
         return prompts
 
-    def use_pipeline(self, pipeline: Pipeline) -> None:
-        """The pipeline that makes each iteration's data (set by the self-play callback)."""
-        self.pipeline = pipeline
+    @property
+    def max_length(self) -> int:
+        """The longest training row: prompt plus response, for the memory estimate."""
+        return self.max_prompt_length + getattr(self.method.generator, "max_new_tokens", 1024)
 
     def iteration_of(self, epoch: int) -> int:
         return epoch // self.epochs_per_iteration
@@ -153,7 +174,7 @@ class SelfPlayDataModule(L.LightningDataModule):
     def iteration_prompts(self, iteration: int) -> list[Prompt]:
         """The prompts of iteration t: all of them, or the t-th slice of ``prompts_per_iteration``
         (wrapping around when the file runs out)."""
-        n = self.prompts_per_iteration
+        n = getattr(self, "iteration_size", self.prompts_per_iteration)
         if n is None or n >= len(self.prompts):
             return list(self.prompts)
         start = (iteration * n) % len(self.prompts)
@@ -164,15 +185,10 @@ class SelfPlayDataModule(L.LightningDataModule):
         epoch = self.trainer.current_epoch if self.trainer else 0
         iteration = self.iteration_of(epoch)
         if self._built_iteration != iteration:
-            if self.pipeline is None:
-                raise ConfigError(
-                    "SelfPlayDataModule needs the SelfPlay callback in trainer.callbacks "
-                    "(class_path: sppo_lightning.callbacks.self_play.SelfPlay): it makes each iteration's data"
-                )
-            data = self.pipeline.build(iteration, self.trainer.lightning_module, self.tokenizer,
-                                       self.iteration_prompts(iteration), DistContext.from_trainer(self.trainer))
-            self.iteration_data[iteration] = data
-            self.pairs = data.pairs
+            # The one place the Lightning run meets the method: the module's policies and the processes.
+            data = self.method.build(iteration, self.iteration_prompts(iteration), Policies.of(self.trainer.lightning_module),
+                                     self.tokenizer, DistContext.from_trainer(self.trainer), self.run_dir)
+            self.pairs, self.samples = data.pairs, data.samples
             self._built_iteration = iteration
         return DataLoader(
             self.pairs,

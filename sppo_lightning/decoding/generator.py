@@ -2,7 +2,7 @@
 
 The policy's next-token distribution is steered toward a principle (``linear_alignment.py``)
 while sampling; training still sees the plain prompt. A ``Generator`` like ``HFGenerator``: chosen
-with ``SelfPlay(generator=...)`` or ``SelfPlay(aligned_sampling=...)``.
+with a method's ``generator`` key (``SPPO(generator=LinearAlignmentGenerator(...))``).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class LinearAlignmentGenerator:
         check_sampling(type(self).__name__, temperature, top_p, max_new_tokens, batch_size)
 
     def fingerprint(self) -> dict[str, Any]:
-        # The keys the earlier `aligned_sampling` setting recorded, plus the sampling ones.
+        # What shapes the samples: the principle and its strength, and the sampling settings.
         return {"class": "LinearAlignmentGenerator", "principle": self.principle, "alpha": self.alpha,
                 "temperature": self.temperature, "top_p": self.top_p, "max_new_tokens": self.max_new_tokens,
                 "batch_size": self.batch_size}

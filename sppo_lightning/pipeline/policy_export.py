@@ -63,11 +63,11 @@ def lora_mode(policy: nn.Module, setting: str) -> str:
     from sppo_lightning.sharding import is_sharded
 
     if setting not in LORA_MODES:
-        raise ConfigError(f"VLLMGenerator: lora must be one of {', '.join(LORA_MODES)}, got {setting!r}")
+        raise ConfigError(f"lora must be one of {', '.join(LORA_MODES)}, got {setting!r}")
     if not is_peft(policy):
         return "merged"
     if setting == "request" and is_sharded(policy):
-        raise ConfigError("VLLMGenerator: lora: request needs an unsharded policy; with footprint fsdp use "
+        raise ConfigError("lora: request needs an unsharded policy; with footprint fsdp use "
                           "lora: merged (or auto)")
     if setting == "auto":
         return "merged" if is_quantized(policy) or is_sharded(policy) else "request"
@@ -106,7 +106,7 @@ def export_policy(policy: nn.Module, tokenizer, folder: Path, ctx: Optional[Dist
             config = policy.peft_config["default"]
             base, rank = config.base_model_name_or_path, int(config.r)
             if not base:
-                raise ConfigError("VLLMGenerator: the LoRA policy does not name its base model "
+                raise ConfigError("the LoRA policy does not name its base model "
                                   "(peft_config.base_model_name_or_path); use lora: merged")
             export = PolicyExport(model=str(base), adapter=str(folder), lora_rank=rank,
                                   checksum=_checksum(tmp, base), eos_token_ids=stop)

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from sppo_lightning.data.prompts import Prompt
 from sppo_lightning.data.tokenize import collate_pairs
 from sppo_lightning.errors import DataError
+from sppo_lightning.iteration import iteration_label
 from sppo_lightning.logprobs import model_logprobs
 from sppo_lightning.models import evaluating
 from sppo_lightning.distributed import DistContext, rank_batches
@@ -70,12 +71,12 @@ def rank(ranker, tokenizer, generations: Sequence[dict[str, Any]], first_row: in
 
 
 def estimate_pairs(generations: Sequence[dict], rankings: Sequence[dict], iteration: int,
-                   first_row: int = 0) -> tuple[list[dict[str, Any]], int]:
-    """SPPO's pairs in the official ``train.parquet`` schema (``iteration``: the 0-based index; messages
-    count from 1), and how many prompts were dropped
-    because their K responses tied (or chosen and rejected are the same tokens)."""
+                   first_row: int = 0, quiet: bool = False) -> tuple[list[dict[str, Any]], int]:
+    """SPPO's pairs in the official ``train.parquet`` schema (``iteration``: the 0-based index), and
+    how many prompts were dropped because their K responses tied (or chosen and rejected are the
+    same tokens); ``quiet``: count them without a console line (per-step methods sum them)."""
     scores = torch.tensor([r["rm_scores"] for r in rankings], dtype=torch.float64)
-    picked = select_pairs(scores, where=f"iteration {iteration + 1} ranking", first_row=first_row)
+    picked = select_pairs(scores, where=f"{iteration_label(iteration)} ranking", first_row=first_row)
     probability, _ = win_probabilities(scores)  # the K×K P̂ of every prompt, stored with its pair
     pairs, ties = [], 0
     for n, (gen, ranked) in enumerate(zip(generations, rankings)):
@@ -97,8 +98,8 @@ def estimate_pairs(generations: Sequence[dict], rankings: Sequence[dict], iterat
             **{f"generate_{k}": conversation + [{"role": "assistant", "content": r}]
                for k, r in enumerate(gen["responses"])},
         })
-    if ties:
-        rank_zero_info(f"iteration {iteration + 1}: dropped {ties} prompt(s) whose responses all scored the same")
+    if ties and not quiet:
+        rank_zero_info(f"{iteration_label(iteration)}: dropped {ties} prompt(s) whose responses all scored the same")
     return pairs, ties
 
 
@@ -129,6 +130,35 @@ def reference_logps(policy: nn.Module, pairs: list[dict[str, Any]], pad_token_id
         for k, pair in enumerate(chunk):
             pair["reference_chosen_logps"] = logps[k]
             pair["reference_rejected_logps"] = logps[len(chunk) + k]
+
+
+def pair_statistics(artifacts, prompts: Sequence[Prompt], iteration: int, num_samples: int) -> dict[str, Any]:
+    """The statistics of an iteration's best/worst pairs (``train``, ``rankings`` and ``generations``
+    of ``artifacts``): counts, mean P(win) of chosen and rejected, seconds per stage, an LLM judge's
+    counts. No pair at all (every prompt tied) is a ``DataError`` naming what can cause it."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    info = artifacts.info("train")
+    if info["rows"] == 0:
+        raise DataError(f"{iteration_label(iteration)}: all {len(prompts)} prompts tied (their {num_samples} "
+                        f"responses scored the same); nothing to train on. Raise the generator's temperature or "
+                        f"max_new_tokens, or num_samples, or check the ranker")
+    means = pq.read_table(artifacts.path("train"), columns=["chosen_probs_win", "chosen_probs_lose"])
+    stats = {
+        "pairs": info["rows"],
+        "ties_dropped": info.get("ties_dropped", 0),
+        "prompts_truncated": sum(p.truncated for p in prompts),
+        "chosen_p_win": pc.mean(means.column("chosen_probs_win")).as_py(),
+        "rejected_p_win": pc.mean(means.column("chosen_probs_lose")).as_py(),
+        "seconds": {s: artifacts.info(n).get("seconds", 0.0) for s, n in
+                    (("generate", "generations"), ("rank", "rankings"), ("reference", "train"))},
+    }
+    judge = {k: v for k, v in artifacts.info("rankings").items()
+             if k in ("judge_calls", "cache_hits", "judged_by_logprobs", "judged_by_verdict")}
+    if judge:  # an LLM judge: its questions, cache hits, and how its margins were read
+        stats["judge"] = judge
+    return stats
 
 
 def samples_table(pairs: Sequence[dict[str, Any]], count: int) -> tuple[list[str], list[list[Any]]]:

@@ -1,34 +1,34 @@
-"""``SPPOPipeline``: one SPPO iteration's training pairs from the current policy, Trainer-free.
+"""``SPPO``: the self-play method of SPPO (arXiv 2405.00675), a plug-in of ``SelfPlayDataModule``.
 
-``build`` runs the stages of ``stages.py`` shard by shard (``shard_size`` prompts) and persists each
-to ``<run_dir>/iteration_<t>/`` (``artifacts.py``): a finished stage is reused on resume, a
-killed one resumes from its last written shard, and the rankings (and what follows) are redone
-when the ranker's fingerprint changes. It returns the pairs memory-mapped from ``train.parquet``
-and the iteration's statistics; it calls nothing back.
+Each iteration ``build`` runs the shared stages (``pipeline/stages.py``) shard by shard
+(``generation_shard_size`` prompts): π_t samples K responses per prompt, the ranker scores every
+pair, win probabilities become targets, the best/worst pair gets π_t's reference log-probs. Each
+stage is persisted to ``<run_dir>/iteration_<t>/`` (``artifacts.py``): a finished stage is reused on
+resume, a killed one resumes from its last written shard, and the rankings (and what follows) are
+redone when the ranker's fingerprint changes. It returns the pairs memory-mapped from
+``train.parquet`` and the iteration's statistics (also in its manifest); it calls nothing back.
 
-    pipeline = SPPOPipeline(HFGenerator(), FunctionJudge("sppo_lightning.ranking.judges:shorter"),
-                            run_dir="runs/x", num_samples=5)
-    result = pipeline.build(0, policy, tokenizer, prompts)     # the first iteration (runs/x/iteration_1)
+    sppo = SPPO(FunctionJudge("sppo_lightning.ranking.judges:shorter"), num_samples=5)
+    result = sppo.build(0, prompts, Policies(policy), tokenizer, DistContext(), Path("runs/x"))
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
-from torch import nn
 
 from sppo_lightning import seeds
 from sppo_lightning.artifacts import IterationArtifacts, atomic_write_bytes, memory_mapped_on_ranks, run_sharded_stage
 from sppo_lightning.data.prompts import Prompt, prompts_fingerprint
-from sppo_lightning.errors import ConfigError, DataError
-from sppo_lightning.pipeline import stages
-from sppo_lightning.pipeline.policy_export import export_policy, offloaded, prune_exports
 from sppo_lightning.distributed import DistContext
+from sppo_lightning.errors import ConfigError
+from sppo_lightning.methods.protocol import IterationData, Policies
+from sppo_lightning.pipeline import stages
+from sppo_lightning.pipeline.generators import Generator, HFGenerator
+from sppo_lightning.pipeline.policy_export import export_policy, offloaded, prune_exports
+from sppo_lightning.ranking import Ranker
 from sppo_lightning.ranking.cache import attach_judgment_cache, counted
 from sppo_lightning.ranking.protocol import fingerprint_hash, fingerprint_of
 
@@ -37,45 +37,55 @@ TRAINING_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "chosen_probs", 
                     "chosen_probs_lose", "reference_chosen_logps", "reference_rejected_logps"]
 
 
-@dataclass
-class IterationData:
-    """What ``build`` returns: the training pairs (anything with ``len`` and integer indexing; a
-    memory-mapped ``datasets.Dataset``), the iteration's statistics for the summary, and the
-    first pairs as a table for loggers."""
-
-    pairs: Any
-    stats: dict[str, Any]
-    samples: tuple[list[str], list[list[Any]]] = field(default_factory=lambda: ([], []))
-
-
-@dataclass
-class SPPOPipeline:
-    """The settings of SPPO's self-play data, and the stages that make it.
+class SPPO:
+    """SPPO's self-play data: K samples of π_t per prompt, ranked, estimated, with π_t's log-probs.
 
     Args:
-        generator: a ``Generator`` (``HFGenerator``, ``LinearAlignmentGenerator``, ...).
-        ranker: a ``Ranker`` (``PairRMRanker``, ``RewardModelRanker``, ``FunctionJudge``, ...).
-        run_dir: where the iterations' data go.
-        num_samples: K responses per prompt (≥ 2; the paper uses 5).
-        seed: fixes every sample; iteration t draws its own stream (``seeds.iteration_stream``).
-        shard_size: prompts per shard, rounded up to whole generation batches.
-        reference_batch_size: pairs per forward for the reference log-probs.
-        log_samples: pairs written to ``samples.md`` per iteration.
-        show_progress: progress bars (rank 0) for sampling and the reference log-probs.
+        ranker: the preference oracle (``PairRMRanker``, ``RewardModelRanker``, ``FunctionJudge``,
+            ``LLMJudge``, ``OpenAIJudge``, or any class with ``pairwise_logits`` and ``fingerprint``).
+        generator: how π_t samples, with its sampling settings (``sppo_lightning.pipeline.HFGenerator``,
+            ``sppo_lightning.pipeline.VLLMGenerator``, ``sppo_lightning.decoding.LinearAlignmentGenerator``);
+            None: ``HFGenerator()`` with its defaults (temperature 0.7, top_p 0.9). The only place
+            sampling is set; the win rate against the initial policy samples with it too.
+        num_samples: K responses per prompt (any K ≥ 2; the paper uses 5).
+        seed: fixes every sample; iteration t and the win-rate evaluation draw their own streams.
+        reference_batch_size: pairs per forward when computing the reference log-probs.
+        log_samples: how many pairs per iteration go to ``samples.md`` (and loggers' tables).
+        show_progress: progress bars for the reference log-probs (the generator and ranker have their own).
+        generation_shard_size: prompts per shard (rounded up to whole generation batches). Every
+            stage runs shard by shard and writes each shard as it finishes: memory holds one shard's
+            rows whatever the number of prompts, and a killed run resumes from the last written
+            shard. Results do not depend on it.
+        reset_optimizer: a fresh optimizer and LR schedule every iteration, as the official
+            pipeline (a new training job per iteration) does.
     """
 
-    generator: Any
-    ranker: Any
-    run_dir: Path
-    num_samples: int = 5
-    seed: int = 0
-    shard_size: int = 512
-    reference_batch_size: int = 8
-    log_samples: int = 3
-    show_progress: bool = True
+    run_folder = "self_play"
+    log_prefix = "self_play"
+    caches_reference = True  # π_t's log-probs ride with the pairs: the module needs no reference model
 
-    def __post_init__(self) -> None:
-        self.run_dir = Path(self.run_dir)
+    def __init__(
+        self,
+        ranker: Ranker,
+        generator: Optional[Generator] = None,
+        num_samples: int = 5,
+        seed: int = 0,
+        reference_batch_size: int = 8,
+        log_samples: int = 3,
+        show_progress: bool = True,
+        generation_shard_size: int = 512,
+        reset_optimizer: bool = True,
+    ) -> None:
+        self.ranker = ranker
+        self.generator = generator if generator is not None else HFGenerator()
+        self.num_samples, self.seed = num_samples, seed
+        self.reference_batch_size, self.log_samples = reference_batch_size, log_samples
+        self.show_progress, self.shard_size = show_progress, generation_shard_size
+        self.restarts_optimizer = reset_optimizer
+        for name in ("num_samples", "reference_batch_size", "log_samples", "seed", "generation_shard_size"):
+            value = getattr(self, "shard_size" if name == "generation_shard_size" else name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name} must be an integer, got {value!r}")
         checks = [
             (self.num_samples >= 2, f"num_samples (K) must be at least 2 to form a pair, got {self.num_samples}"),
             (self.shard_size >= 1, f"generation_shard_size must be at least 1, got {self.shard_size}"),
@@ -85,7 +95,14 @@ class SPPOPipeline:
         ]
         for ok, message in checks:
             if not ok:
-                raise ConfigError(f"SelfPlay: {message}")
+                raise ConfigError(message)
+
+    def prompts_per_iteration(self, per_step: int, configured: Optional[int], epochs_per_iteration: int,
+                              total: int) -> Optional[int]:
+        return configured
+
+    def summary(self, stats: dict[str, Any]) -> dict[str, Any]:
+        return dict(stats)
 
     def settings(self, prompts: Sequence[Prompt]) -> dict[str, Any]:
         """What the iteration's data depend on, besides the ranker (whose change redoes the rankings):
@@ -93,13 +110,13 @@ class SPPOPipeline:
         return {"num_samples": self.num_samples, "seed": self.seed, "prompts": prompts_fingerprint(prompts),
                 "generator": self.generator.fingerprint()}
 
-    def build(self, iteration: int, model: nn.Module, tokenizer, prompts: Sequence[Prompt],
-              ctx: Optional[DistContext] = None) -> IterationData:
-        """Make (or reload) iteration ``iteration``'s pairs on ``prompts`` from π_t: ``model`` is the
-        policy, or a training module that holds it as ``.policy``."""
-        ctx = ctx or DistContext()
-        policy = model if getattr(model, "policy", None) is None else model.policy
-        artifacts = IterationArtifacts(self.run_dir, iteration, self.settings(prompts))
+    def build(self, iteration: int, prompts: Sequence[Prompt], policies: Policies, tokenizer, ctx: DistContext,
+              run_dir: Path) -> IterationData:
+        """Make (or reload from ``run_dir``) iteration ``iteration``'s pairs on ``prompts`` from π_t
+        (``policies.policy``)."""
+        policy = policies.policy
+        run_dir = Path(run_dir)
+        artifacts = IterationArtifacts(run_dir, iteration, self.settings(prompts))
         batch = self.generator.batch_size
         size = math.ceil(self.shard_size / batch) * batch  # shards cut at batch boundaries
         starts = range(0, len(prompts), size)
@@ -115,14 +132,14 @@ class SPPOPipeline:
             )
 
         if getattr(self.generator, "wants_export", False) and not self._finished(artifacts, "generations", ctx):
-            self._generate_from_export(artifacts, policy, tokenizer, ctx, generations)
+            self._generate_from_export(artifacts, run_dir, policy, tokenizer, ctx, generations)
         else:
             generations(policy, {})
         # The rankings and pairs of shard k are made from the generations of shard k (one row group each).
         shards = artifacts.num_shards("generations")
         source = {"generations": artifacts.checksum("generations"),
                   "ranker": fingerprint_hash(fingerprint_of(self.ranker))}
-        attach_judgment_cache(self.ranker, self.run_dir)
+        attach_judgment_cache(self.ranker, run_dir)
         run_sharded_stage(ctx, artifacts, "rankings", shards,
                           lambda k: counted(self.ranker, lambda: stages.rank(
                               self.ranker, tokenizer, artifacts.read_shard("generations", k),
@@ -138,8 +155,8 @@ class SPPOPipeline:
     def _finished(artifacts: IterationArtifacts, stage: str, ctx: DistContext) -> bool:
         return bool(ctx.broadcast(artifacts.finished(stage) if ctx.is_global_zero else None))
 
-    def _generate_from_export(self, artifacts: IterationArtifacts, policy: nn.Module, tokenizer, ctx: DistContext,
-                              generations) -> None:
+    def _generate_from_export(self, artifacts: IterationArtifacts, run_dir: Path, policy, tokenizer,
+                              ctx: DistContext, generations) -> None:
         """For an engine generator (vLLM): π_t exported to ``iteration_<t>/policy``, sampled by the
         engine with the training policy offloaded, the engine released, old exports pruned. The
         export's checksum is the generations' recorded input: shards sampled from other weights
@@ -152,10 +169,10 @@ class SPPOPipeline:
         finally:
             self.generator.release()
         if ctx.is_global_zero:
-            prune_exports(self.run_dir, getattr(self.generator, "keep_policy_exports", -1))
+            prune_exports(run_dir, getattr(self.generator, "keep_policy_exports", -1))
         ctx.barrier("prune_exports")
 
-    def _pairs(self, artifacts: IterationArtifacts, shard: int, iteration: int, policy: nn.Module, tokenizer,
+    def _pairs(self, artifacts: IterationArtifacts, shard: int, iteration: int, policy, tokenizer,
                ctx: DistContext) -> tuple[list[dict], dict]:
         pairs, ties = stages.estimate_pairs(artifacts.read_shard("generations", shard),
                                             artifacts.read_shard("rankings", shard), iteration,
@@ -166,26 +183,10 @@ class SPPOPipeline:
 
     def _result(self, artifacts: IterationArtifacts, iteration: int, prompts: Sequence[Prompt],
                 ctx: DistContext) -> IterationData:
-        info = artifacts.info("train")
-        if info["rows"] == 0:
-            raise DataError(f"iteration {iteration + 1}: all {len(prompts)} prompts tied (every response scored "
-                            f"the same); nothing to train on. Raise temperature, num_samples or max_new_tokens, "
-                            f"or check the ranker")
-        means = pq.read_table(artifacts.path("train"), columns=["chosen_probs_win", "chosen_probs_lose"])
-        stats = {
-            "pairs": info["rows"],
-            "ties_dropped": info.get("ties_dropped", 0),
-            "prompts_truncated": sum(p.truncated for p in prompts),
-            "chosen_p_win": pc.mean(means.column("chosen_probs_win")).as_py(),
-            "rejected_p_win": pc.mean(means.column("chosen_probs_lose")).as_py(),
-            "seconds": {s: artifacts.info(n).get("seconds", 0.0) for s, n in
-                        (("generate", "generations"), ("rank", "rankings"), ("reference", "train"))},
-        }
-        judge = {k: v for k, v in artifacts.info("rankings").items()
-                 if k in ("judge_calls", "cache_hits", "judged_by_logprobs", "judged_by_verdict")}
-        if judge:  # an LLM judge: its questions, cache hits, and how its margins were read
-            stats["judge"] = judge
+        stats = stages.pair_statistics(artifacts, prompts, iteration, self.num_samples)
         samples = stages.samples_table(artifacts.read_shard("train", 0), self.log_samples)
+        if ctx.is_global_zero:
+            artifacts.record_stats(stats)
         if ctx.is_global_zero and self.log_samples > 0:
             atomic_write_bytes(artifacts.dir / "samples.md", stages.markdown_table(*samples).encode())
         return IterationData(memory_mapped_on_ranks(ctx, artifacts, "train", TRAINING_COLUMNS), stats, samples)

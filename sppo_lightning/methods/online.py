@@ -1,0 +1,145 @@
+"""``OnlinePairs``: online preference optimisation with K samples per prompt, one optimizer step per draw.
+
+Every optimizer step samples K ≥ 2 responses per prompt from the current policy, ranks them with
+any ranker, and trains on the best and the worst (the pair of ``ranking/estimate.select_pairs``,
+with SPPO's win probabilities on it), with any pair loss of the table: DPO, IPO, SimPO, or SPPO.
+TRL's online DPO draws K = 2; here K is a setting, and best-of-K against worst-of-K gives the
+widest margin the samples hold.
+
+The reference of the loss is either the module's (``reference: module``: the initial policy, a
+frozen copy or the LoRA base with adapters off, as online DPO anchors it), or π_t itself
+(``reference: iteration``: the sampling policy's log-probs cached with the pairs, as SPPO does).
+
+Built from the shared stages only (``stages.generate``, ``stages.rank``, ``stages.estimate_pairs``,
+``stages.reference_logps``) and the artifacts runner, so it resumes exactly after a kill, shard by
+shard, like the other methods.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence
+
+
+from sppo_lightning import seeds
+from sppo_lightning.artifacts import IterationArtifacts, memory_mapped_on_ranks, run_sharded_stage
+from sppo_lightning.data.prompts import Prompt, prompts_fingerprint
+from sppo_lightning.distributed import DistContext
+from sppo_lightning.errors import ConfigError
+from sppo_lightning.methods.protocol import IterationData, Policies, on_policy_prompts
+from sppo_lightning.pipeline import stages
+from sppo_lightning.pipeline.generators import Generator, HFGenerator
+from sppo_lightning.ranking import Ranker
+from sppo_lightning.ranking.cache import attach_judgment_cache, counted
+from sppo_lightning.ranking.protocol import fingerprint_hash, fingerprint_of
+
+PAIR_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "chosen_probs", "chosen_probs_win", "chosen_probs_lose"]
+REFERENCE_COLUMNS = ["reference_chosen_logps", "reference_rejected_logps"]
+
+
+class OnlinePairs:
+    """Online pairs: K samples of the current policy per prompt, best against worst, every step.
+
+    Args:
+        ranker: any ranker (``FunctionJudge``, ``PairRMRanker``, ``RewardModelRanker``, ``LLMJudge``, ...).
+        generator: how the policy samples (``HFGenerator``, ``LinearAlignmentGenerator``); None:
+            ``HFGenerator(temperature=1.0, top_p=1.0)``, sampling the policy as it is.
+        num_samples: K responses per prompt (≥ 2; TRL's online DPO is fixed at 2).
+        seed: fixes every sample; each iteration (step) draws its own stream.
+        on_policy: an iteration is one optimizer step's prompts, sampled by the policy of that step;
+            ``false`` draws ``data.prompts_per_iteration`` prompts per iteration (warned: off-policy).
+        reference: ``module`` (the loss's reference is the module's: set ``model.reference`` to
+            copy, adapter or auto) or ``iteration`` (π_t's log-probs cached with the pairs; then
+            ``model.reference: cached``).
+        reference_batch_size: pairs per forward for ``reference: iteration``.
+        generation_shard_size: prompts per shard of each stage.
+    """
+
+    run_folder = "online"
+    log_prefix = "online"
+    restarts_optimizer = False  # one optimizer for the run: every step is its own draw
+
+    def __init__(
+        self,
+        ranker: Ranker,
+        generator: Optional[Generator] = None,
+        num_samples: int = 4,
+        seed: int = 0,
+        on_policy: bool = True,
+        reference: Literal["module", "iteration"] = "module",
+        reference_batch_size: int = 8,
+        generation_shard_size: int = 512,
+    ) -> None:
+        self.ranker = ranker
+        self.generator = generator if generator is not None else HFGenerator(temperature=1.0, top_p=1.0)
+        self.num_samples, self.seed, self.on_policy, self.reference = num_samples, seed, on_policy, reference
+        self.reference_batch_size, self.shard_size = reference_batch_size, generation_shard_size
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
+            raise ConfigError(f"num_samples (K) must be an integer of at least 2 to form a pair, got {num_samples!r}")
+        if reference not in ("module", "iteration"):
+            raise ConfigError(f"reference must be module or iteration, got {reference!r}")
+        if reference_batch_size < 1 or generation_shard_size < 1:
+            raise ConfigError("reference_batch_size and generation_shard_size must be at least 1")
+        if getattr(self.generator, "wants_export", False):
+            raise ConfigError(f"{type(self.generator).__name__} samples from an export made once per iteration; "
+                              f"online pairs sample at every step, which needs an engine that follows the weights "
+                              f"in memory (not built yet): use HFGenerator or LinearAlignmentGenerator")
+
+    @property
+    def caches_reference(self) -> bool:
+        return self.reference == "iteration"
+
+    def prompts_per_iteration(self, per_step: int, configured: Optional[int], epochs_per_iteration: int,
+                              total: int) -> Optional[int]:
+        return on_policy_prompts("OnlinePairs", self.on_policy, per_step, configured, epochs_per_iteration, total)
+
+    def summary(self, stats: dict[str, Any]) -> dict[str, Any]:
+        return dict(stats)
+
+    def settings(self, prompts: Sequence[Prompt]) -> dict[str, Any]:
+        return {"method": "online", "num_samples": self.num_samples, "seed": self.seed, "reference": self.reference,
+                "generator": self.generator.fingerprint(), "prompts": prompts_fingerprint(prompts)}
+
+    def build(self, iteration: int, prompts: Sequence[Prompt], policies: Policies, tokenizer, ctx: DistContext,
+              run_dir: Path) -> IterationData:
+        """Iteration ``iteration``'s best/worst pairs of K samples of ``policies.policy`` on ``prompts``."""
+        run_dir = Path(run_dir)
+        policy = policies.policy
+        artifacts = IterationArtifacts(run_dir, iteration, self.settings(prompts))
+        batch = self.generator.batch_size
+        size = math.ceil(self.shard_size / batch) * batch  # shards cut at batch boundaries
+        starts = range(0, len(prompts), size)
+        seed = seeds.iteration_stream(self.seed, iteration)
+        run_sharded_stage(
+            ctx, artifacts, "generations", len(starts),
+            lambda k: (stages.generate(self.generator, policy, tokenizer, prompts[starts[k] : starts[k] + size],
+                                       self.num_samples, seed, ctx, batch_offset=starts[k] // batch), {}),
+            on_every_rank=True, expect=lambda k: {"first_prompt": starts[k]},
+        )
+        shards = artifacts.num_shards("generations")
+        attach_judgment_cache(self.ranker, run_dir)
+        source = {"generations": artifacts.checksum("generations"),
+                  "ranker": fingerprint_hash(fingerprint_of(self.ranker))}
+        run_sharded_stage(ctx, artifacts, "rankings", shards,
+                          lambda k: counted(self.ranker, lambda: stages.rank(
+                              self.ranker, tokenizer, artifacts.read_shard("generations", k),
+                              artifacts.shard_start("generations", k))), source=source)
+        source = {"generations": source["generations"], "rankings": artifacts.checksum("rankings")}
+        run_sharded_stage(ctx, artifacts, "train", shards,
+                          lambda k: self._pairs(artifacts, k, iteration, policy, tokenizer, ctx),
+                          on_every_rank=self.reference == "iteration", source=source)
+        stats = stages.pair_statistics(artifacts, prompts, iteration, self.num_samples)
+        if ctx.is_global_zero:
+            artifacts.record_stats(stats)
+        columns = PAIR_COLUMNS + (REFERENCE_COLUMNS if self.reference == "iteration" else [])
+        return IterationData(memory_mapped_on_ranks(ctx, artifacts, "train", columns), stats)
+
+    def _pairs(self, artifacts: IterationArtifacts, shard: int, iteration: int, policy, tokenizer,
+               ctx: DistContext) -> tuple[list[dict], dict]:
+        pairs, ties = stages.estimate_pairs(artifacts.read_shard("generations", shard),
+                                            artifacts.read_shard("rankings", shard), iteration,
+                                            first_row=artifacts.shard_start("generations", shard), quiet=True)
+        if self.reference == "iteration":
+            stages.reference_logps(policy, pairs, tokenizer.pad_token_id, self.reference_batch_size, ctx)
+        return pairs, {"ties_dropped": ties}
