@@ -271,3 +271,12 @@ def test_impossible_lengths_are_a_config_error():
         PreferenceDataModule(train_data="x.jsonl", max_length=64, max_prompt_length=64).setup("fit")
     with pytest.raises(ConfigError, match="batch_size"):
         PreferenceDataModule(train_data="x.jsonl", batch_size=0).setup("fit")
+
+
+def test_a_prompt_row_without_its_column_says_missing(tmp_path, tokenizer):
+    from sppo_lightning.data.prompts import load_prompts
+
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "Hi"}) + "\n" + json.dumps({"question": "Why?"}) + "\n")
+    with pytest.raises(DataError, match=r"p.jsonl: row 2: column 'prompt': missing \(this row has 'question'\)"):
+        load_prompts(str(path), tokenizer, 32)

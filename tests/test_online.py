@@ -107,3 +107,4 @@ def test_a_killed_online_run_resumes_to_the_same_result(tiny_dir, tmp_path):
     assert_same_run(baseline, killed, steps=6)
     rows = json.loads((killed / "online" / "summary.json").read_text())["iterations"]
     assert [r["iteration"] for r in rows] == [1, 2, 3, 4, 5, 6]
+

@@ -47,6 +47,9 @@ def load_prompts(
     for i, record in enumerate(records):
         bad_column = column
         try:
+            if column not in record:
+                raise ValueError("missing (this row has " + (", ".join(f"'{k}'" for k in sorted(record)) or "no columns")
+                                 + ")")
             messages = _messages(record.get(column))
             principle = record.get(principle_column) if principle_column else None
             if principle is not None and (not isinstance(principle, str) or not principle.strip()):
