@@ -238,9 +238,78 @@ def condense(message: str) -> str:
 
 
 def config_error_line(message: str, argv: list[str]) -> str:
-    """``condense`` plus where to look up the keys."""
+    """``condense`` plus where to look up the keys, the config file a YAML error is in, and, for an
+    unknown key, where it was given and the closest key the class takes."""
+    import re
+
     command = argv[0] if argv and not argv[0].startswith("-") else "fit"
-    return f"{condense(message)} (see `sppo-lightning {command} --help`)"
+    line = condense(message)
+    configs = _config_files(argv)
+    if '"<unicode string>"' in line:  # a YAML syntax error: name the file it is in
+        line = line.replace('"<unicode string>"', _unparsable(configs) or "a --config file")
+    unknown = re.match(r"^([\w.]+): Option '(\w+)' is not accepted", line)
+    if unknown:
+        line += _unknown_key_hint(unknown.group(1), unknown.group(2), configs)
+    return f"{line} (see `sppo-lightning {command} --help`)"
+
+
+def _config_files(argv: list[str]) -> list[str]:
+    files = []
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            files.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+    return files
+
+
+def _unparsable(configs: list[str]) -> Optional[str]:
+    import yaml
+
+    for path in configs:
+        try:
+            yaml.safe_load(open(path, encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            return path
+    return None
+
+
+def _section(data, dotted: str):
+    """The ``init_args`` node of ``dotted`` (``model``, ``data.method``) in a loaded config, or None."""
+    node = data
+    for name in dotted.split("."):
+        node = node.get(name) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get("init_args"), dict) and "class_path" in node:
+            node = {"class_path": node["class_path"], **node["init_args"]}
+    return node if isinstance(node, dict) else None
+
+
+def _unknown_key_hint(section: str, key: str, configs: list[str]) -> str:
+    """``; in <file>`` (or on the command line) and ``; did you mean `x`?`` for an unknown key."""
+    import difflib
+    import inspect
+    from importlib import import_module
+
+    import yaml
+
+    where, class_path = "on the command line", None
+    for path in configs:
+        try:
+            node = _section(yaml.safe_load(open(path, encoding="utf-8")), section)
+        except (OSError, yaml.YAMLError):
+            continue
+        if node is not None:
+            class_path = node.get("class_path", class_path)
+            if key in node:
+                where = f"in {path}"
+    hint = f" ({where})"
+    try:
+        module, _, name = class_path.rpartition(".")
+        params = [p for p in inspect.signature(getattr(import_module(module), name)).parameters if p != "self"]
+    except (AttributeError, ImportError, ValueError, TypeError):
+        return hint
+    close = difflib.get_close_matches(key, params, n=1)
+    return hint + (f"; did you mean `{close[0]}`?" if close else "")
 
 
 def run_cli(args: Optional[list[str]] = None) -> SPPOLightningCLI:

@@ -222,3 +222,23 @@ def test_a_small_pair_run_logs_its_loss(tmp_path, tiny_llama):
     assert "smaller than the logging interval" not in result.stderr  # Lightning's own warning is not needed
     rows = list(csv.DictReader((tmp_path / "lightning_logs" / "version_0" / "metrics.csv").open()))
     assert [r["step"] for r in rows if r.get("train/loss")] == ["4"]
+
+
+def test_key_typos_and_yaml_errors_name_the_file_and_the_key_meant(tmp_path):
+    import yaml
+
+    quickstart = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
+    quickstart["data"]["init_args"]["method"]["init_args"]["num_sample"] = 3
+    quickstart["model"]["init_args"]["etta"] = 100.0
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(yaml.safe_dump(quickstart))
+    line = run("fit", "--config", typo, check=False).stderr.strip().splitlines()[-1]
+    assert line.startswith("sppo-lightning: error: ") and f"(in {typo}); did you mean `" in line, line
+    assert "did you mean `num_samples`?" in line or "did you mean `eta`?" in line, line
+    flag = run("fit", "--config", "configs/quickstart.yaml", "--data.method.num_sample", "3", check=False)
+    assert ("data.method: Option 'num_sample' is not accepted (on the command line); did you mean `num_samples`?"
+            in flag.stderr), flag.stderr[-2000:]
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model:\n  init_args: [\n   x: : y\n")
+    result = run("fit", "--config", broken, check=False)
+    assert result.returncode == 2 and f"in {broken}, line 3" in result.stderr and "<unicode string>" not in result.stderr
