@@ -3,8 +3,9 @@
 ``check_output_locations`` runs before ``fit`` loads any model: every folder the run will write
 (the root dir, the logs, the checkpoints, the self-play run dir, the export) must be a writable
 folder or creatable as one, else a ``ConfigError`` names the path and its config key. ``Trainer``
-verifies each checkpoint after saving it: Lightning's ``cloud_io`` swallows a ``PermissionError``
-on save, and a run that believes it is resumable when it is not must stop instead.
+writes each local checkpoint whole or not at all and stops when one is missing (Lightning's
+``cloud_io`` swallows a ``PermissionError`` on save, and a run that believes it is resumable when
+it is not must stop instead).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Iterator, Optional
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
-from sppo_lightning.errors import ConfigError, TrainingError
+from sppo_lightning.errors import ConfigError
 
 
 def check_writable_folder(path: str | os.PathLike, key: str) -> None:
@@ -75,7 +76,8 @@ def written(path: str | os.PathLike) -> bool:
 
 
 class Trainer(L.Trainer):
-    """Lightning's ``Trainer``, whose ``save_checkpoint`` checks that the checkpoint is on disk, and
+    """Lightning's ``Trainer``, whose ``save_checkpoint`` writes a local checkpoint whole or not at all
+    (``checkpoints.save_whole``: verified before it takes its name, a ``TrainingError`` otherwise), and
     whose logging interval never exceeds an epoch's batches (a small data set still logs its loss)."""
 
     @property
@@ -104,6 +106,3 @@ class Trainer(L.Trainer):
             self.strategy.barrier("save_whole")
         else:
             super().save_checkpoint(filepath, weights_only=weights_only, storage_options=storage_options)
-        if self.is_global_zero and "://" not in str(filepath) and not written(filepath):
-            raise TrainingError(f"the checkpoint {filepath} was not written (is its folder writable, is the disk "
-                                f"full?); stopping, since this run could not be resumed from it")

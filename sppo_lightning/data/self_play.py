@@ -101,6 +101,7 @@ class SelfPlayDataModule(L.LightningDataModule):
         self.eval_prompts: list[Prompt] = []
         self.pairs: Sequence[dict[str, Any]] = []
         self.samples: tuple[list[str], list[list[Any]]] = ([], [])  # the current iteration's first pairs
+        self.iteration_size = prompts_per_iteration  # what an iteration draws; setup asks the method
         self._built_iteration: Optional[int] = None
 
     def setup(self, stage: str) -> None:
@@ -129,7 +130,6 @@ class SelfPlayDataModule(L.LightningDataModule):
             self.prompts = self._load(self.prompts_source, self.split)
         if self.eval_source is not None and not self.eval_prompts:
             self.eval_prompts = self._load(self.eval_source, self.eval_split)
-        self.iteration_size = self.prompts_per_iteration
         if trainer is not None:  # per-step methods draw one optimizer step's prompts per iteration
             per_step = self.batch_size * trainer.accumulate_grad_batches * trainer.world_size
             self.iteration_size = self.method.prompts_per_iteration(per_step, self.prompts_per_iteration,
@@ -174,7 +174,7 @@ class SelfPlayDataModule(L.LightningDataModule):
     def iteration_prompts(self, iteration: int) -> list[Prompt]:
         """The prompts of iteration t: all of them, or the t-th slice of ``prompts_per_iteration``
         (wrapping around when the file runs out)."""
-        n = getattr(self, "iteration_size", self.prompts_per_iteration)
+        n = self.iteration_size
         if n is None or n >= len(self.prompts):
             return list(self.prompts)
         start = (iteration * n) % len(self.prompts)

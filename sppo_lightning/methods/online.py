@@ -17,10 +17,8 @@ shard, like the other methods.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
-
 
 from sppo_lightning import seeds
 from sppo_lightning.artifacts import IterationArtifacts, memory_mapped_on_ranks, run_sharded_stage
@@ -28,11 +26,10 @@ from sppo_lightning.data.prompts import Prompt, prompts_fingerprint
 from sppo_lightning.distributed import DistContext
 from sppo_lightning.errors import ConfigError
 from sppo_lightning.methods.protocol import IterationData, Policies, on_policy_prompts
+from sppo_lightning.methods.sppo import rank_in_shards, sample_in_shards
 from sppo_lightning.pipeline import stages
 from sppo_lightning.pipeline.generators import Generator, HFGenerator
 from sppo_lightning.ranking import Ranker
-from sppo_lightning.ranking.cache import attach_judgment_cache, counted
-from sppo_lightning.ranking.protocol import fingerprint_hash, fingerprint_of
 
 PAIR_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "chosen_probs", "chosen_probs_win", "chosen_probs_lose"]
 REFERENCE_COLUMNS = ["reference_chosen_logps", "reference_rejected_logps"]
@@ -107,26 +104,10 @@ class OnlinePairs:
         run_dir = Path(run_dir)
         policy = policies.policy
         artifacts = IterationArtifacts(run_dir, iteration, self.settings(prompts))
-        batch = self.generator.batch_size
-        size = math.ceil(self.shard_size / batch) * batch  # shards cut at batch boundaries
-        starts = range(0, len(prompts), size)
-        seed = seeds.iteration_stream(self.seed, iteration)
-        run_sharded_stage(
-            ctx, artifacts, "generations", len(starts),
-            lambda k: (stages.generate(self.generator, policy, tokenizer, prompts[starts[k] : starts[k] + size],
-                                       self.num_samples, seed, ctx, batch_offset=starts[k] // batch), {}),
-            on_every_rank=True, expect=lambda k: {"first_prompt": starts[k]},
-        )
-        shards = artifacts.num_shards("generations")
-        attach_judgment_cache(self.ranker, run_dir)
-        source = {"generations": artifacts.checksum("generations"),
-                  "ranker": fingerprint_hash(fingerprint_of(self.ranker))}
-        run_sharded_stage(ctx, artifacts, "rankings", shards,
-                          lambda k: counted(self.ranker, lambda: stages.rank(
-                              self.ranker, tokenizer, artifacts.read_shard("generations", k),
-                              artifacts.shard_start("generations", k))), source=source)
-        source = {"generations": source["generations"], "rankings": artifacts.checksum("rankings")}
-        run_sharded_stage(ctx, artifacts, "train", shards,
+        sample_in_shards(ctx, artifacts, self.generator, policy, tokenizer, prompts, self.num_samples,
+                         seeds.iteration_stream(self.seed, iteration), self.shard_size)
+        source = rank_in_shards(ctx, artifacts, self.ranker, tokenizer, run_dir)
+        run_sharded_stage(ctx, artifacts, "train", artifacts.num_shards("generations"),
                           lambda k: self._pairs(artifacts, k, iteration, policy, tokenizer, ctx),
                           on_every_rank=self.reference == "iteration", source=source)
         stats = stages.pair_statistics(artifacts, prompts, iteration, self.num_samples)

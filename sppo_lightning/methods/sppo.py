@@ -37,6 +37,36 @@ TRAINING_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "chosen_probs", 
                     "chosen_probs_lose", "reference_chosen_logps", "reference_rejected_logps"]
 
 
+def sample_in_shards(ctx: DistContext, artifacts: IterationArtifacts, generator, model, tokenizer,
+                     prompts: Sequence[Prompt], num_samples: int, seed: int, shard_size: int,
+                     source: Optional[dict[str, Any]] = None) -> None:
+    """The ``generations`` stage: K samples per prompt, shard by shard (``shard_size`` prompts rounded
+    up to whole generation batches, so that a prompt's seed does not depend on the shard); every
+    rank samples its share. ``source``: what the samples are made from (an export's checksum)."""
+    batch = generator.batch_size
+    size = math.ceil(shard_size / batch) * batch
+    starts = range(0, len(prompts), size)
+    run_sharded_stage(
+        ctx, artifacts, "generations", len(starts),
+        lambda k: (stages.generate(generator, model, tokenizer, prompts[starts[k] : starts[k] + size], num_samples,
+                                   seed, ctx, batch_offset=starts[k] // batch), {}),
+        on_every_rank=True, source=source, expect=lambda k: {"first_prompt": starts[k]},
+    )
+
+
+def rank_in_shards(ctx: DistContext, artifacts: IterationArtifacts, ranker, tokenizer, run_dir: Path) -> dict[str, str]:
+    """The ``rankings`` stage: shard k of the generations ranked into shard k (one row group each),
+    with the judgment cache and the judge's counts; redone when the generations or the ranker's
+    fingerprint change. Returns what the pairs are made from (the two stages' checksums)."""
+    attach_judgment_cache(ranker, run_dir)
+    source = {"generations": artifacts.checksum("generations"), "ranker": fingerprint_hash(fingerprint_of(ranker))}
+    run_sharded_stage(ctx, artifacts, "rankings", artifacts.num_shards("generations"),
+                      lambda k: counted(ranker, lambda: stages.rank(
+                          ranker, tokenizer, artifacts.read_shard("generations", k),
+                          artifacts.shard_start("generations", k))), source=source)
+    return {"generations": source["generations"], "rankings": artifacts.checksum("rankings")}
+
+
 class SPPO:
     """SPPO's self-play data: K samples of π_t per prompt, ranked, estimated, with π_t's log-probs.
 
@@ -82,8 +112,9 @@ class SPPO:
         self.reference_batch_size, self.log_samples = reference_batch_size, log_samples
         self.show_progress, self.shard_size = show_progress, generation_shard_size
         self.restarts_optimizer = reset_optimizer
-        for name in ("num_samples", "reference_batch_size", "log_samples", "seed", "generation_shard_size"):
-            value = getattr(self, "shard_size" if name == "generation_shard_size" else name)
+        integers = {"num_samples": num_samples, "reference_batch_size": reference_batch_size,
+                    "log_samples": log_samples, "seed": seed, "generation_shard_size": generation_shard_size}
+        for name, value in integers.items():
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"{name} must be an integer, got {value!r}")
         checks = [
@@ -117,37 +148,20 @@ class SPPO:
         policy = policies.policy
         run_dir = Path(run_dir)
         artifacts = IterationArtifacts(run_dir, iteration, self.settings(prompts))
-        batch = self.generator.batch_size
-        size = math.ceil(self.shard_size / batch) * batch  # shards cut at batch boundaries
-        starts = range(0, len(prompts), size)
         seed = seeds.iteration_stream(self.seed, iteration)
 
         def generations(sampled_from, source: dict[str, Any]) -> None:
-            run_sharded_stage(
-                ctx, artifacts, "generations", len(starts),
-                lambda k: (stages.generate(self.generator, sampled_from, tokenizer,
-                                           prompts[starts[k] : starts[k] + size], self.num_samples, seed, ctx,
-                                           batch_offset=starts[k] // batch), {}),
-                on_every_rank=True, source=source, expect=lambda k: {"first_prompt": starts[k]},
-            )
+            sample_in_shards(ctx, artifacts, self.generator, sampled_from, tokenizer, prompts, self.num_samples,
+                             seed, self.shard_size, source)
 
         if getattr(self.generator, "wants_export", False) and not self._finished(artifacts, "generations", ctx):
             self._generate_from_export(artifacts, run_dir, policy, tokenizer, ctx, generations)
         else:
             generations(policy, {})
-        # The rankings and pairs of shard k are made from the generations of shard k (one row group each).
-        shards = artifacts.num_shards("generations")
-        source = {"generations": artifacts.checksum("generations"),
-                  "ranker": fingerprint_hash(fingerprint_of(self.ranker))}
-        attach_judgment_cache(self.ranker, run_dir)
-        run_sharded_stage(ctx, artifacts, "rankings", shards,
-                          lambda k: counted(self.ranker, lambda: stages.rank(
-                              self.ranker, tokenizer, artifacts.read_shard("generations", k),
-                              artifacts.shard_start("generations", k))), source=source)
-        source = {"generations": source["generations"], "rankings": artifacts.checksum("rankings")}
+        source = rank_in_shards(ctx, artifacts, self.ranker, tokenizer, run_dir)
         # Every rank: the reference log-probs are split over the ranks (and are collectives under FSDP).
-        run_sharded_stage(ctx, artifacts, "train", shards, lambda k: self._pairs(artifacts, k, iteration, policy,
-                                                                                tokenizer, ctx),
+        run_sharded_stage(ctx, artifacts, "train", artifacts.num_shards("generations"),
+                          lambda k: self._pairs(artifacts, k, iteration, policy, tokenizer, ctx),
                           on_every_rank=True, source=source)
         return self._result(artifacts, iteration, prompts, ctx)
 
