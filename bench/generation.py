@@ -1,8 +1,11 @@
 """Self-play generation: HF static ``generate`` (``HFGenerator``'s path) against vLLM
-(``VLLMGenerator``: export of π_t, engine start, continuous batching), side by side in one run.
+(``VLLMGenerator``: export of π_t, engine start, continuous batching) and the live engine
+(``live: true``: one engine for the run, a sync of π's weights in memory per iteration), side by
+side in one run.
 
     .venv-vllm/bin/python bench/generation.py                       # CPU: 3 model sizes, about 10 minutes
     .venv-vllm/bin/python bench/generation.py --sizes small --prompts 64 256
+    .venv-vllm/bin/python bench/generation.py --sizes medium --prompts 32 --sides vllm live   # sync time
 
 Needs the vLLM environment (README, "vLLM sampling"). The same model, prompts, K and sampling
 (temperature 0.7, top_p 0.9, no top-k) on both sides, each side in its own process (so that peak
@@ -93,6 +96,27 @@ def run_side(side: str, folder: str, count: int, k: int, max_new_tokens: int, ba
                                      max_new_tokens=max_new_tokens, batch_size=batch_size, seed=0)
         seconds["sampling"] = time.perf_counter() - t
         engine_rss = None
+    elif side == "live":  # one engine for the run; per iteration: a sync of the new weights, then sampling
+        from sppo_lightning.pipeline import VLLMGenerator
+
+        ctx = DistContext(device=torch.device(device))
+        generator = VLLMGenerator(max_new_tokens=max_new_tokens, batch_size=batch_size, dtype="float32",
+                                  max_model_len=1024, enforce_eager=device == "cpu", kv_cache_gib=4,
+                                  show_progress=False, live=True)
+        t = time.perf_counter()
+        generator._live_engine(policy, tokenizer, ctx)  # the start (once per run) and the first sync
+        seconds["engine_start_once"] = time.perf_counter() - t
+        with torch.no_grad():  # a training update: every weight moves
+            for param in policy.parameters():
+                param.mul_(1.0001)
+        t = time.perf_counter()
+        generator._live_engine(policy, tokenizer, ctx)  # fingerprint, then the weights in memory
+        seconds["sync"] = time.perf_counter() - t
+        t = time.perf_counter()
+        responses = generator.sample(policy, tokenizer, batch, k, 0, ctx)
+        seconds["sampling"] = time.perf_counter() - t
+        generator.close()
+        engine_rss = peak_rss_mb(resource.RUSAGE_CHILDREN)
     else:
         from sppo_lightning.pipeline import VLLMGenerator
         from sppo_lightning.pipeline.policy_export import export_policy
@@ -115,7 +139,8 @@ def run_side(side: str, folder: str, count: int, k: int, max_new_tokens: int, ba
             generator.release()  # the engine process exits: its memory is returned
             seconds["release"] = time.perf_counter() - t
         engine_rss = peak_rss_mb(resource.RUSAGE_CHILDREN)
-    seconds["stage"] = time.perf_counter() - start
+    # the stage of one iteration (live: its sync and its sampling; the start is paid once per run)
+    seconds["stage"] = seconds["sync"] + seconds["sampling"] if side == "live" else time.perf_counter() - start
     lengths = [len(r) for per_prompt in responses for r in per_prompt]
     tokens = sum(lengths)
     return {"tokens": tokens, "sequences": len(lengths),
@@ -137,7 +162,8 @@ def main() -> None:
     parser.add_argument("--mean-length", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per HF generate call")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--side", choices=["hf", "vllm"], help=argparse.SUPPRESS)  # one side, in a child
+    parser.add_argument("--sides", nargs="+", default=["hf", "vllm", "live"], choices=["hf", "vllm", "live"])
+    parser.add_argument("--side", choices=["hf", "vllm", "live"], help=argparse.SUPPRESS)  # one side, in a child
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
@@ -151,7 +177,7 @@ def main() -> None:
             for count in args.prompts:
                 row = {"size": size, "parameters": parameters, "prompts": count, "k": args.k,
                        "max_new_tokens": args.max_new_tokens}
-                for side in ("hf", "vllm"):
+                for side in args.sides:
                     out = subprocess.run([sys.executable, __file__, "--side", side, "--folder", str(folder),
                                           "--prompts", str(count), "--k", str(args.k), "--max-new-tokens",
                                           str(args.max_new_tokens), "--batch-size", str(args.batch_size),
@@ -159,10 +185,14 @@ def main() -> None:
                     if out.returncode != 0:
                         raise SystemExit(f"{side} side failed on {size}/{count}:\n{out.stderr[-3000:]}")
                     row[side] = json.loads(out.stdout.strip().splitlines()[-1])
-                row["ratio_vllm_over_hf"] = {
-                    "tokens_per_s_sampling": round(row["vllm"]["tokens_per_s_sampling"] / row["hf"]["tokens_per_s_sampling"], 2),
-                    "tokens_per_s_stage": round(row["vllm"]["tokens_per_s_stage"] / row["hf"]["tokens_per_s_stage"], 2),
-                }
+                for side in ("vllm", "live"):
+                    if side in row and "hf" in row:
+                        row[f"ratio_{side}_over_hf"] = {
+                            key: round(row[side][key] / row["hf"][key], 2)
+                            for key in ("tokens_per_s_sampling", "tokens_per_s_stage")}
+                    if side in row:  # the whole stage against its sampling alone (goal for live: <= 1.3)
+                        row[f"{side}_stage_over_sampling"] = round(row[side]["seconds"]["stage"] /
+                                                                   row[side]["seconds"]["sampling"], 2)
                 print(json.dumps(row), flush=True)
                 results.append(row)
     print(json.dumps({"results": results}, indent=1))

@@ -20,8 +20,10 @@ class HFExport(L.Callback):
     FSDP policy is gathered to rank 0 and written there as one consolidated model.
 
     Args:
-        dirpath: output folder; default ``<trainer.log_dir or default_root_dir>/hf_model``.
-            The result loads with ``AutoModelForCausalLM.from_pretrained`` or vLLM.
+        dirpath: output folder; default ``<trainer.default_root_dir>/hf_model``: one place per run,
+            also after a resume (the logger's ``version_<n>`` folders are not). Written beside its
+            name and renamed (``artifacts.folder_whole``): an earlier export stays until the new one
+            is complete. The result loads with ``AutoModelForCausalLM.from_pretrained`` or vLLM.
     """
 
     def __init__(self, dirpath: Optional[str] = None) -> None:
@@ -29,7 +31,7 @@ class HFExport(L.Callback):
 
     def target(self, trainer: L.Trainer) -> Path:
         """Where the model is (or will be) written."""
-        return Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "hf_model")
+        return Path(self.dirpath or Path(trainer.default_root_dir) / "hf_model")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         sharded = is_sharded(pl_module.policy)

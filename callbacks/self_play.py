@@ -37,8 +37,9 @@ from sppo_lightning.report import PLOTS, log_images, write_report
 
 
 class SelfPlay(L.Callback):
-    """The iteration boundary of a ``SelfPlayDataModule`` run (see the module docstring); does
-    nothing in a run of another data module.
+    """The iteration boundary of a ``SelfPlayDataModule`` run (see the module docstring). In a run
+    of another data module (a pair run) it only writes the run's summary when fit ends
+    (``sppo_lightning/pair_summary.py``: ``<default_root_dir>/summary.json`` and one line).
 
     Args:
         eval_samples: responses per held-out prompt (``data.eval_prompts``) for the win rate
@@ -162,6 +163,17 @@ class SelfPlay(L.Callback):
         return where
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        close = getattr(getattr(self, "method", None), "generator", None)
+        if self.active and callable(getattr(close, "close", None)):
+            close.close()  # a live engine: the run is over (a killed run's engine exits with its pipe)
+        if not self.active and trainer.is_global_zero and hasattr(pl_module, "hparams"):
+            # A pair run: its loss, settings and last metrics in <root>/summary.json, and one line.
+            from sppo_lightning.pair_summary import pair_summary, write_pair_summary
+
+            summary = pair_summary(dict(pl_module.hparams), dict(trainer.callback_metrics), trainer.global_step,
+                                   trainer.current_epoch)
+            rank_zero_info(write_pair_summary(trainer.default_root_dir, summary)[1])
+            return
         if self.active and self.summary.rows:
             lines = [format_row(r) for r in self.summary.rows]
             rank_zero_info("Self-play summary (also in {}):\n  {}".format(self.run_dir / "summary.json",
@@ -172,8 +184,8 @@ class SelfPlay(L.Callback):
 
 
 def evaluation_generator(generator):
-    """The generator the win rate samples the policy in memory with: the run's own, or, for an
-    engine generator (vLLM samples exports of π_t made once per iteration), Hugging Face
+    """The generator the win rate samples the policy in memory with: the run's own (a live vLLM
+    engine included), or, for an engine on per-iteration exports (``live: false``), Hugging Face
     ``generate`` with the engine's sampling settings."""
     if not getattr(generator, "wants_export", False):
         return generator

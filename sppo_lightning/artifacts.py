@@ -32,7 +32,7 @@ from typing import Any, BinaryIO, Callable, Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sppo_lightning.errors import ConfigError
+from sppo_lightning.errors import SettingsMismatch
 from sppo_lightning.iteration import iteration_dir
 
 
@@ -88,6 +88,42 @@ def atomic_write_json(path: Path, value: Any) -> None:
     atomic_write_bytes(path, json.dumps(value, indent=2, sort_keys=True).encode())
 
 
+def folder_whole(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(folder)`` on a temporary folder next to ``path``, then put it in ``path``'s place
+    (an earlier folder there is replaced only once the new one is complete): a crash or a full disk
+    leaves the old folder or the new one, never a mix. A full disk is one line."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial"))
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not path.exists():
+            os.replace(old, path)  # the earlier folder back in place
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            from sppo_lightning.errors import TrainingError
+
+            free = shutil.disk_usage(path.parent).free / 2**20
+            raise TrainingError(f"no space left in {path.parent} to write {path.name}/ ({free:.1f} MiB free); "
+                                f"what was there before is kept: free space and export again") from None
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -117,7 +153,7 @@ class IterationArtifacts:
         if manifest.get("settings", self.settings) != self.settings:
             changed = sorted(k for k in set(manifest["settings"]) | set(self.settings)
                              if manifest["settings"].get(k) != self.settings.get(k))
-            raise ConfigError(
+            raise SettingsMismatch(
                 f"{self.dir} was made with other settings ({', '.join(changed)} differ); "
                 f"resume with the same settings, or choose another run_dir"
             )
@@ -143,6 +179,11 @@ class IterationArtifacts:
         if entry is None or not path.exists():
             return False
         differs = [k for k, v in (expect or {}).items() if entry.get("input", {}).get(k) != v]
+        if "policy" in differs:
+            warnings.warn(f"{path} was drawn from other weights than this run's π_t (fingerprint "
+                          f"{entry.get('input', {}).get('policy')}, now {expect['policy']}: a restart without its "
+                          f"checkpoint, or with other training settings); redoing {stage}")
+            return False
         if differs:
             warnings.warn(f"{path} was made from other input ({', '.join(differs)} differ: another shard size, or "
                           f"a redone earlier stage); redoing {stage}")

@@ -23,3 +23,8 @@ class TrainingError(SPPOLightningError, RuntimeError):
 
 class ServiceError(SPPOLightningError, RuntimeError):
     """A server the run depends on (a judge endpoint) failed for good; the message names its URL."""
+
+
+class SettingsMismatch(ConfigError):
+    """A run folder made with other settings than this run's (``IterationArtifacts``); the data
+    module adds the flag that starts a fresh run instead."""

@@ -115,8 +115,13 @@ def generate_main(argv: list[str]) -> None:
                           "--batch-size >= 1")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    model = load_causal_lm(args.model, dtype, args.trust_remote_code).to(device).eval()
-    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
+    from sppo_lightning.errors import LoadError
+
+    try:
+        model = load_causal_lm(args.model, dtype, args.trust_remote_code).to(device).eval()
+        tokenizer = load_tokenizer(args.model, args.trust_remote_code)
+    except LoadError as err:  # the loader names the config key; here the model is generate's argument
+        raise LoadError(str(err).replace(" (model.model_name_or_path)", " (generate's <model>)")) from None
     name = args.name or Path(args.model.rstrip("/")).name
     options = dict(max_prompt_length=args.max_prompt_length, max_new_tokens=args.max_new_tokens,
                    temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size, seed=args.seed)

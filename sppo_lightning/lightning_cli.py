@@ -14,7 +14,7 @@ from lightning.pytorch.cli import LightningCLI
 from sppo_lightning.errors import ConfigError, SPPOLightningError
 from sppo_lightning.models import export_hf, load_tokenizer
 from sppo_lightning.module import PreferenceModule
-from sppo_lightning.outputs import Trainer, check_output_locations
+from sppo_lightning.outputs import Trainer, check_output_locations, output_locations
 
 # Shown at the top of `sppo-lightning fit --help` (and the other loops'): Lightning's own help lists
 # the Trainer's options, and a subclass's settings need one more flag.
@@ -70,6 +70,12 @@ class SPPOLightningCLI(LightningCLI):
     def before_fit(self) -> None:
         # Before any model is loaded: every folder the run writes must be writable (one line, exit 2).
         check_output_locations(self.trainer, self.datamodule)
+        # One run per folder: a second run on this root or run dir stops here (run_lock.py).
+        from sppo_lightning.run_lock import first_process, lock_folders
+
+        if first_process():
+            lock_folders(path for path, key in output_locations(self.trainer, self.datamodule)
+                         if key in ("trainer.default_root_dir", "data.init_args.run_dir"))
         kwargs = self.config_init[self.subcommand]
         if kwargs.get("ckpt_path") == "last":  # a whole one, or a true line (not Lightning's hint)
             kwargs["ckpt_path"] = resume_point(self.trainer)
@@ -78,7 +84,13 @@ class SPPOLightningCLI(LightningCLI):
 
             check_dcp_metadata(kwargs["ckpt_path"])
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        from sppo_lightning.run_lock import release_all
 
+        try:
+            super()._run_subcommand(subcommand)
+        finally:  # the folders are free for the next run, also in the same process
+            release_all()
 
     def add_arguments_to_parser(self, parser) -> None:
         # The iteration boundary of self-play runs, in every run (it does nothing in pair runs), so
@@ -170,6 +182,8 @@ def export_main(argv: list[str]) -> None:
     parser.add_argument("checkpoint", help="a .ckpt written by `sppo-lightning fit`, or a sharded checkpoint "
                                            "folder of the fsdp footprint")
     parser.add_argument("out_dir", help="folder for config.json, model.safetensors and the tokenizer")
+    parser.add_argument("--anchor", action="store_true",
+                        help="a J-BOND checkpoint: export the EMA anchor instead of the policy")
     args = parser.parse_args(argv)
     from pathlib import Path
 
@@ -177,20 +191,38 @@ def export_main(argv: list[str]) -> None:
         raise ConfigError(f"{args.out_dir} is a file, not a folder: give export a folder to write the model into")
     module = _load_for_export(args.checkpoint)
     tokenizer = load_tokenizer(module.hparams.model_name_or_path, module.hparams.trust_remote_code)
-    out = export_hf(module.policy, tokenizer, args.out_dir)
-    print(f"Exported the policy in Hugging Face format to {out}")
+    from sppo_lightning.bond import ANCHOR, BondModule
+
+    if args.anchor and not isinstance(module, BondModule):
+        raise ConfigError(f"{args.checkpoint} is a {type(module).__name__} checkpoint: --anchor exports the EMA "
+                          f"anchor of a J-BOND (BondModule) checkpoint")
+    what = "policy"
+    if args.anchor and module.lora is not None:  # the anchor is the second adapter on the policy's base
+        out, what = export_hf(module.policy, tokenizer, args.out_dir, adapter=ANCHOR), "J-BOND anchor"
+    elif args.anchor:
+        out, what = export_hf(module.anchor, tokenizer, args.out_dir), "J-BOND anchor"
+    else:
+        out = export_hf(module.policy, tokenizer, args.out_dir)
+    print(f"Exported the {what} in Hugging Face format to {out}")
 
 
-def _load_for_export(checkpoint: str) -> PreferenceModule:
-    """The module of a ``.ckpt`` file, or of a sharded checkpoint folder (footprint ``fsdp``),
-    unsharded on CPU and without a reference model (export does not need one)."""
+def _load_for_export(checkpoint: str) -> L.LightningModule:
+    """The module of a ``.ckpt`` file (``PreferenceModule`` or J-BOND's ``BondModule``), or of a sharded
+    checkpoint folder (footprint ``fsdp``), unsharded on CPU and without a reference model (export
+    does not need one). A file that is not a checkpoint is one line."""
+    import pickle
     from pathlib import Path
 
     import torch
 
+    from sppo_lightning.checkpoints import verified
+
     path = Path(checkpoint)
     if not path.exists():
         raise ConfigError(f"no checkpoint at {checkpoint}")
+    if path.is_file() and not verified(path):
+        raise ConfigError(f"{checkpoint} is not a checkpoint (not a whole torch archive: torn, or another kind of "
+                          f"file); export takes a .ckpt written by `sppo-lightning fit` or a sharded checkpoint folder")
     if path.is_dir():
         from lightning.fabric.utilities.load import _load_distributed_checkpoint
 
@@ -206,7 +238,16 @@ def _load_for_export(checkpoint: str) -> PreferenceModule:
         state = {k: v for k, v in full["state_dict"].items() if not k.startswith("reference.")}
         module.load_state_dict(state, strict=True)  # a sharded checkpoint holds every weight
         return module
-    hparams = torch.load(checkpoint, map_location="cpu", weights_only=True)["hyper_parameters"]
+    try:
+        hparams = torch.load(checkpoint, map_location="cpu", weights_only=True).get("hyper_parameters")
+    except (pickle.UnpicklingError, RuntimeError, KeyError, AttributeError, EOFError) as err:
+        raise ConfigError(f"{checkpoint} cannot be read as a checkpoint ({' '.join(str(err).split())[:200]})") from None
+    if not isinstance(hparams, dict):
+        raise ConfigError(f"{checkpoint} holds no hyper_parameters: not a checkpoint written by `sppo-lightning fit`")
+    if hparams.get("_class_path") == "sppo_lightning.bond.BondModule" or "jeffreys_beta" in hparams:
+        from sppo_lightning.bond import BondModule
+
+        return BondModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
     reference = _export_reference(hparams)
     return PreferenceModule.load_from_checkpoint(checkpoint, map_location="cpu", reference=reference, weights_only=True)
 
@@ -245,6 +286,10 @@ def config_error_line(message: str, argv: list[str]) -> str:
     command = argv[0] if argv and not argv[0].startswith("-") else "fit"
     line = condense(message)
     configs = _config_files(argv)
+    empty = _empty(configs)
+    if empty and line.startswith("Unexpected config"):  # jsonargparse's whole report for an empty file
+        return (f"{empty} is empty (or only comments): a config sets at least model: and data: "
+                f"(see configs/quickstart.yaml, or `sppo-lightning {command} --help`)")
     if '"<unicode string>"' in line:  # a YAML syntax error: name the file it is in
         line = line.replace('"<unicode string>"', _unparsable(configs) or "a --config file")
     unknown = re.match(r"^([\w.]+): Option '(\w+)' is not accepted", line)
@@ -261,6 +306,18 @@ def _config_files(argv: list[str]) -> list[str]:
         elif arg.startswith("--config="):
             files.append(arg.split("=", 1)[1])
     return files
+
+
+def _empty(configs: list[str]) -> Optional[str]:
+    import yaml
+
+    for path in configs:
+        try:
+            if yaml.safe_load(open(path, encoding="utf-8")) is None:
+                return path
+        except (OSError, yaml.YAMLError):
+            continue
+    return None
 
 
 def _unparsable(configs: list[str]) -> Optional[str]:

@@ -31,7 +31,9 @@ class LoraSettings:
 
 def _load_error(name_or_path: str, what: str, err: Exception) -> LoadError:
     key = "model.model_name_or_path" + (", which also sets data.tokenizer" if what == "tokenizer" else "")
-    if name_or_path.startswith(("/", ".", "~")) and not Path(name_or_path).expanduser().exists():
+    # A path (a hub id is "name" or "org/name"): a missing one is "no such folder", not the hub's id rules.
+    local = name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1
+    if local and not Path(name_or_path).expanduser().exists():
         return LoadError(f"could not load the {what} '{name_or_path}' ({key}): no such folder")
     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     where = "the local folder" if Path(name_or_path).exists() else "a local folder or the hub"
@@ -195,6 +197,7 @@ def export_hf(
     out_dir: str | Path,
     adapter_dir: Optional[str | Path] = None,
     merged_dtype: torch.dtype = torch.bfloat16,
+    adapter: str = "default",
 ) -> Optional[Path]:
     """Save ``policy`` in Hugging Face format (safetensors), LoRA merged into the base weights.
 
@@ -205,6 +208,7 @@ def export_hf(
       and writes them; the other ranks return None.
 
     ``adapter_dir``: also save the LoRA adapter alone (``PeftModel.from_pretrained`` loads it).
+    ``adapter``: which LoRA adapter is merged (J-BOND's policy holds ``default`` and ``anchor``).
     """
     from sppo_lightning.quantization import dequantized_model
     from sppo_lightning.sharding import is_sharded
@@ -215,25 +219,34 @@ def export_hf(
             return None
     out_dir = Path(out_dir)
     if adapter_dir is not None and is_peft(policy):
-        policy.save_pretrained(adapter_dir, safe_serialization=True)
+        from sppo_lightning.artifacts import folder_whole
+
+        folder_whole(adapter_dir, lambda folder: policy.save_pretrained(folder, safe_serialization=True))
     model = policy
     if is_peft(policy) and is_quantized(policy):
         from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
         plain = dequantized_model(policy.get_base_model(), merged_dtype)
-        merged = get_peft_model(plain, copy.deepcopy(policy.peft_config["default"]))
-        set_peft_model_state_dict(merged, get_peft_model_state_dict(policy))
+        merged = get_peft_model(plain, copy.deepcopy(policy.peft_config[adapter]))
+        set_peft_model_state_dict(merged, get_peft_model_state_dict(policy, adapter_name=adapter))
         model = merged.merge_and_unload()
     elif is_peft(policy):
-        model = copy.deepcopy(policy).to("cpu").merge_and_unload()
+        model = copy.deepcopy(policy).to("cpu")
+        model.set_adapter(adapter)
+        model = model.merge_and_unload(adapter_names=[adapter])
     elif is_quantized(policy):
         model = dequantized_model(policy, merged_dtype)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
-    from sppo_lightning.artifacts import readable_as_umask_says
+    from sppo_lightning.artifacts import folder_whole, readable_as_umask_says
 
-    readable_as_umask_says(out_dir, *([adapter_dir] if adapter_dir is not None and is_peft(policy) else []))
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        readable_as_umask_says(folder)
+
+    folder_whole(out_dir, write)  # beside its name, then renamed: a crash or a full disk keeps the old one
+    if adapter_dir is not None and is_peft(policy):
+        readable_as_umask_says(adapter_dir)
     return out_dir
 
 

@@ -7,7 +7,6 @@ import warnings
 from typing import Any, Iterable, Literal
 
 import torch
-from transformers import get_linear_schedule_with_warmup
 
 from sppo_lightning.errors import ConfigError
 
@@ -50,6 +49,9 @@ def make_optimizer(
                       f"data.batch_size or trainer.accumulate_grad_batches, more data.epochs_per_iteration) "
                       f"or lower model.warmup_ratio")
         warmup = total_steps - 1
+    # transformers.optimization imports peft and bitsandbytes (seconds): only when a run builds one.
+    from transformers import get_linear_schedule_with_warmup
+
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -78,7 +78,19 @@ def written(path: str | os.PathLike) -> bool:
 class Trainer(L.Trainer):
     """Lightning's ``Trainer``, whose ``save_checkpoint`` writes a local checkpoint whole or not at all
     (``checkpoints.save_whole``: verified before it takes its name, a ``TrainingError`` otherwise), and
-    whose logging interval never exceeds an epoch's batches (a small data set still logs its loss)."""
+    whose logging interval never exceeds an epoch's batches (a small data set still logs its loss), and
+    whose default progress bar counts epochs from 1 (``sppo_lightning/progress.py``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        from lightning.pytorch.callbacks import Callback, ProgressBar
+
+        from sppo_lightning.progress import default_progress_bar
+
+        callbacks = kwargs.get("callbacks")
+        callbacks = [callbacks] if isinstance(callbacks, Callback) else list(callbacks or [])
+        if kwargs.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs["callbacks"] = callbacks + [default_progress_bar()]
+        super().__init__(*args, **kwargs)
 
     @property
     def log_every_n_steps(self) -> int:

@@ -11,7 +11,7 @@ head) and saves it in both checkpoint layouts: llm-blender's own and the Hugging
 Command line (used by the README quickstart)::
 
     python -m sppo_lightning.testing .tiny        # writes .tiny/llama and .tiny/pairrm*
-    python -m sppo_lightning.testing .tiny --vllm # and .tiny/llama_vllm (head size 32, for vLLM on CPU)
+    python -m sppo_lightning.testing .tiny --vllm # only .tiny/llama_vllm (head size 32, for vLLM on CPU)
 """
 
 from __future__ import annotations
@@ -254,15 +254,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", help="folder to write; the model goes to <out_dir>/llama")
     parser.add_argument("--vllm", action="store_true",
-                        help="also write <out_dir>/llama_vllm: the same tiny Llama with a head size of 32, "
-                             "which vLLM's CPU attention needs (configs/vllm.yaml)")
+                        help="write only <out_dir>/llama_vllm: the same tiny Llama with a head size of 32, "
+                             "which vLLM's CPU attention needs (configs/vllm.yaml); the quickstart's models "
+                             "in <out_dir> are left as they are")
     args = parser.parse_args(argv)
-    path = make_tiny_llama(Path(args.out_dir) / "llama", hidden_size=64, sft_steps=300)
-    print(f"tiny llama and tokenizer saved to {path}")
     if args.vllm:
         path = make_tiny_llama(Path(args.out_dir) / "llama_vllm", hidden_size=64, sft_steps=300, num_heads=2,
                                num_kv_heads=1)
         print(f"tiny llama for vLLM (head size 32) saved to {path}")
+        return
+    path = make_tiny_llama(Path(args.out_dir) / "llama", hidden_size=64, sft_steps=300)
+    print(f"tiny llama and tokenizer saved to {path}")
     blender_dir, hf_dir = make_tiny_pairrm(args.out_dir)
     print(f"tiny PairRM saved to {blender_dir} (llm-blender layout) and {hf_dir} (Hugging Face layout)")
 

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from sppo_lightning.artifacts import IterationArtifacts
 from sppo_lightning.errors import ConfigError
@@ -134,3 +135,38 @@ def test_a_full_disk_mid_stage_is_one_line_and_keeps_what_was_finished(tmp_path)
     assert art.path("generations.shard_00000").read_bytes() == before and art.finished("generations.shard_00000")
     assert not art.path("generations.shard_00001").exists() and not list(art.dir.glob(".*.tmp"))
     assert art.stages() == ["generations.shard_00000"]  # the resume redoes shard 1 only
+
+
+def test_an_export_folder_is_replaced_whole_or_kept_on_a_full_disk(tmp_path, tiny_llama):
+    """export_hf writes beside its name and renames (artifacts.folder_whole): an earlier export stays until
+    the new one is complete, and a disk that fills mid-export is one line that keeps it."""
+    import errno
+
+    from transformers import AutoModelForCausalLM
+
+    from sppo_lightning.errors import TrainingError
+    from sppo_lightning.models import export_hf
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    out = tmp_path / "hf_model"
+    export_hf(model, None, out)
+    before = (out / "model.safetensors").read_bytes()
+    real = type(model).save_pretrained
+
+    def fills_the_disk(self, folder, **kwargs):
+        real(self, folder, **kwargs)  # most of it written, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    type(model).save_pretrained = fills_the_disk
+    try:
+        with pytest.raises(TrainingError, match=rf"^no space left in {tmp_path} to write hf_model/ \(.* MiB free\); "
+                                                rf"what was there before is kept"):
+            export_hf(model, None, out)
+    finally:
+        type(model).save_pretrained = real
+    assert (out / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf_model"]  # no temporary left beside it
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)
+    export_hf(model, None, out)  # replaced, whole
+    assert (out / "model.safetensors").read_bytes() != before and sorted(p.name for p in tmp_path.iterdir()) == ["hf_model"]

@@ -149,7 +149,7 @@ def test_jbond_recipe_raises_the_win_rate(tiny_dir, tmp_path):
     win_rates = [row["win_rate_vs_initial"] for row in summary if "win_rate_vs_initial" in row]
     assert len(win_rates) == 3  # every 16 iterations
     assert win_rates[-1] > 0.6 and win_rates[-1] > win_rates[0], win_rates
-    assert (tmp_path / "lightning_logs" / "version_0" / "hf_model" / "model.safetensors").exists()
+    assert (tmp_path / "hf_model" / "model.safetensors").exists()
 
 
 def test_jbond_runs_on_the_qlora_footprint(tmp_path):
@@ -331,3 +331,35 @@ def test_jbond_samples_with_any_generator(tmp_path, tiny_llama):
     aligned, plain = (pq.read_table(tmp_path / run / "iteration_1" / "generations.parquet").to_pylist()
                       for run in ("aligned", "plain"))
     assert [g["anchor_ids"] for g in aligned] != [g["anchor_ids"] for g in plain]
+
+
+def test_export_writes_a_lora_jbond_checkpoints_policy_or_its_anchor(tiny_llama, tmp_path):
+    """`sppo-lightning export` of a J-BOND LoRA checkpoint: the policy's adapter merged, or with --anchor
+    the anchor's (the two adapters on one base); a PreferenceModule-only flag on it is one line."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_cli import run
+
+    module = BondModule(tiny_llama, lora=LoraSettings(r=4, alpha=8))
+    module.configure_model()
+    with torch.no_grad():
+        for anchor, policy in module.anchor_parameter_pairs():
+            policy.add_(0.05)
+            anchor.sub_(0.05)
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                  "pytorch-lightning_version": L.__version__}
+    module.on_save_checkpoint(checkpoint)  # what a fit's checkpoint holds: the two adapters
+    path = tmp_path / "jbond_lora.ckpt"
+    torch.save(checkpoint, path)
+    assert run("export", path, tmp_path / "policy").stdout.strip().endswith(
+        f"Exported the policy in Hugging Face format to {tmp_path / 'policy'}")
+    assert "Exported the J-BOND anchor" in run("export", path, tmp_path / "anchor", "--anchor").stdout
+    module.eval()
+    with module.anchor_model() as anchor:
+        want_anchor = logits(anchor)
+    want_policy = logits(module.policy)
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "policy")), want_policy,
+                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "anchor")), want_anchor,
+                               rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(want_policy, want_anchor, atol=1e-3)

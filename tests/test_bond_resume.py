@@ -44,3 +44,30 @@ def test_killed_jbond_resumes_to_the_same_result(tiny_dir, tmp_path, baseline, w
     assert first.returncode == -signal.SIGKILL and marker.exists()
     run_fit(config, tiny_dir, tmp_path, "--ckpt_path", "last", env={"KILL_MARKER": str(marker)})
     assert_same_run(baseline, tmp_path, steps=6)
+
+
+def test_export_of_a_jbond_run_checkpoint_gives_its_policy_and_on_request_its_anchor(baseline, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from tests.test_cli import run
+    from tests.test_resume import final_weights
+
+    checkpoint = baseline / "checkpoints" / "last.ckpt"
+    run("export", checkpoint, tmp_path / "policy")
+    policy = load_file(tmp_path / "policy" / "model.safetensors")
+    for name, value in final_weights(baseline).items():  # what the run exported when it ended
+        assert torch.equal(policy[name], value), name
+    assert "Exported the J-BOND anchor" in run("export", checkpoint, tmp_path / "anchor", "--anchor").stdout
+    anchor = load_file(tmp_path / "anchor" / "model.safetensors")
+    state = torch.load(checkpoint, weights_only=True, map_location="cpu")["state_dict"]
+    for name, value in anchor.items():
+        if f"anchor.{name}" in state:
+            assert torch.equal(value, state[f"anchor.{name}"]), name
+    assert any(not torch.equal(anchor[n], policy[n]) for n in anchor)
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint\n")
+    refused = run("export", text, tmp_path / "x", check=False)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == (
+        f"sppo-lightning: error: {text} is not a checkpoint (not a whole torch archive: torn, or another kind of "
+        f"file); export takes a .ckpt written by `sppo-lightning fit` or a sharded checkpoint folder")

@@ -86,12 +86,10 @@ def test_resume_passes_over_a_torn_last_for_the_newest_whole_checkpoint(tmp_path
 
 
 def test_a_torn_last_through_the_cli_resumes_from_the_epoch_checkpoint(tmp_path, tiny_llama):
-    checkpoints = tmp_path / "checkpoints"
-    save_last = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-                 "--trainer.callbacks.save_last", "true", "--trainer.callbacks.dirpath", checkpoints]
-    fit(tmp_path, tiny_llama, "--trainer.max_epochs", "1", *save_last)
+    checkpoints = tmp_path / "checkpoints"  # the recipe's ModelCheckpoint (save_last) under the root
+    fit(tmp_path, tiny_llama, "--trainer.max_epochs", "1")
     tear(checkpoints / "last.ckpt")
-    result = fit(tmp_path, tiny_llama, "--trainer.max_epochs", "2", *save_last, "--ckpt_path", "last")
+    result = fit(tmp_path, tiny_llama, "--trainer.max_epochs", "2", "--ckpt_path", "last")
     (epoch,) = checkpoints.glob("epoch=0-*.ckpt")
     assert f"{checkpoints / 'last.ckpt'} is torn" in result.stderr and f"resuming from {epoch} instead" in result.stderr
     assert f"Restored all states from the checkpoint at {epoch}" in result.stderr + result.stdout
@@ -100,10 +98,7 @@ def test_a_torn_last_through_the_cli_resumes_from_the_epoch_checkpoint(tmp_path,
 
 def test_no_checkpoint_yet_is_a_true_line_not_lightnings_hint(tmp_path, tiny_llama):
     checkpoints = tmp_path / "checkpoints"
-    result = fit(tmp_path, tiny_llama, "--trainer.max_epochs", "1",
-                 "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-                 "--trainer.callbacks.save_last", "true", "--trainer.callbacks.dirpath", checkpoints,
-                 "--ckpt_path", "last")
+    result = fit(tmp_path, tiny_llama, "--trainer.max_epochs", "1", "--ckpt_path", "last")
     console = result.stdout + result.stderr
     assert f"--ckpt_path last: no checkpoint in {checkpoints} yet" in console
     assert "HINT" not in console and "save_last=True" not in console

@@ -44,7 +44,7 @@ def test_fit_exports_a_model_that_transformers_loads(tmp_path, tiny_llama):
                 "train/targets/chosen", "val/loss"):
         assert key in logged, key
 
-    exported = run_dir / "hf_model"
+    exported = tmp_path / "hf_model"  # under the root: one place per run, resumed or not
     assert (exported / "model.safetensors").exists()
     model = AutoModelForCausalLM.from_pretrained(exported)
     tokenizer = AutoTokenizer.from_pretrained(exported)
@@ -59,7 +59,7 @@ def test_fit_exports_a_model_that_transformers_loads(tmp_path, tiny_llama):
     assert not torch.equal(model.model.embed_tokens.weight, initial.model.embed_tokens.weight)
 
     # the export command writes the same weights from the checkpoint, into a folder (a file is refused)
-    (ckpt,) = (run_dir / "checkpoints").glob("*.ckpt")
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"  # the recipe's ModelCheckpoint (save_last) under the root
     (tmp_path / "a_file").write_text("not a folder")
     refused = run("export", ckpt, tmp_path / "a_file", check=False)
     assert refused.returncode == 2 and "Exported" not in refused.stdout
@@ -78,13 +78,12 @@ def test_fit_exports_a_model_that_transformers_loads(tmp_path, tiny_llama):
 def test_lora_fit_exports_merged_weights(tmp_path, tiny_llama):
     fit(tmp_path, tiny_llama, "--trainer.max_epochs", "1", "--model.loss", "dpo", "--model.lr", "0.05",
         "--model.lora", "{r: 4, alpha: 8}")
-    run_dir = tmp_path / "lightning_logs" / "version_0"
-    merged = AutoModelForCausalLM.from_pretrained(run_dir / "hf_model").eval()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf_model").eval()
     assert not any("lora" in k for k in merged.state_dict())
 
     from sppo_lightning.lightning_cli import _load_for_export
 
-    (ckpt,) = (run_dir / "checkpoints").glob("*.ckpt")
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
     module = _load_for_export(str(ckpt))
     ids = torch.tensor([[1, 5, 40, 41, 42, 2]])
     with torch.no_grad():
@@ -145,7 +144,7 @@ def test_pair_recipes_run_on_the_tiny_model(tmp_path, tiny_llama, recipe, keys):
     logged = {k for row in rows for k, v in row.items() if v}
     for key in keys + ["train/loss", "val/loss"]:
         assert key in logged, key
-    assert (run_dir / "hf_model" / "model.safetensors").exists()
+    assert (tmp_path / "hf_model" / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize("loss", [None, "simpo"])
@@ -157,8 +156,8 @@ def test_own_pairs_need_only_the_data_file(tmp_path, tiny_llama, loss):
     run("fit", "--config", "configs/pairs.yaml", "--data.train_data", "configs/data/tiny_preferences.jsonl",
         "--model.model_name_or_path", tiny_llama, "--trainer.default_root_dir", tmp_path, *extra)
     version = tmp_path / "lightning_logs" / "version_0"
-    assert (version / "metrics.csv").exists() and (version / "hf_model" / "model.safetensors").exists()
-    assert list((version / "checkpoints").glob("*.ckpt"))
+    assert (version / "metrics.csv").exists() and (tmp_path / "hf_model" / "model.safetensors").exists()
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
 
 
 def test_pairs_without_a_data_file_is_one_line(tmp_path, tiny_llama):
@@ -222,6 +221,15 @@ def test_a_small_pair_run_logs_its_loss(tmp_path, tiny_llama):
     assert "smaller than the logging interval" not in result.stderr  # Lightning's own warning is not needed
     rows = list(csv.DictReader((tmp_path / "lightning_logs" / "version_0" / "metrics.csv").open()))
     assert [r["step"] for r in rows if r.get("train/loss")] == ["4"]
+    # the run's folder names its loss and settings in one file, and the console says where
+    import json
+
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["loss"] == "sppo" and summary["steps"] == 5 and summary["epochs"] == 1
+    assert summary["settings"]["eta"] == 1000.0 and summary["settings"]["model_name_or_path"] == tiny_llama
+    assert summary["metrics"]["train/loss"] == pytest.approx(float(rows[-1]["train/loss"]))
+    assert "pair run | loss sppo | 5 steps, 1 epoch(s) | train/loss " in result.stderr
+    assert f"(summary, with every setting: {tmp_path / 'summary.json'})" in result.stderr
 
 
 def test_key_typos_and_yaml_errors_name_the_file_and_the_key_meant(tmp_path):
@@ -242,3 +250,23 @@ def test_key_typos_and_yaml_errors_name_the_file_and_the_key_meant(tmp_path):
     broken.write_text("model:\n  init_args: [\n   x: : y\n")
     result = run("fit", "--config", broken, check=False)
     assert result.returncode == 2 and f"in {broken}, line 3" in result.stderr and "<unicode string>" not in result.stderr
+
+
+def test_an_empty_config_is_named_and_config_errors_come_before_the_heavy_imports(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing set yet\n")
+    result = run("fit", "--config", empty, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"sppo-lightning: error: {empty} is empty (or only comments): a config sets at least model: and data: "
+        f"(see configs/quickstart.yaml, or `sppo-lightning fit --help`)")
+    # A config error is found by the parser alone: no model class, peft or bitsandbytes is loaded first
+    # (they cost seconds; README: a config error in about 4.5 s).
+    probe = ("import sys\nfrom sppo_lightning.cli import main\n"
+             "try:\n    main(['fit', '--config', 'configs/quickstart.yaml', '--model.eta', 'abc'])\n"
+             "except SystemExit as e:\n    assert e.code == 2\n"
+             "print(sorted(m for m in ('peft', 'bitsandbytes', 'transformers.optimization', "
+             "'transformers.models.llama.modeling_llama') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert "model.eta: Expected a <class 'float'>" in out.stderr
+    assert out.stdout.strip() == "[]", out.stdout

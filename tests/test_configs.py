@@ -57,6 +57,12 @@ def test_config_instantiates(config, monkeypatch):
     )
     assert cli.model.hparams["model_name_or_path"]
     assert cli.trainer.callbacks
+    if type(cli.model).__name__ != "LinearAlignmentModule":  # every recipe that trains can be resumed
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        (checkpoint,) = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
+        assert checkpoint.save_last, f"{config.name}: no last.ckpt for --ckpt_path last"
+        assert Path(checkpoint.dirpath) == (Path(cli.trainer.default_root_dir) / "checkpoints").absolute()
 
 
 LOSS_LAYERS = sorted(Path(__file__).resolve().parents[1].joinpath("configs", "losses").glob("*.yaml"))

@@ -1,7 +1,10 @@
 """A quiet console by default, labelled progress bars, and --verbose to bring the third-party lines
 back (real CLI runs)."""
 
+import re
+
 from sppo_lightning.console import LOG_LINES
+from sppo_lightning.progress import epoch_description
 from tests.test_faults import quickstart
 from tests.test_quickstart import run_fit
 
@@ -14,6 +17,9 @@ def test_a_run_prints_no_known_noise_and_verbose_brings_it_back(tiny_dir, tmp_pa
     output = quiet.stdout + quiet.stderr
     assert [line for line in NOISE if line in output] == []
     assert "iteration 1 | win rate vs initial" in output  # our own lines stay
+    epochs = [(int(e), int(total)) for e, total in re.findall(r"Epoch (\d+)/(\d+)", output)]
+    assert epochs and max(epochs) == (epochs[0][1], epochs[0][1])  # the last epoch reads n/n: counted from 1
+    assert all(1 <= e <= total for e, total in epochs)
     for label in ("sampling", "judging", "reference log-probs", "evaluating (win rate vs initial)"):
         assert f"{label}: 100%" in output, label  # every long stage has its own labelled progress bar
     loud = run_fit(quickstart(tmp_path), tiny_dir, tmp_path, "--verbose")
@@ -24,3 +30,8 @@ def test_a_run_prints_no_known_noise_and_verbose_brings_it_back(tiny_dir, tmp_pa
     # bitsandbytes asks for its optional kernels only on CPUs with AVX-512 BF16 (this project's machines)
     assert ("Failed to load CPU gemm_4bit_forward" in output) == has_avx512bf16()
     assert {start for _, start, _ in LOG_LINES} == {"💡 Tip:", "Failed to load CPU gemm_4bit_forward"}
+
+
+def test_the_progress_bar_counts_epochs_from_one():
+    assert epoch_description(0, 3) == "Epoch 1/3" and epoch_description(2, 3) == "Epoch 3/3"
+    assert epoch_description(4, -1) == "Epoch 5" and epoch_description(0, None) == "Epoch 1"

@@ -72,3 +72,15 @@ def test_bad_mt_bench_questions_name_row_and_column(tiny_llama, tmp_path, capsys
     err = capsys.readouterr().err
     assert re.search(f"question.jsonl: row 1: {message}", err) and not (tmp_path / "out.jsonl").exists()
 
+
+
+def test_a_model_folder_that_is_not_there_is_no_such_folder(tmp_path, capsys):
+    """The README's old mistake (a version folder that a resume moved): the same line fit gives, not the hub's id rules."""
+    missing = "runs/nowhere/lightning_logs/version_0/hf_model"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", missing, str(DATA / "alpaca_eval_sample.json"), str(tmp_path / "out.json"),
+              "--format", "alpaca_eval"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == (f"sppo-lightning: error: could not load the model '{missing}' "
+                                               f"(generate's <model>): no such folder")
+    assert not (tmp_path / "out.json").exists()

@@ -83,7 +83,7 @@ def test_a_run_with_one_step_per_iteration_still_learns(tiny_dir, tmp_path):
     result = run_fit(config, tiny_dir, tmp_path)
     assert "the learning-rate schedule has 1 optimizer step(s), fewer than warmup_ratio 0.1 needs" in result.stderr
     initial = load_file(tiny_dir / "llama" / "model.safetensors")
-    trained = load_file(tmp_path / "lightning_logs" / "version_0" / "hf_model" / "model.safetensors")
+    trained = load_file(tmp_path / "hf_model" / "model.safetensors")
     assert any(not (initial[k] == trained[k]).all() for k in initial)  # the one step had a learning rate
 
 
@@ -112,3 +112,23 @@ def test_all_ties_names_every_setting_that_can_cause_it(tiny_dir, tmp_path):
     config = quickstart(tmp_path, judge="tests.fault_helpers:constant")
     line = one_line_error(run_fit(config, tiny_dir, tmp_path, check=False))
     assert "all 64 prompts tied" in line and all(k in line for k in ("temperature", "num_samples", "max_new_tokens"))
+
+
+def test_a_run_folder_made_with_other_settings_names_the_one_flag_for_a_fresh_run(tiny_dir, tmp_path):
+    """The shipped quickstart run again with another K: refused in one line that ends with the flag to
+    add, and that flag alone starts a fresh run (every output follows the root)."""
+    from tests.test_cli import run
+
+    root = tmp_path / "quickstart"
+    args = ["fit", "--config", "configs/quickstart.yaml", "--model.model_name_or_path", tiny_dir / "llama",
+            "--trainer.max_epochs", "1", "--trainer.default_root_dir", root]
+    run(*args)
+    other = run(*args, "--data.method.num_samples", "3", check=False)
+    line = one_line_error(other)
+    assert "iteration_1 was made with other settings (num_samples differ)" in line, line
+    assert line.endswith(f"; to start a fresh run instead, add --trainer.default_root_dir {root}-2"), line
+    run(*args, "--data.method.num_samples", "3", *line.rsplit(" add ", 1)[1].split())
+    fresh = Path(f"{root}-2")
+    assert (fresh / "checkpoints" / "last.ckpt").exists() and (fresh / "self_play" / "summary.json").exists()
+    settings = json.loads((fresh / "self_play" / "iteration_1" / "manifest.json").read_text())["settings"]
+    assert settings["num_samples"] == 3

@@ -85,6 +85,19 @@ def test_the_cache_answers_a_rerun_and_counts_hits(tiny_llama, tmp_path):
     assert other.calls == 12  # another template is another judge
 
 
+def test_questions_asked_plus_cache_hits_count_every_question_judged(tiny_llama, tmp_path):
+    """Identical samples repeat a question: asked once, and the repeats (and every later time) are hits."""
+    repeated = [["same answer", "same answer", "other"], ["x", "y", "x"]]  # 12 ordered pairs, some alike
+    first = judge(tiny_llama)
+    first.use_cache(JudgmentCache(tmp_path))
+    m = first.pairwise_logits(PROMPTS, repeated)
+    assert 0 < first.calls < 12 and first.calls + first.cache.hits == 12
+    again = judge(tiny_llama)
+    again.use_cache(JudgmentCache(tmp_path))
+    torch.testing.assert_close(again.pairwise_logits(PROMPTS, repeated), m)
+    assert again.calls == 0 and again.cache.hits == 12
+
+
 def test_the_fingerprint_follows_template_model_and_orders(tiny_llama, tmp_path):
     base = fingerprint_of(judge(tiny_llama))
     assert base == fingerprint_of(judge(tiny_llama))
@@ -142,18 +155,54 @@ def test_another_template_redoes_the_rankings_in_the_same_run_dir(tmp_path, tiny
     assert other.calls == 12
 
 
-def test_the_llm_judge_recipe_runs_through_the_cli(tiny_dir, tmp_path):
+def llm_judge_config(tiny_dir, out):
     """configs/llm_judge.yaml as shipped, the judge pointed at the tiny Llama of the test's models."""
     import yaml
 
-    from tests.test_quickstart import REPO, run_fit
+    from tests.test_quickstart import REPO
 
     data = yaml.safe_load((REPO / "configs" / "llm_judge.yaml").read_text())
     data["data"]["init_args"]["method"]["init_args"]["ranker"]["init_args"]["path"] = str(tiny_dir / "llama")
-    config = tmp_path / "llm_judge.yaml"
+    data["trainer"]["log_every_n_steps"] = 1
+    config = out / "llm_judge.yaml"
     config.write_text(yaml.safe_dump(data))
-    run_fit(config, tiny_dir, tmp_path)
+    return config
+
+
+@pytest.fixture(scope="module")
+def judged_run(tiny_dir, tmp_path_factory):
+    from tests.test_quickstart import run_fit
+
+    out = tmp_path_factory.mktemp("llm_judge")
+    run_fit(llm_judge_config(tiny_dir, out), tiny_dir, out)
+    return out
+
+
+def test_the_llm_judge_recipe_runs_through_the_cli(judged_run):
+    tmp_path = judged_run
     summary = json.loads((tmp_path / "self_play" / "summary.json").read_text())["iterations"]
     assert len(summary) == 1 and 0.0 <= summary[0]["win_rate_vs_initial"] <= 1.0
-    assert summary[0]["judge"]["judge_calls"] == 64 * 20  # 64 prompts, 5 x 4 ordered pairs each
+    judge_counts = summary[0]["judge"]
+    # 64 prompts, 5 x 4 ordered pairs each: every one asked, or answered by the cache (identical samples)
+    assert judge_counts["judge_calls"] + judge_counts["cache_hits"] == 64 * 20 and judge_counts["judge_calls"] > 0
     assert list((tmp_path / "self_play" / "judgments").glob("judgments.*.jsonl"))
+
+
+def test_a_killed_llm_judge_run_resumes_to_the_same_result(tiny_dir, tmp_path, judged_run):
+    """Killed mid-training (before its first checkpoint), restarted with --ckpt_path last: a true line
+    (no checkpoint yet), the stages reused (no question asked again), and the uninterrupted run's result."""
+    import signal
+
+    from tests.test_quickstart import run_fit
+    from tests.test_resume import assert_same_run
+
+    config, marker = llm_judge_config(tiny_dir, tmp_path), tmp_path / "killed"
+    first = run_fit(config, tiny_dir, tmp_path, "--trainer.callbacks+=tests.kill_switch.KillSwitch",
+                    f"--trainer.callbacks.marker={marker}", "--trainer.callbacks.epoch=0",
+                    "--trainer.callbacks.batch=3", check=False)
+    assert first.returncode == -signal.SIGKILL
+    resumed = run_fit(config, tiny_dir, tmp_path, "--ckpt_path", "last")
+    console = " ".join((resumed.stdout + resumed.stderr).split())
+    assert "--ckpt_path last: no checkpoint in" in console and "HINT" not in console
+    assert "iteration_1: reusing rankings" in console
+    assert_same_run(judged_run, tmp_path)

@@ -103,10 +103,12 @@ def test_the_quickstart_writes_everything_under_default_root_dir_and_resumes_the
     fit("--trainer.max_epochs", "1")
     assert (root / "checkpoints" / "last.ckpt").exists()
     assert (root / "lightning_logs" / "version_0" / "metrics.csv").exists()
-    assert (root / "lightning_logs" / "version_0" / "hf_model" / "model.safetensors").exists()
+    first_export = (root / "hf_model" / "model.safetensors").read_bytes()
     fit("--trainer.max_epochs", "2", "--ckpt_path", "last")
     summary = (root / "self_play" / "summary.json").read_text()
     assert '"iteration": 2' in summary
     assert (root / "lightning_logs" / "version_1" / "metrics.csv").exists()  # as the README says
-    assert (root / "lightning_logs" / "version_1" / "hf_model" / "model.safetensors").exists()
+    # the export stays where the README says, replaced whole by the resumed run's
+    assert (root / "hf_model" / "model.safetensors").read_bytes() != first_export
+    assert not list(root.glob(".hf_model.*")) and not (root / "lightning_logs" / "version_1" / "hf_model").exists()
     assert default_root.exists() == existed  # nothing went to the config's own root

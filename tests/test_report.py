@@ -61,3 +61,17 @@ def test_sppo_gaps_are_read_and_plotted_beside_the_loss(tmp_path):
     assert read_gaps(tmp_path / "losses.jsonl") == {1: 300.0, 3: 310.5}
     paths = write_report(tmp_path, [{"iteration": 1, "win_rate_vs_initial": 0.965, "seconds": {}}], {})
     assert paths["loss"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_pair_run_summary_keeps_the_loss_its_settings_and_the_last_metrics(tmp_path):
+    import json
+
+    from sppo_lightning.pair_summary import pair_summary, write_pair_summary
+
+    summary = pair_summary({"loss": "dpo", "beta": 0.1, "lora": {"r": 4}, "_class_path": "x", "odd": object()},
+                           {"train/loss": 0.61, "val/loss": float("nan"), "epoch": 1.0}, steps=12, epochs=2)
+    assert summary == {"loss": "dpo", "settings": {"loss": "dpo", "beta": 0.1, "lora": {"r": 4}}, "steps": 12,
+                       "epochs": 2, "metrics": {"train/loss": 0.61, "val/loss": None}}
+    path, line = write_pair_summary(tmp_path, summary)
+    assert json.loads(path.read_text()) == summary
+    assert line == f"pair run | loss dpo | 12 steps, 2 epoch(s) | train/loss 0.61 (summary, with every setting: {path})"

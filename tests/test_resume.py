@@ -38,8 +38,11 @@ def losses(out_dir: Path) -> dict[int, float]:
 
 
 def final_weights(out_dir: Path) -> dict[str, torch.Tensor]:
-    (model,) = sorted(out_dir.glob("lightning_logs/version_*/hf_model/model.safetensors"))[-1:]
-    return load_file(model)
+    """The run's exported model (HFExport), or, for a recipe without one, its last checkpoint's weights."""
+    export = out_dir / "hf_model" / "model.safetensors"
+    if not export.exists():
+        return torch.load(out_dir / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")["state_dict"]
+    return load_file(export)
 
 
 def assert_same_run(baseline: Path, resumed: Path, steps: int | None = None) -> None:
@@ -108,3 +111,18 @@ def test_killed_run_resumes_to_the_same_result(tiny_dir, tmp_path, baseline, whe
         assert not shard.exists()  # merged into generations.parquet, then removed
     assert generations.stat().st_mtime_ns == before  # the finished stage was reused, not redone
     assert_same_run(baseline, tmp_path)
+
+
+def test_a_killed_pair_run_resumes_to_the_same_result(tiny_dir, tmp_path):
+    """configs/tiny_pairs.yaml (3 epochs of DPO-style pairs) killed in its second epoch, resumed with
+    --ckpt_path last: its last.ckpt is the first epoch's, and the run ends as the uninterrupted one."""
+    config, baseline, killed = REPO / "configs" / "tiny_pairs.yaml", tmp_path / "baseline", tmp_path / "killed"
+    baseline.mkdir(), killed.mkdir()
+    run_fit(config, tiny_dir, baseline, "--trainer.log_every_n_steps", "1")
+    marker = tmp_path / "marker"
+    first = run_fit(config, tiny_dir, killed, "--trainer.log_every_n_steps", "1",
+                    "--trainer.callbacks+=tests.kill_switch.KillSwitch", f"--trainer.callbacks.marker={marker}",
+                    "--trainer.callbacks.epoch=1", "--trainer.callbacks.batch=1", check=False)
+    assert first.returncode == -signal.SIGKILL and (killed / "checkpoints" / "last.ckpt").exists()
+    run_fit(config, tiny_dir, killed, "--trainer.log_every_n_steps", "1", "--ckpt_path", "last")
+    assert_same_run(baseline, killed)

@@ -103,7 +103,8 @@ def test_a_pipeline_iteration_with_a_lora_policy_and_no_kept_export(tmp_path, ll
     torch.manual_seed(0)
     policy = add_lora(load_causal_lm(llama), LoraSettings(r=8, alpha=16, extra={"init_lora_weights": False})).eval()
     generator = VLLMGenerator(max_new_tokens=16, batch_size=2, dtype="float32", max_model_len=256,
-                              enforce_eager=True, kv_cache_gib=1, keep_policy_exports=0, show_progress=False)
+                              enforce_eager=True, kv_cache_gib=1, keep_policy_exports=0, show_progress=False,
+                              live=False)  # the per-iteration export path
     pipeline = SPPO(FunctionJudge("sppo_lightning.ranking.judges:shorter"), generator, num_samples=3,
                     generation_shard_size=2)
     data = pipeline.build(0, prompts, Policies(policy), tokenizer, DistContext(), tmp_path / "run")
@@ -112,7 +113,7 @@ def test_a_pipeline_iteration_with_a_lora_policy_and_no_kept_export(tmp_path, ll
     assert not (folder / "policy").exists()  # keep_policy_exports: 0
     assert generator._engine is None  # released after the generations
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["stages"]["generations"]["input"]["policy"]  # the export's checksum, recorded
+    assert manifest["stages"]["generations"]["input"]["export"]  # the export's checksum, recorded
     assert manifest["settings"]["generator"]["class"] == "VLLMGenerator"
     generations = pq.read_table(folder / "generations.parquet").to_pylist()
     assert [g["response_ids"] for g in generations] == \
@@ -148,6 +149,7 @@ def vllm_config(out_dir: Path, llama: str, epochs: int, extra_callbacks=()) -> P
     trainer = data["trainer"]
     trainer.update(default_root_dir=str(out_dir), max_epochs=epochs)
     data["data"]["init_args"]["method"]["init_args"]["generation_shard_size"] = 16  # 64 prompts: 4 shards
+    data["data"]["init_args"]["method"]["init_args"]["generator"]["init_args"]["log_dir"] = str(out_dir)
     trainer["callbacks"] += list(extra_callbacks)
     path = out_dir / "config.yaml"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -185,8 +187,10 @@ def test_self_play_through_the_cli_with_vllm(uninterrupted):
     assert (export / "model.safetensors").exists() and (export / "export.json").exists()
     AutoModelForCausalLM.from_pretrained(export)  # a per-iteration checkpoint in Hugging Face format
     manifest = json.loads((run / "iteration_2" / "manifest.json").read_text())
-    assert manifest["stages"]["generations"]["input"]["policy"] == json.loads((export / "export.json").read_text())["checksum"]
-    assert "vLLM engine process" in (run / "iteration_1" / "vllm_rank0.log").read_text()
+    assert manifest["stages"]["generations"]["input"]["policy"]  # π_t's fingerprint: the live engine's samples
+    log = (out / "vllm_rank0.log").read_text()
+    assert log.count("vLLM engine process") == 1  # one engine for the run, not one per iteration
+    assert "one live engine for the run, fed π's weights in memory" in " ".join((result.stdout + result.stderr).split())
     console = result.stdout + result.stderr
     assert "INFO" not in console and "libtcmalloc" not in console  # the engine's chatter is in its log
     assert seconds < 300
@@ -199,9 +203,8 @@ def test_a_run_killed_while_the_engine_samples_resumes_from_its_last_shard(tmp_p
     first = fit(config, check=False)
     assert first.returncode == -9 and marker.exists()
     folder = tmp_path / "out" / "self_play" / "iteration_1"
-    assert (folder / "generations.shard_00000.parquet").exists() and (folder / "policy" / "export.json").exists()
-    export_written = (folder / "policy" / "model.safetensors").stat().st_mtime_ns
-    pid = int((folder / "vllm_rank0.log").read_text().split("vLLM engine process ")[1].split()[0])
+    assert (folder / "generations.shard_00000.parquet").exists()
+    pid = int((tmp_path / "out" / "vllm_rank0.log").read_text().split("vLLM engine process ")[1].split()[0])
     deadline = time.monotonic() + 60
     while _running(pid) and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -212,8 +215,26 @@ def test_a_run_killed_while_the_engine_samples_resumes_from_its_last_shard(tmp_p
     mine = pq.read_table(folder / "generations.parquet").column("response_ids").to_pylist()
     reference = uninterrupted[0] / "self_play" / "iteration_1" / "generations.parquet"
     assert mine == pq.read_table(reference).column("response_ids").to_pylist()
-    # The export of π_t written before the kill was reused, not rewritten (and kept: it is the newest).
-    assert (folder / "policy" / "model.safetensors").stat().st_mtime_ns == export_written
+    assert (folder / "policy" / "export.json").exists()  # π_t saved for the user (keep_policy_exports: 1)
+    # And the iteration trained as the uninterrupted run's first iteration did (SPPO restarts its
+    # optimizer and schedule each iteration, so a 1-iteration run's steps are the 2-iteration run's first).
+    mine, theirs = losses(tmp_path / "out"), losses(uninterrupted[0])
+    assert mine and all(mine[step] == pytest.approx(theirs[step], rel=1e-6) for step in mine), (mine, theirs)
+    row = json.loads((tmp_path / "out" / "self_play" / "summary.json").read_text())["iterations"][0]
+    first = json.loads((uninterrupted[0] / "self_play" / "summary.json").read_text())["iterations"][0]
+    assert (row["chosen_p_win"], row["pairs"]) == (first["chosen_p_win"], first["pairs"])
+
+
+def losses(out_dir: Path) -> dict[int, float]:
+    """train/loss by global step over every logger version (a resumed run writes a new one)."""
+    import csv
+
+    steps = {}
+    for metrics in sorted(out_dir.glob("lightning_logs/version_*/metrics.csv")):
+        for row in csv.DictReader(metrics.open()):
+            if row.get("train/loss"):
+                steps[int(row["step"])] = float(row["train/loss"])
+    return steps
 
 
 def _running(pid: int) -> bool:

@@ -9,6 +9,7 @@ callback (``callbacks/self_play.py``) reads what the method recorded from the ru
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from functools import partial
 from pathlib import Path
@@ -22,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from sppo_lightning.data.prompts import Prompt, load_prompts
 from sppo_lightning.data.shuffle import EpochShuffle
 from sppo_lightning.data.tokenize import collate_pairs
-from sppo_lightning.errors import ConfigError
+from sppo_lightning.errors import ConfigError, SettingsMismatch
 from sppo_lightning.distributed import DistContext
 from sppo_lightning.methods.protocol import Policies, SelfPlayMethod
 from sppo_lightning.models import load_tokenizer
@@ -103,6 +104,9 @@ class SelfPlayDataModule(L.LightningDataModule):
         self.samples: tuple[list[str], list[list[Any]]] = ([], [])  # the current iteration's first pairs
         self.iteration_size = prompts_per_iteration  # what an iteration draws; setup asks the method
         self._built_iteration: Optional[int] = None
+        # iteration -> the fingerprint of π_t, kept in checkpoints: a run resumed in the middle of an
+        # iteration holds later weights, and the samples on disk are checked against π_t's.
+        self.identities: dict[int, str] = {}
 
     def setup(self, stage: str) -> None:
         for key, value in (("epochs_per_iteration", self.epochs_per_iteration), ("batch_size", self.batch_size),
@@ -181,13 +185,36 @@ class SelfPlayDataModule(L.LightningDataModule):
         picked = self.prompts[start : start + n]
         return picked + self.prompts[: n - len(picked)]
 
+    def fresh_run_flag(self) -> str:
+        """The one flag that gives this run folders of its own: a new root (every output follows it),
+        or, where ``run_dir`` is set, a new run dir; the first free ``<name>-2``, ``<name>-3``, ..."""
+        key, current = ("--data.run_dir", self.run_dir) if self.run_dir_setting else \
+            ("--trainer.default_root_dir", Path(self.trainer.default_root_dir) if self.trainer else self.run_dir.parent)
+        n = 2
+        while Path(f"{current}-{n}").exists():
+            n += 1
+        return f"{key} {current}-{n}"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"policy_identities": {str(k): v for k, v in self.identities.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.identities = {int(k): v for k, v in state.get("policy_identities", {}).items()}
+
     def train_dataloader(self) -> DataLoader:
         epoch = self.trainer.current_epoch if self.trainer else 0
         iteration = self.iteration_of(epoch)
         if self._built_iteration != iteration:
             # The one place the Lightning run meets the method: the module's policies and the processes.
-            data = self.method.build(iteration, self.iteration_prompts(iteration), Policies.of(self.trainer.lightning_module),
-                                     self.tokenizer, DistContext.from_trainer(self.trainer), self.run_dir)
+            policies, ctx = Policies.of(self.trainer.lightning_module), DistContext.from_trainer(self.trainer)
+            if iteration not in self.identities:  # the iteration begins now: these weights are π_t
+                self.identities[iteration] = ctx.broadcast(policies.fingerprint())
+            policies = dataclasses.replace(policies, identity=self.identities[iteration])
+            try:
+                data = self.method.build(iteration, self.iteration_prompts(iteration), policies, self.tokenizer, ctx,
+                                         self.run_dir)
+            except SettingsMismatch as err:
+                raise ConfigError(f"{err}; to start a fresh run instead, add {self.fresh_run_flag()}") from None
             self.pairs, self.samples = data.pairs, data.samples
             self._built_iteration = iteration
         return DataLoader(

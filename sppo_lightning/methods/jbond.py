@@ -130,10 +130,9 @@ class JBOND:
         if generation_shard_size < 1:
             raise ConfigError(f"generation_shard_size must be at least 1, got {generation_shard_size}")
         if getattr(self.generator, "wants_export", False):
-            raise ConfigError(f"{type(self.generator).__name__} samples from an export of the policy made once per "
-                              f"iteration; J-BOND samples the policy and its anchor at every step, which needs an "
-                              f"engine that follows the weights in memory (not built yet): use HFGenerator or "
-                              f"LinearAlignmentGenerator")
+            raise ConfigError(f"{type(self.generator).__name__} with live: false samples from an export made once "
+                              f"per iteration; J-BOND samples the policy and its anchor at every step: use live: true "
+                              f"(the engine follows the weights in memory), HFGenerator or LinearAlignmentGenerator")
 
     @property
     def anchor_samples(self) -> int:
@@ -165,7 +164,8 @@ class JBOND:
             ctx, artifacts, "generations", len(starts),
             lambda k: self._generate(policies, tokenizer, prompts[starts[k] : starts[k] + size], iteration, ctx,
                                      starts[k] // batch),
-            on_every_rank=True, expect=lambda k: {"first_prompt": starts[k]},
+            on_every_rank=True, source=policies.drawn_from(),  # π_t and its anchor: other weights are redone
+            expect=lambda k: {"first_prompt": starts[k]},
         )
         attach_judgment_cache(self.ranker, Path(run_dir))
         source = {"generations": artifacts.checksum("generations"),

@@ -79,9 +79,9 @@ class OnlinePairs:
         if reference_batch_size < 1 or generation_shard_size < 1:
             raise ConfigError("reference_batch_size and generation_shard_size must be at least 1")
         if getattr(self.generator, "wants_export", False):
-            raise ConfigError(f"{type(self.generator).__name__} samples from an export made once per iteration; "
-                              f"online pairs sample at every step, which needs an engine that follows the weights "
-                              f"in memory (not built yet): use HFGenerator or LinearAlignmentGenerator")
+            raise ConfigError(f"{type(self.generator).__name__} with live: false samples from an export made once per "
+                              f"iteration; online pairs sample at every step: use live: true (the engine follows "
+                              f"the weights in memory), HFGenerator or LinearAlignmentGenerator")
 
     @property
     def caches_reference(self) -> bool:
@@ -105,7 +105,7 @@ class OnlinePairs:
         policy = policies.policy
         artifacts = IterationArtifacts(run_dir, iteration, self.settings(prompts))
         sample_in_shards(ctx, artifacts, self.generator, policy, tokenizer, prompts, self.num_samples,
-                         seeds.iteration_stream(self.seed, iteration), self.shard_size)
+                         seeds.iteration_stream(self.seed, iteration), self.shard_size, policies.drawn_from())
         source = rank_in_shards(ctx, artifacts, self.ranker, tokenizer, run_dir)
         run_sharded_stage(ctx, artifacts, "train", artifacts.num_shards("generations"),
                           lambda k: self._pairs(artifacts, k, iteration, policy, tokenizer, ctx),

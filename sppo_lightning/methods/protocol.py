@@ -57,11 +57,30 @@ class Policies:
     policies by name, each a function that opens a context in which the model is usable (a LoRA
     anchor swapped in, adapters disabled for the initial policy) and yields it, or None where the
     module has no such model. Modules say what they hold in ``policies()``: ``PreferenceModule``
-    holds the policy alone; ``BondModule`` adds ``anchor`` and ``initial``.
+    holds the policy alone; ``BondModule`` adds ``anchor`` and ``initial``. ``identity``: the
+    fingerprint of the weights the iteration began with (π_t and its roles), which the data module
+    keeps in its checkpoint state; methods record it with the samples drawn (``drawn_from``).
     """
 
     policy: nn.Module
     roles: Mapping[str, Callable[[], ContextManager[Optional[nn.Module]]]] = field(default_factory=dict)
+    identity: Optional[str] = None
+
+    def fingerprint(self) -> str:
+        """The fingerprint of the weights as they are now: the policy's and every role's
+        (``policy_identity.weights_fingerprint``), e.g. ``3548d3f012509ecb``."""
+        from sppo_lightning.policy_identity import weights_fingerprint
+
+        parts = [weights_fingerprint(self.policy)]
+        for name in sorted(self.roles):
+            with self.roles[name]() as model:
+                parts.append(f"{name}={weights_fingerprint(model)}" if model is not None else name)
+        return parts[0] if len(parts) == 1 else weights_digest(parts)
+
+    def drawn_from(self) -> dict[str, str]:
+        """What samples of this iteration are recorded as drawn from: ``{"policy": identity}`` (the
+        fingerprint now where no identity was given: a plain script, at the iteration's start)."""
+        return {"policy": self.identity or self.fingerprint()}
 
     def role(self, name: str) -> ContextManager[Optional[nn.Module]]:
         """A context yielding the model of ``name`` (see the class docstring)."""
@@ -81,6 +100,12 @@ class Policies:
         if hasattr(module, "policies"):
             return module.policies()
         return cls(module if getattr(module, "policy", None) is None else module.policy)
+
+
+def weights_digest(parts: Sequence[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 @runtime_checkable

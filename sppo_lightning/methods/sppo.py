@@ -37,12 +37,20 @@ TRAINING_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "chosen_probs", 
                     "chosen_probs_lose", "reference_chosen_logps", "reference_rejected_logps"]
 
 
+def exports_policy(generator, policy) -> bool:
+    """Whether ``generator`` samples π_t from a per-iteration export (a vLLM engine that is not live,
+    or cannot take this policy in memory) rather than from the module."""
+    decide = getattr(generator, "exports_policy", None)
+    return decide(policy) if callable(decide) else bool(getattr(generator, "wants_export", False))
+
+
 def sample_in_shards(ctx: DistContext, artifacts: IterationArtifacts, generator, model, tokenizer,
                      prompts: Sequence[Prompt], num_samples: int, seed: int, shard_size: int,
                      source: Optional[dict[str, Any]] = None) -> None:
     """The ``generations`` stage: K samples per prompt, shard by shard (``shard_size`` prompts rounded
     up to whole generation batches, so that a prompt's seed does not depend on the shard); every
-    rank samples its share. ``source``: what the samples are made from (an export's checksum)."""
+    rank samples its share. ``source``: what the samples are drawn from (π_t's fingerprint, an export's
+    checksum): shards recorded with another source are redone."""
     batch = generator.batch_size
     size = math.ceil(shard_size / batch) * batch
     starts = range(0, len(prompts), size)
@@ -154,10 +162,16 @@ class SPPO:
             sample_in_shards(ctx, artifacts, self.generator, sampled_from, tokenizer, prompts, self.num_samples,
                              seed, self.shard_size, source)
 
-        if getattr(self.generator, "wants_export", False) and not self._finished(artifacts, "generations", ctx):
-            self._generate_from_export(artifacts, run_dir, policy, tokenizer, ctx, generations)
+        drawn_from = policies.drawn_from()  # π_t's fingerprint: samples of other weights are redone
+        if exports_policy(self.generator, policy) and not self._finished(artifacts, "generations", ctx, drawn_from):
+            self._generate_from_export(artifacts, run_dir, policy, tokenizer, ctx, generations, drawn_from)
         else:
-            generations(policy, {})
+            generations(policy, drawn_from)
+            if getattr(self.generator, "keep_policy_exports", 0):  # a live engine: π_t saved for the user
+                export_policy(policy, tokenizer, artifacts.dir / "policy", ctx)
+                if ctx.is_global_zero:
+                    prune_exports(run_dir, self.generator.keep_policy_exports)
+                ctx.barrier("prune_exports")
         source = rank_in_shards(ctx, artifacts, self.ranker, tokenizer, run_dir)
         # Every rank: the reference log-probs are split over the ranks (and are collectives under FSDP).
         run_sharded_stage(ctx, artifacts, "train", artifacts.num_shards("generations"),
@@ -166,20 +180,20 @@ class SPPO:
         return self._result(artifacts, iteration, prompts, ctx)
 
     @staticmethod
-    def _finished(artifacts: IterationArtifacts, stage: str, ctx: DistContext) -> bool:
-        return bool(ctx.broadcast(artifacts.finished(stage) if ctx.is_global_zero else None))
+    def _finished(artifacts: IterationArtifacts, stage: str, ctx: DistContext, expect: dict[str, Any]) -> bool:
+        return bool(ctx.broadcast(artifacts.finished(stage, expect) if ctx.is_global_zero else None))
 
     def _generate_from_export(self, artifacts: IterationArtifacts, run_dir: Path, policy, tokenizer,
-                              ctx: DistContext, generations) -> None:
+                              ctx: DistContext, generations, drawn_from: dict[str, Any]) -> None:
         """For an engine generator (vLLM): π_t exported to ``iteration_<t>/policy``, sampled by the
-        engine with the training policy offloaded, the engine released, old exports pruned. The
-        export's checksum is the generations' recorded input: shards sampled from other weights
-        are redone."""
+        engine with the training policy offloaded, the engine released, old exports pruned. π_t's
+        fingerprint and the export's checksum are the generations' recorded input: shards sampled
+        from other weights are redone."""
         export = export_policy(policy, tokenizer, artifacts.dir / "policy", ctx,
                                lora=getattr(self.generator, "lora", "auto"))
         try:
             with offloaded(policy, getattr(self.generator, "offload_policy", False)):
-                generations(export, {"policy": export.checksum})
+                generations(export, {**drawn_from, "export": export.checksum})
         finally:
             self.generator.release()
         if ctx.is_global_zero:

@@ -119,6 +119,22 @@ class EngineProcess:
         self._conn.send(("generate", (list(requests), lora)))
         return self._receive("result", on_progress=on_progress)
 
+    def load_weights(self, tensors, bucket_bytes: int = 256 << 20) -> float:
+        """Replace the engine's weights with ``tensors`` (``(checkpoint name, tensor)`` pairs), in
+        memory: sent in buckets of at most ``bucket_bytes`` (plus one tensor) and loaded as they
+        arrive by vLLM's in-place ``reload_weights``; no file, no restart. Returns the engine's seconds."""
+        self._conn.send(("weights", None))
+        bucket, size = [], 0
+        for name, tensor in tensors:
+            bucket.append(_packed(name, tensor))
+            size += len(bucket[-1][3])
+            if size >= bucket_bytes:
+                self._conn.send(("bucket", bucket))
+                bucket, size = [], 0
+        self._conn.send(("bucket", bucket))
+        self._conn.send(("end", None))
+        return self._receive("loaded")
+
     def close(self) -> None:
         """Stop the engine; its memory goes with the process."""
         if self._process is None:
@@ -171,6 +187,16 @@ def _serve(conn, model: str, engine_kwargs: dict[str, Any], env: dict[str, str],
             break
         if kind == "close":
             break
+        if kind == "weights":
+            try:
+                conn.send(("loaded", _reload(llm, conn)))
+            except (BrokenPipeError, EOFError, ConnectionResetError):
+                break
+            except BaseException as error:  # noqa: BLE001
+                traceback.print_exc()
+                conn.send(("error", f"the vLLM engine could not load the new weights: {engine_reason(error)}"))
+                break
+            continue
         requests, lora = value
         try:
             conn.send(("result", _run(llm, SamplingParams, requests, lora, conn)))
@@ -206,3 +232,34 @@ def _run(llm, sampling_params, requests, lora, conn) -> list[list[int]]:
     if finished > reported:
         conn.send(("progress", finished - reported))
     return results  # type: ignore[return-value]
+
+
+def _packed(name: str, tensor) -> tuple[str, str, tuple[int, ...], bytes]:
+    """A tensor as plain bytes for the pipe (any dtype, bf16 included; no shared-memory handles)."""
+    import torch
+
+    cpu = tensor.detach().to("cpu").contiguous()
+    return name, str(cpu.dtype).removeprefix("torch."), tuple(cpu.shape), cpu.view(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _reload(llm, conn) -> float:
+    """The child's side of ``load_weights``: stream the buckets into ``reload_weights``, then clear the
+    prefix cache (it holds keys and values of the old weights)."""
+    import torch
+
+    def stream():
+        while True:
+            kind, bucket = conn.recv()
+            if kind == "end":
+                return
+            for name, dtype, shape, data in bucket:
+                flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                yield name, flat.view(getattr(torch, dtype)).reshape(shape)
+
+    start = time.perf_counter()
+    weights = stream()
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+    for _ in weights:  # whatever the loader left unread: the pipe must be at the next message
+        pass
+    llm.reset_prefix_cache()
+    return time.perf_counter() - start

@@ -1,10 +1,20 @@
 """``VLLMGenerator``: self-play sampling with a vLLM engine, continuous batching instead of static
 ``generate`` batches.
 
-Each iteration the pipeline exports π_t (``policy_export.py``: a merged model, or a LoRA adapter on
-its base) and hands this generator that export instead of the module. The engine runs in a child
-process (``vllm_engine.py``) that starts on the export, samples every shard of the iteration, and
-exits when the pipeline calls ``release()``: its memory goes with it.
+Two ways to reach π's weights (``live``):
+
+* **live** (the default): one engine for the whole run, started once on the model's config without
+  weights, and given π's weights in memory whenever they changed since its last sample (a
+  fingerprint of the weights decides; ``live_weights.py``, ``EngineProcess.load_weights``). The
+  methods hand ``sample`` the module itself, so per-step methods (J-BOND, online pairs) and the win
+  rate sample with the engine too; J-BOND's policy and anchor are swapped into the one engine.
+  Full-weight and LoRA policies (merged on the fly); QLoRA and FSDP take the export below.
+* **per-iteration export** (``live: false``, and the fallback): the pipeline exports π_t
+  (``policy_export.py``: a merged model, or a LoRA adapter on its base) and hands this generator
+  that export; an engine starts on it, samples the iteration's shards, and exits when the
+  pipeline calls ``release()``.
+
+The engine runs in a child process (``vllm_engine.py``); its memory goes when it exits.
 
 Sampling means what it means in :class:`~sppo_lightning.pipeline.HFGenerator`: temperature, top_p,
 no top-k, ``max_new_tokens``, stop at the policy's EOS ids (kept in the response); responses are
@@ -22,6 +32,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from importlib import metadata
 from typing import Any, Optional, Sequence
 
@@ -68,20 +79,25 @@ class VLLMGenerator:
         lora: how a LoRA policy reaches the engine: ``request`` (the adapter on the unchanged base),
             ``merged`` (a merged copy), or ``auto`` (request for LoRA, merged for QLoRA and FSDP).
         keep_policy_exports: how many iterations' exports of π_t to keep (the newest): 0 removes
-            each once its generations are written, -1 keeps all (per-iteration checkpoints).
+            each once its generations are written, -1 keeps all (per-iteration checkpoints). A live
+            engine needs none: with 0 none is written; otherwise SPPO writes them for you.
         offload_policy: move the training policy to host memory while the engine samples (GPU).
         show_progress: a progress bar of finished sequences (rank 0).
         start_timeout: seconds an engine may take to start.
+        live: keep one engine for the run and sync π's weights into it in memory (see the module
+            docstring); false: export π_t and start an engine every iteration.
+        bucket_mib: the most MiB of weights sent to a live engine at a time.
+        log_dir: where a live engine writes vLLM's console output (``vllm_rank<r>.log``); None: a
+            temporary folder, removed with the engine (the start line names it).
     """
-
-    wants_export = True  # the pipeline hands sample() a PolicyExport of π_t, not the module
 
     def __init__(self, temperature: float = 0.7, top_p: float = 0.9, max_new_tokens: int = 512,
                  batch_size: int = 64, gpu_memory_utilization: float = 0.5, tensor_parallel_size: int = 1,
                  dtype: str = "auto", max_model_len: Optional[int] = None, enforce_eager: bool = False,
                  kv_cache_gib: Optional[float] = None, engine_kwargs: Optional[dict[str, Any]] = None,
                  lora: str = "auto", keep_policy_exports: int = 1, offload_policy: bool = True,
-                 show_progress: bool = True, start_timeout: float = 1800.0) -> None:
+                 show_progress: bool = True, start_timeout: float = 1800.0, live: bool = True,
+                 bucket_mib: int = 256, log_dir: Optional[str] = None) -> None:
         check_sampling(type(self).__name__, temperature, top_p, max_new_tokens, batch_size)
         checks = [
             (0 < gpu_memory_utilization <= 1, f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}"),
@@ -102,8 +118,41 @@ class VLLMGenerator:
         self.engine_kwargs = dict(engine_kwargs or {})
         self.lora, self.keep_policy_exports, self.offload_policy = lora, keep_policy_exports, offload_policy
         self.show_progress, self.start_timeout = show_progress, start_timeout
+        if not isinstance(bucket_mib, int) or bucket_mib < 1:
+            raise ConfigError(f"VLLMGenerator: bucket_mib must be an integer >= 1, got {bucket_mib!r}")
+        self.live, self.bucket_mib, self.log_dir = live, bucket_mib, log_dir
         self._engine: Optional[EngineProcess] = None
         self._engine_key: Optional[tuple] = None
+        self._live_folder: Optional[str] = None
+        self._synced: Optional[str] = None  # the fingerprint of the weights the live engine holds
+        self.sync_seconds: list[float] = []  # each sync's time (parent and engine), for the bench
+        self._said: set[str] = set()
+
+    @property
+    def wants_export(self) -> bool:
+        """Whether the pipeline must hand ``sample`` an export of π_t (not the module)."""
+        return not self.live
+
+    def exports_policy(self, policy) -> bool:
+        """Whether ``policy`` reaches the engine through a per-iteration export: ``live: false``, or a
+        policy the live engine cannot take (QLoRA, FSDP), said once in one line."""
+        from sppo_lightning.pipeline.live_weights import live_unsupported
+
+        if not self.live:
+            self._say("VLLMGenerator: π_t is exported every iteration and an engine started on it (live: false)")
+            return True
+        reason = live_unsupported(policy)
+        if reason is not None:
+            self._say(f"VLLMGenerator: a per-iteration export instead of the live engine: {reason}")
+            return True
+        return False
+
+    def _say(self, line: str) -> None:
+        if line not in self._said:
+            from lightning.pytorch.utilities import rank_zero_info
+
+            self._said.add(line)
+            rank_zero_info(line)
 
     def fingerprint(self) -> dict[str, Any]:
         """What the samples depend on besides π_t (whose export checksum the generations record)."""
@@ -114,7 +163,7 @@ class VLLMGenerator:
                 "engine_kwargs": {k: repr(v) for k, v in sorted(self.engine_kwargs.items())}}
 
     # ------------------------------------------------------------------------------ engine
-    def engine_settings(self, export: PolicyExport, ctx: DistContext) -> tuple[dict[str, Any], dict[str, str]]:
+    def engine_settings(self, export: Optional[PolicyExport], ctx: DistContext) -> tuple[dict[str, Any], dict[str, str]]:
         """``vllm.LLM`` keyword arguments and the child's environment, for ``export`` on ``ctx``'s device."""
         kwargs: dict[str, Any] = {"dtype": self.dtype, "enforce_eager": self.enforce_eager, "seed": 0,
                                   "tensor_parallel_size": self.tensor_parallel_size}
@@ -134,7 +183,9 @@ class VLLMGenerator:
             # vLLM's CPU runner rewinds a seeded request's generator when a chunked prefill discards its
             # sample, which CPU generators cannot do ("CPU Generator does not use offset"): whole prefills.
             kwargs["enable_chunked_prefill"] = False
-        if export.adapter is not None:
+        if export is None:  # live: the engine starts without weights and gets π's from memory
+            kwargs["load_format"] = "dummy"
+        elif export.adapter is not None:
             kwargs["enable_lora"] = True
             kwargs["max_lora_rank"] = next((r for r in LORA_RANKS if r >= (export.lora_rank or 1)), export.lora_rank)
         if not os.environ.get("SPPO_LIGHTNING_VERBOSE"):
@@ -152,11 +203,48 @@ class VLLMGenerator:
             self._engine_key = key
         return self._engine
 
+    def _live_engine(self, model, tokenizer, ctx: DistContext) -> EngineProcess:
+        """The run's engine (started on the first call), holding ``model``'s weights."""
+        import atexit
+        import tempfile
+        import time
+
+        from sppo_lightning.pipeline.live_weights import engine_folder, policy_weights, weights_identity
+
+        if self._engine is None or not self._engine.alive or self._engine_key != ("live",):
+            self.close()
+            self._live_folder = tempfile.mkdtemp(prefix="sppo-lightning-vllm-")
+            folder = engine_folder(model, tokenizer, Path(self._live_folder) / "config")
+            kwargs, env = self.engine_settings(None, ctx)
+            log = Path(self.log_dir or self._live_folder) / f"vllm_rank{ctx.rank}.log"
+            self._engine = EngineProcess(str(folder), kwargs, env, log_path=log, start_timeout=self.start_timeout)
+            self._engine_key, self._synced = ("live",), None
+            atexit.register(self.close)
+            self._say(f"VLLMGenerator: one live engine for the run, fed π's weights in memory (vLLM log: {log})")
+        identity = weights_identity(model)
+        if identity != self._synced:
+            start = time.perf_counter()
+            self._engine.load_weights(policy_weights(model), bucket_bytes=self.bucket_mib << 20)
+            self.sync_seconds.append(time.perf_counter() - start)
+            self._synced = identity
+        return self._engine
+
     def release(self) -> None:
-        """Stop the engine (the pipeline calls this when an iteration's generations are written)."""
+        """An iteration's generations are written: an export engine stops (its memory goes with it);
+        a live engine stays for the next iteration."""
+        if self._engine_key != ("live",):
+            self.close()
+
+    def close(self) -> None:
+        """Stop the engine, live or not (at the end of the run, or at exit)."""
+        import shutil
+
         if self._engine is not None:
             self._engine.close()
-        self._engine, self._engine_key = None, None
+        self._engine, self._engine_key, self._synced = None, None, None
+        if self._live_folder is not None:
+            shutil.rmtree(self._live_folder, ignore_errors=True)
+            self._live_folder = None
 
     # ------------------------------------------------------------------------------ sampling
     def requests(self, prompts: Sequence[Prompt], num_samples: int, seed: int, batches: Sequence[int],
@@ -179,20 +267,28 @@ class VLLMGenerator:
                ctx: DistContext, batch_offset: int = 0, desc: str = "sampling") -> list[list[list[int]]]:
         """``[N][num_samples]`` response ids on every rank (see ``Generator.sample``). ``model``: π_t's
         export (``wants_export``: the pipeline passes a ``PolicyExport``, not the module)."""
-        export = model
-        if not isinstance(export, PolicyExport):
-            raise ConfigError("VLLMGenerator samples from an export of the policy (the SPPO pipeline makes one); "
-                              "it cannot sample a module in memory: use HFGenerator there")
+        export = model if isinstance(model, PolicyExport) else None
+        if export is None:
+            from sppo_lightning.generation import eos_ids
+            from sppo_lightning.pipeline.live_weights import _inner, live_unsupported
+
+            reason = live_unsupported(model) if self.live else "live: false samples a per-iteration export"
+            if reason is not None:
+                raise ConfigError(f"VLLMGenerator cannot sample this policy in memory ({reason}): use HFGenerator "
+                                  f"for this method, or a full-weight or LoRA policy")
+            stop = sorted(eos_ids(_inner(model), tokenizer))
+        else:
+            stop = export.eos_token_ids
         count = math.ceil(len(prompts) / self.batch_size)
         if self.tensor_parallel_size > 1:  # one engine, on rank 0, over several GPUs
             mine = list(range(count)) if ctx.is_global_zero else []
         else:
             mine = [b for b, _ in rank_batches(count, ctx.rank, ctx.world_size)]
         results: list[list[list[int]]] = [[] for _ in prompts]
-        requests = self.requests(prompts, num_samples, seed, mine, batch_offset, export.eos_token_ids)
+        requests = self.requests(prompts, num_samples, seed, mine, batch_offset, stop)
         if requests:
-            lora = ("policy", 1, export.adapter) if export.adapter else None
-            engine = self._engine_for(export, ctx)
+            lora = ("policy", 1, export.adapter) if export is not None and export.adapter else None
+            engine = self._engine_for(export, ctx) if export is not None else self._live_engine(model, tokenizer, ctx)
             with tqdm(total=len(requests), desc=desc, unit="seq",
                       disable=not (self.show_progress and ctx.is_global_zero)) as bar:
                 outputs = engine.generate(requests, lora, on_progress=bar.update)

@@ -38,8 +38,11 @@ class JudgmentCache:
                     continue  # a line torn by a crash
 
     def get_many(self, keys: Iterable[str]) -> dict[str, float]:
+        """The cached values of ``keys``; ``hits`` counts every question answered, repeats included
+        (so that questions asked + hits = questions judged)."""
+        keys = list(keys)
         found = {k: self.values[k] for k in keys if k in self.values}
-        self.hits += len(found)
+        self.hits += sum(1 for k in keys if k in found)
         return found
 
     def put_many(self, values: dict[str, float]) -> None:

@@ -61,10 +61,18 @@ def cached_margins(judge: str, questions: list[Question], cache: Optional[Judgme
                    compute: Callable[[list[Question], list[str]], list[float]]) -> tuple[list[float], int]:
     """Margins of ``questions``: from ``cache`` where it has them (keyed by the judge's fingerprint
     hash ``judge``), the rest from ``compute(questions, keys)``, which stores them under ``keys`` as
-    it goes. Returns the margins and how many were computed."""
+    it goes. Returns the margins and how many were computed. A question asked twice in one call
+    (two identical samples) is computed once; with a cache its repeats count as hits, so that
+    computed + ``cache.hits`` = ``len(questions)``."""
     keys = [judgment_key(judge, *q) for q in questions]
     known = cache.get_many(keys) if cache is not None else {}
-    todo = [k for k, key in enumerate(keys) if key not in known]
+    first: dict[str, int] = {}
+    missing = [k for k, key in enumerate(keys) if key not in known]
+    for k in missing:
+        first.setdefault(keys[k], k)
+    todo = list(first.values())
+    if cache is not None:
+        cache.hits += len(missing) - len(todo)
     if todo:
         values = compute([questions[k] for k in todo], [keys[k] for k in todo])
         known = {**known, **{keys[k]: v for k, v in zip(todo, values)}}
