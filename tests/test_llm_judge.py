@@ -206,3 +206,47 @@ def test_a_killed_llm_judge_run_resumes_to_the_same_result(tiny_dir, tmp_path, j
     assert "--ckpt_path last: no checkpoint in" in console and "HINT" not in console
     assert "iteration_1: reusing rankings" in console
     assert_same_run(judged_run, tmp_path)
+
+
+def test_a_full_disk_while_keeping_judgments_is_one_line_and_keeps_the_earlier_ones(tiny_llama, tmp_path,
+                                                                                  monkeypatch):
+    """The disk fills while the judge's answers are appended: one line, the earlier judgments reused."""
+    import errno
+    import pathlib
+
+    from sppo_lightning.errors import TrainingError
+
+    first = judge(tiny_llama)
+    first.use_cache(JudgmentCache(tmp_path))
+    first.pairwise_logits(PROMPTS[:1], CANDIDATES[:1])  # 6 judgments on disk
+    real_open = pathlib.Path.open
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, text):
+            self.f.write(text[: len(text) // 2])  # half a line, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def fills(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        return Full(f) if path.name.startswith("judgments.") and "a" in mode else f
+
+    second = judge(tiny_llama)
+    second.use_cache(JudgmentCache(tmp_path))
+    monkeypatch.setattr(pathlib.Path, "open", fills)
+    with pytest.raises(TrainingError, match=rf"^no space left in {tmp_path} to keep the judge's answers "
+                                            rf"\(.* MiB free\); the 6 judgments kept so far are reused on resume"):
+        second.pairwise_logits(PROMPTS, CANDIDATES)
+    monkeypatch.setattr(pathlib.Path, "open", real_open)
+    again = judge(tiny_llama)
+    again.use_cache(JudgmentCache(tmp_path))  # the torn line is skipped, the 6 answers are there
+    again.pairwise_logits(PROMPTS, CANDIDATES)
+    assert again.cache.hits == 6 and again.calls == 6

@@ -6,7 +6,7 @@ import copy
 import torch
 import yaml
 
-from sppo_lightning.policy_identity import weights_fingerprint
+from sppo_lightning.policy_identity import device_sums, weights_fingerprint
 from tests.test_quickstart import REPO, run_fit
 from tests.test_resume import assert_same_run
 
@@ -38,6 +38,23 @@ def test_the_fingerprint_names_the_trainable_bits_whatever_the_thread_count():
         changed_frozen[0].weight.add_(1.0)
     assert weights_fingerprint(changed_frozen) == weights_fingerprint(frozen) != digest
     assert weights_fingerprint(model.bfloat16()) != digest  # every dtype: its bits, as integers
+
+
+def test_the_on_device_sums_are_exact_and_order_free():
+    """What a weight on a GPU contributes (integer reductions where it is), checked on the CPU."""
+    torch.manual_seed(0)
+    weight = torch.randn(3000, 7)
+    sums = device_sums(weight)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert device_sums(weight) == sums
+    finally:
+        torch.set_num_threads(threads)
+    nudged = weight.clone()
+    nudged[1234, 5] = torch.nextafter(nudged[1234, 5], torch.tensor(9.0))
+    assert device_sums(nudged) != sums and device_sums(weight.flip(0)) != sums
+    assert device_sums(weight.bfloat16()) != device_sums(weight)
 
 
 def jbond_config(out, epochs: int = 3):

@@ -147,26 +147,34 @@ def test_one_line_errors(monkeypatch, tiny_llama, prompts, tokenizer):
                             ({"lora": "adapter"}, "lora must be one of"),
                             ({"max_model_len": 64, "max_new_tokens": 64}, "max_model_len \\(64\\) must exceed"),
                             ({"temperature": 0}, "temperature must be > 0"),
-                            ({"tensor_parallel_size": 0}, "tensor_parallel_size must be an integer")]:
+                            ({"tensor_parallel_size": 0}, "tensor_parallel_size must be an integer"),
+                            ({"bucket_mib": 0}, "bucket_mib must be an integer >= 1")]:
         with pytest.raises(ConfigError, match=message):
             VLLMGenerator(**kwargs)
-    with pytest.raises(ConfigError, match="samples from an export of the policy"):
-        VLLMGenerator().sample(AutoModelForCausalLM.from_pretrained(tiny_llama), tokenizer, prompts, 2, 0, DistContext())
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    with pytest.raises(ConfigError, match=r"cannot sample this policy in memory \(live: false samples a per-iteration"):
+        VLLMGenerator(live=False).sample(model, tokenizer, prompts, 2, 0, DistContext())
+    with pytest.raises(ConfigError, match=r'VLLMGenerator: vLLM is not installed'):  # live: an engine is needed
+        VLLMGenerator().sample(model, tokenizer, prompts, 2, 0, DistContext())
 
 
-def test_per_step_methods_refuse_an_engine_that_cannot_follow_the_weights_yet():
+def test_per_step_methods_take_the_live_engine_and_refuse_the_per_iteration_one():
     from sppo_lightning.methods import JBOND, OnlinePairs
 
     judge = FunctionJudge("sppo_lightning.ranking.judges:shorter")
     for method in (JBOND, OnlinePairs):
-        with pytest.raises(ConfigError, match="VLLMGenerator samples from an export"):
-            method(judge, generator=VLLMGenerator())
+        method(judge, generator=VLLMGenerator())  # live: follows the weights in memory
+        with pytest.raises(ConfigError, match="VLLMGenerator with live: false samples from an export"):
+            method(judge, generator=VLLMGenerator(live=False))
 
 
 def test_the_win_rate_of_a_vllm_run_samples_with_the_engines_settings():
     from sppo_lightning.callbacks.self_play import evaluation_generator
 
-    evaluation = evaluation_generator(VLLMGenerator(temperature=0.5, top_p=0.8, max_new_tokens=7, batch_size=3))
+    live = VLLMGenerator()
+    assert evaluation_generator(live) is live  # a live engine samples the win rate too
+    evaluation = evaluation_generator(VLLMGenerator(temperature=0.5, top_p=0.8, max_new_tokens=7, batch_size=3,
+                                                    live=False))
     assert isinstance(evaluation, HFGenerator)
     assert (evaluation.temperature, evaluation.top_p, evaluation.max_new_tokens, evaluation.batch_size) == (0.5, 0.8, 7, 3)
     plain = HFGenerator(temperature=0.3)
@@ -184,3 +192,38 @@ def test_engine_reason_quotes_the_innermost_cause_on_one_line():
     error = ValueError("1 validation error for VllmConfig\n  Value error, bad int: '1.0' [type=value_error, "
                        "input_value=ArgsKwargs(...)]\n    For further information visit https://errors.pydantic.dev")
     assert engine_reason(error) == "ValueError: Value error, bad int: '1.0'"
+
+
+def test_live_weights_are_the_merged_checkpoint_and_name_the_active_adapter(tiny_llama):
+    """What a live engine is fed (no vLLM needed): the state dict merge_and_unload gives, under the
+    checkpoint's names; the identity tells the policy, its anchor adapter and the adapters-off base apart."""
+    from sppo_lightning.pipeline.live_weights import live_unsupported, policy_weights, weights_identity
+
+    torch.manual_seed(0)
+    base = load_causal_lm(tiny_llama)
+    assert dict(policy_weights(base)).keys() == base.state_dict().keys()
+    policy = add_lora(base, LoraSettings(r=4, alpha=8, extra={"init_lora_weights": False}))
+    policy.add_adapter("anchor", copy.deepcopy(policy.peft_config["default"]))
+    policy.set_adapter("default")
+    merged = copy.deepcopy(policy).merge_and_unload(adapter_names=["default"]).state_dict()
+    streamed = dict(policy_weights(policy))
+    assert streamed.keys() == merged.keys()
+    for name, value in merged.items():
+        torch.testing.assert_close(streamed[name], value, rtol=0, atol=0)
+    assert live_unsupported(policy) is None
+    own = weights_identity(policy)
+    policy.set_adapter("anchor")
+    anchor = weights_identity(policy)
+    assert anchor != own and any(not torch.equal(dict(policy_weights(policy))[n], merged[n]) for n in merged)
+    policy.set_adapter("default")
+    with policy.disable_adapter():
+        off = weights_identity(policy)
+        plain = dict(policy_weights(policy))
+    assert len({own, anchor, off}) == 3 and weights_identity(policy) == own
+    for name, value in load_causal_lm(tiny_llama).state_dict().items():
+        torch.testing.assert_close(plain[name], value, rtol=0, atol=0)  # adapters off: the base itself
+
+
+def test_a_live_engine_starts_without_weights():
+    kwargs, _ = VLLMGenerator().engine_settings(None, DistContext())
+    assert kwargs["load_format"] == "dummy" and "enable_lora" not in kwargs

@@ -151,3 +151,29 @@ def test_the_online_method_on_the_live_engine(tmp_path, readme_llama):
     summary = json.loads((tmp_path / "online" / "online" / "summary.json").read_text())["iterations"]
     assert len(summary) == 6 and all(row["pairs"] > 0 for row in summary)
     assert "one live engine for the run" in " ".join((result.stdout + result.stderr).split())
+
+
+def test_a_qlora_policy_is_streamed_dequantised_and_merged(tmp_path, llama, tokenizer, prompts):
+    """QLoRA (a 4-bit base on CPU, bitsandbytes): the live engine gets each 4-bit weight dequantised with
+    the adapter's delta added, and samples greedily what HF samples from the export's merged fp32 copy."""
+    from transformers import AutoModelForCausalLM
+
+    from sppo_lightning.models import export_hf
+    from sppo_lightning.pipeline.live_weights import live_unsupported
+
+    torch.manual_seed(0)
+    policy = add_lora(load_causal_lm(llama, quantize_4bit=True),
+                      LoraSettings(r=8, alpha=16, extra={"init_lora_weights": False})).eval()
+    assert live_unsupported(policy) is None
+    folder = engine_folder(policy, tokenizer, tmp_path / "config")
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+    engine = EngineProcess(str(folder), {**ENGINE, "load_format": "dummy"}, CPU_ENV, log_path=tmp_path / "vllm.log")
+    try:
+        engine.load_weights(policy_weights(policy))
+        merged = AutoModelForCausalLM.from_pretrained(
+            export_hf(policy, tokenizer, tmp_path / "merged", merged_dtype=torch.float32)).eval()
+        stop = sorted(eos_ids(merged, tokenizer))
+        got = engine.generate([(p.ids, greedy(24, stop)) for p in prompts])
+        assert got == hf_greedy(merged, tokenizer, prompts, 24)
+    finally:
+        engine.close()

@@ -27,11 +27,13 @@ class Generator(Protocol):
     def sample(self, model: Any, tokenizer, prompts: Sequence[Prompt], num_samples: int, seed: int,
                ctx: DistContext, batch_offset: int = 0, desc: str = "sampling") -> list[list[list[int]]]:
         """``[N][num_samples]`` response token ids (EOS kept where the model stopped), the same on
-        every rank. ``model``: the policy module; for a generator whose class sets
-        ``wants_export = True`` (an engine: ``VLLMGenerator``), the ``PolicyExport`` of π_t that the
-        pipeline writes each iteration, and the pipeline calls its ``release()`` after sampling.
-        ``seed`` with the global batch index ``batch_offset + b`` fixes batch b's samples, so a prompt's samples do not depend on the shard or rank that draws it. ``desc``
-        labels the progress bar (training samples, or the evaluation's)."""
+        every rank. ``model``: the policy module; for a generator with ``wants_export`` true (or an
+        ``exports_policy(policy)`` that says so: ``VLLMGenerator`` with ``live: false``, or a policy its
+        live engine cannot take), the ``PolicyExport`` of π_t that the pipeline writes each
+        iteration, and the pipeline calls its ``release()`` after sampling. ``seed`` with the global
+        batch index ``batch_offset + b`` fixes batch b's samples, so a prompt's samples do not depend
+        on the shard or rank that draws it. ``desc`` labels the progress bar (training samples, or
+        the evaluation's)."""
         ...
 
     def fingerprint(self) -> dict[str, Any]:

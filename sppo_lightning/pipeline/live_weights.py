@@ -6,8 +6,10 @@ the engine in memory (``EngineProcess.load_weights``) instead of an export to di
   (``get_delta_weight``: exactly what ``merge_and_unload`` computes), under the base model's names;
   with the adapters disabled (the initial policy), the base weights alone. Nothing is copied but
   the merged layers, one at a time;
-* QLoRA (a 4-bit base) and FSDP-sharded policies are not streamed (``live_unsupported`` says why):
-  they take the per-iteration export.
+* QLoRA (a 4-bit base): each 4-bit weight dequantised (``quantization.dequantize_4bit_weight``),
+  the adapter's delta added, one layer at a time: the function the export's merged copy has, the
+  engine running it unquantised;
+* FSDP-sharded policies are not streamed (``live_unsupported`` says why): they take the export.
 
 The engine starts once on ``engine_folder``: the config and tokenizer without weights
 (``load_format: dummy``), then gets the real weights from memory.
@@ -24,11 +26,8 @@ from torch import nn
 
 def live_unsupported(model: nn.Module) -> Optional[str]:
     """Why ``model``'s weights cannot be streamed to a live engine, or None if they can."""
-    from sppo_lightning.models import is_quantized
     from sppo_lightning.sharding import is_sharded
 
-    if is_quantized(model):
-        return "a 4-bit (QLoRA) policy is merged over its dequantised base in the per-iteration export"
     if is_sharded(model):
         return "an FSDP-sharded policy is gathered in the per-iteration export"
     return None
@@ -41,16 +40,21 @@ def _inner(model: nn.Module) -> nn.Module:
 @torch.no_grad()
 def policy_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, tensor)`` of the model as an engine loads it: checkpoint names, LoRA merged."""
-    from sppo_lightning.models import is_peft
+    from sppo_lightning.models import is_peft, is_quantized
 
-    if not is_peft(model):
+    if not is_peft(model) and not is_quantized(model):
         yield from model.state_dict().items()
         return
     from peft.tuners.lora import LoraLayer
 
-    base = model.get_base_model()
-    active = model.active_adapter if isinstance(model.active_adapter, str) else model.active_adapter[0]
+    base = model.get_base_model() if is_peft(model) else model
+    active = None
+    if is_peft(model):
+        active = model.active_adapter if isinstance(model.active_adapter, str) else model.active_adapter[0]
     layers = {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
+    if is_quantized(model):
+        yield from _dequantized(base, layers, active)
+        return
     for name, tensor in base.state_dict().items():
         if ".lora_" in name:
             continue
@@ -58,19 +62,20 @@ def policy_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, tensor
             continue
         owner, leaf = name.split(".base_layer.")
-        layer = layers[owner]
-        if leaf == "weight" and active in layer.lora_A and not layer.disable_adapters and not layer.merged:
-            tensor = tensor + layer.get_delta_weight(active).to(tensor.dtype)
-        yield f"{owner}.{leaf}", tensor
+        yield f"{owner}.{leaf}", _merged(layers[owner], active, tensor) if leaf == "weight" else tensor
 
 
 def engine_folder(model: nn.Module, tokenizer, folder: Path) -> Path:
-    """``folder`` with the model's config, generation config and tokenizer (no weights): what a live
+    """``folder`` with the model's config (without a quantisation block: the engine runs the
+    weights it is sent, unquantised), generation config and tokenizer (no weights): what a live
     engine starts on."""
     inner = _inner(model)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    inner.config.save_pretrained(folder)
+    config = inner.config.__class__.from_dict(inner.config.to_dict())
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(folder)
     if getattr(inner, "generation_config", None) is not None:
         inner.generation_config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -91,3 +96,30 @@ def weights_identity(model: nn.Module) -> str:
         layer = next((m for m in model.modules() if isinstance(m, LoraLayer)), None)
         identity += f":{model.active_adapter}:{'off' if layer is not None and layer.disable_adapters else 'on'}"
     return identity
+
+
+def _merged(layer, active: Optional[str], weight: torch.Tensor) -> torch.Tensor:
+    if layer is not None and active in layer.lora_A and not layer.disable_adapters and not layer.merged:
+        return weight + layer.get_delta_weight(active).to(weight.dtype)
+    return weight
+
+
+def _dequantized(base: nn.Module, layers: dict, active: Optional[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """A 4-bit model's weights in full precision, each LoRA delta added: module by module."""
+    import bitsandbytes as bnb
+
+    from sppo_lightning.quantization import dequantize_4bit_weight
+
+    for name, module in base.named_modules():
+        if "lora_" in name:
+            continue
+        owner = name.removesuffix(".base_layer")
+        prefix = f"{owner}." if owner else ""
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight = dequantize_4bit_weight(module.weight).to(module.compute_dtype or torch.float32)
+            yield prefix + "weight", _merged(layers.get(owner), active, weight)
+            if module.bias is not None:
+                yield prefix + "bias", module.bias.detach()
+            continue
+        for pname, param in module.named_parameters(recurse=False):
+            yield prefix + pname, param.detach()

@@ -121,17 +121,18 @@ class EngineProcess:
 
     def load_weights(self, tensors, bucket_bytes: int = 256 << 20) -> float:
         """Replace the engine's weights with ``tensors`` (``(checkpoint name, tensor)`` pairs), in
-        memory: sent in buckets of at most ``bucket_bytes`` (plus one tensor) and loaded as they
-        arrive by vLLM's in-place ``reload_weights``; no file, no restart. Returns the engine's seconds."""
+        memory: each tensor's bytes go through the pipe as they are (no pickling, no copy on this
+        side), in messages of at most ``bucket_bytes``, and the engine loads each as it arrives
+        with vLLM's in-place ``reload_weights``; no file, no restart. Returns the engine's seconds."""
+        import torch
+
         self._conn.send(("weights", None))
-        bucket, size = [], 0
         for name, tensor in tensors:
-            bucket.append(_packed(name, tensor))
-            size += len(bucket[-1][3])
-            if size >= bucket_bytes:
-                self._conn.send(("bucket", bucket))
-                bucket, size = [], 0
-        self._conn.send(("bucket", bucket))
+            cpu = tensor.detach().to("cpu").contiguous()
+            raw = memoryview(cpu.view(-1).view(torch.uint8).numpy())
+            self._conn.send(("tensor", (name, str(cpu.dtype).removeprefix("torch."), tuple(cpu.shape), raw.nbytes)))
+            for start in range(0, raw.nbytes, bucket_bytes):
+                self._conn.send_bytes(raw[start:start + bucket_bytes])
         self._conn.send(("end", None))
         return self._receive("loaded")
 
@@ -234,14 +235,6 @@ def _run(llm, sampling_params, requests, lora, conn) -> list[list[int]]:
     return results  # type: ignore[return-value]
 
 
-def _packed(name: str, tensor) -> tuple[str, str, tuple[int, ...], bytes]:
-    """A tensor as plain bytes for the pipe (any dtype, bf16 included; no shared-memory handles)."""
-    import torch
-
-    cpu = tensor.detach().to("cpu").contiguous()
-    return name, str(cpu.dtype).removeprefix("torch."), tuple(cpu.shape), cpu.view(-1).view(torch.uint8).numpy().tobytes()
-
-
 def _reload(llm, conn) -> float:
     """The child's side of ``load_weights``: stream the buckets into ``reload_weights``, then clear the
     prefix cache (it holds keys and values of the old weights)."""
@@ -249,12 +242,16 @@ def _reload(llm, conn) -> float:
 
     def stream():
         while True:
-            kind, bucket = conn.recv()
+            kind, header = conn.recv()
             if kind == "end":
                 return
-            for name, dtype, shape, data in bucket:
-                flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-                yield name, flat.view(getattr(torch, dtype)).reshape(shape)
+            name, dtype, shape, nbytes = header
+            buffer = bytearray(nbytes)
+            received = 0
+            while received < nbytes:  # the tensor's bytes, in messages of at most bucket_bytes
+                received += conn.recv_bytes_into(buffer, received)
+            flat = torch.frombuffer(buffer, dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
+            yield name, flat.view(getattr(torch, dtype)).reshape(shape)
 
     start = time.perf_counter()
     weights = stream()

@@ -8,7 +8,8 @@ Two ways to reach π's weights (``live``):
   fingerprint of the weights decides; ``live_weights.py``, ``EngineProcess.load_weights``). The
   methods hand ``sample`` the module itself, so per-step methods (J-BOND, online pairs) and the win
   rate sample with the engine too; J-BOND's policy and anchor are swapped into the one engine.
-  Full-weight and LoRA policies (merged on the fly); QLoRA and FSDP take the export below.
+  Full-weight, LoRA and QLoRA policies (merged on the fly, a 4-bit base dequantised); an FSDP-sharded
+  policy takes the export below.
 * **per-iteration export** (``live: false``, and the fallback): the pipeline exports π_t
   (``policy_export.py``: a merged model, or a LoRA adapter on its base) and hands this generator
   that export; an engine starts on it, samples the iteration's shards, and exits when the
@@ -135,7 +136,7 @@ class VLLMGenerator:
 
     def exports_policy(self, policy) -> bool:
         """Whether ``policy`` reaches the engine through a per-iteration export: ``live: false``, or a
-        policy the live engine cannot take (QLoRA, FSDP), said once in one line."""
+        policy the live engine cannot take (FSDP-sharded), said once in one line."""
         from sppo_lightning.pipeline.live_weights import live_unsupported
 
         if not self.live:
@@ -155,7 +156,8 @@ class VLLMGenerator:
             rank_zero_info(line)
 
     def fingerprint(self) -> dict[str, Any]:
-        """What the samples depend on besides π_t (whose export checksum the generations record)."""
+        """What the samples depend on besides π_t (whose fingerprint the generations record); ``live``
+        is not in it: a live engine and one on the export sample the same responses."""
         return {"class": "VLLMGenerator", "engine": vllm_version(), "temperature": self.temperature,
                 "top_p": self.top_p, "max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size,
                 "dtype": self.dtype, "max_model_len": self.max_model_len, "lora": self.lora,
@@ -265,8 +267,9 @@ class VLLMGenerator:
 
     def sample(self, model: PolicyExport, tokenizer, prompts: Sequence[Prompt], num_samples: int, seed: int,
                ctx: DistContext, batch_offset: int = 0, desc: str = "sampling") -> list[list[list[int]]]:
-        """``[N][num_samples]`` response ids on every rank (see ``Generator.sample``). ``model``: π_t's
-        export (``wants_export``: the pipeline passes a ``PolicyExport``, not the module)."""
+        """``[N][num_samples]`` response ids on every rank (see ``Generator.sample``). ``model``: the
+        module (live: synced into the run's engine first if its weights changed), or π_t's
+        ``PolicyExport`` (the per-iteration path: an engine started on it)."""
         export = model if isinstance(model, PolicyExport) else None
         if export is None:
             from sppo_lightning.generation import eos_ids

@@ -10,6 +10,7 @@ skipped.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -49,11 +50,24 @@ class JudgmentCache:
         if not values:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        with (self.folder / f"judgments.{os.getpid()}.jsonl").open("a") as f:
-            for key, value in values.items():
-                f.write(json.dumps({"key": key, "value": value}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        path = self.folder / f"judgments.{os.getpid()}.jsonl"
+        try:
+            with path.open("a") as f:
+                for key, value in values.items():
+                    f.write(json.dumps({"key": key, "value": value}) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+            import shutil
+
+            from sppo_lightning.errors import TrainingError
+
+            free = shutil.disk_usage(self.folder).free / 2**20
+            raise TrainingError(f"no space left in {self.folder} to keep the judge's answers ({free:.1f} MiB free); "
+                                f"the {len(self.values)} judgments kept so far are reused on resume (a line torn by "
+                                f"the full disk is skipped): free space, then resume with --ckpt_path last") from None
         self.values.update(values)
         self.stored += len(values)
 
