@@ -163,9 +163,9 @@ class SelfPlay(L.Callback):
         return where
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        close = getattr(getattr(self, "method", None), "generator", None)
-        if self.active and callable(getattr(close, "close", None)):
-            close.close()  # a live engine: the run is over (a killed run's engine exits with its pipe)
+        generator = getattr(getattr(self, "method", None), "generator", None)
+        if self.active and callable(getattr(generator, "close", None)):
+            generator.close()  # a live engine: the run is over (a killed run's engine exits with its pipe)
         if not self.active and trainer.is_global_zero and hasattr(pl_module, "hparams"):
             # A pair run: its loss, settings and last metrics in <root>/summary.json, and one line.
             from sppo_lightning.pair_summary import pair_summary, write_pair_summary

@@ -38,9 +38,7 @@ from sppo_lightning.iteration import iteration_dir
 
 def file_mode() -> int:
     """The mode a new file gets under the process's umask (0644 under 0022), as ``open`` gives it."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
+    return 0o666 & ~_umask()
 
 
 def readable_as_umask_says(*paths: str | Path) -> None:

@@ -47,6 +47,14 @@ def dequantize_4bit_weight(weight: nn.Parameter) -> torch.Tensor:
     return bnbf.dequantize_4bit(data, state)
 
 
+def plain_config(config):
+    """A copy of a model config without its quantisation block (what an unquantised copy is built from)."""
+    config = config.__class__.from_dict(config.to_dict())
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
+
+
 def dequantized_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """A plain (unquantised) copy of a 4-bit causal LM in ``dtype``, LoRA layers left out.
 
@@ -55,10 +63,7 @@ def dequantized_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM
 
-    config = model.config.__class__.from_dict(model.config.to_dict())
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    plain = AutoModelForCausalLM.from_config(plain_config(model.config), dtype=dtype)
     targets = dict(plain.named_parameters())
     filled = set()
     with torch.no_grad():

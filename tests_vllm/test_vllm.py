@@ -25,6 +25,7 @@ from sppo_lightning.pipeline.policy_export import export_policy
 from sppo_lightning.pipeline.vllm_engine import EngineProcess
 from sppo_lightning.ranking import FunctionJudge
 from sppo_lightning.testing import make_tiny_llama
+from tests.test_resume import assert_same_run, losses
 
 REPO = Path(__file__).resolve().parents[1]
 ENGINE = {"dtype": "float32", "max_model_len": 256, "enforce_eager": True, "seed": 0,
@@ -200,8 +201,6 @@ def test_a_run_killed_while_the_engine_samples_resumes_from_its_last_shard(tmp_p
     """Killed while the live engine samples iteration 2 (after iteration 1's checkpoint), resumed with
     --ckpt_path last: a new engine gets the checkpoint's weights, the written shard is kept, and the
     run ends as the uninterrupted one (every step's loss, the final weights); no engine outlives its run."""
-    from safetensors.torch import load_file
-
     marker = tmp_path / "killed"
     kill = {"class_path": "tests.kill_switch.KillInEngineSampling", "init_args": {"marker": str(marker),
                                                                                 "iteration": 1}}
@@ -223,25 +222,8 @@ def test_a_run_killed_while_the_engine_samples_resumes_from_its_last_shard(tmp_p
     reference = uninterrupted[0] / "self_play" / "iteration_2" / "generations.parquet"
     assert mine == pq.read_table(reference).column("response_ids").to_pylist()
     assert (folder / "policy" / "export.json").exists()  # π_t saved for the user (keep_policy_exports: 1)
-    mine, theirs = losses(tmp_path / "out"), losses(uninterrupted[0])
-    assert mine and set(mine) == set(theirs), (mine, theirs)
-    assert all(mine[step] == pytest.approx(theirs[step], rel=1e-6) for step in mine), (mine, theirs)
-    want, have = load_file(uninterrupted[0] / "hf_model" / "model.safetensors"), \
-        load_file(tmp_path / "out" / "hf_model" / "model.safetensors")
-    for name in want:
-        torch.testing.assert_close(have[name], want[name], rtol=1e-5, atol=1e-6)
-
-
-def losses(out_dir: Path) -> dict[int, float]:
-    """train/loss by global step over every logger version (a resumed run writes a new one)."""
-    import csv
-
-    steps = {}
-    for metrics in sorted(out_dir.glob("lightning_logs/version_*/metrics.csv")):
-        for row in csv.DictReader(metrics.open()):
-            if row.get("train/loss"):
-                steps[int(row["step"])] = float(row["train/loss"])
-    return steps
+    assert losses(tmp_path / "out")
+    assert_same_run(uninterrupted[0], tmp_path / "out")  # every step's loss, the final weights
 
 
 def _running(pid: int) -> bool:

@@ -169,9 +169,7 @@ class SPPO:
             generations(policy, drawn_from)
             if getattr(self.generator, "keep_policy_exports", 0):  # a live engine: π_t saved for the user
                 export_policy(policy, tokenizer, artifacts.dir / "policy", ctx)
-                if ctx.is_global_zero:
-                    prune_exports(run_dir, self.generator.keep_policy_exports)
-                ctx.barrier("prune_exports")
+                self._prune_exports(run_dir, ctx)
         source = rank_in_shards(ctx, artifacts, self.ranker, tokenizer, run_dir)
         # Every rank: the reference log-probs are split over the ranks (and are collectives under FSDP).
         run_sharded_stage(ctx, artifacts, "train", artifacts.num_shards("generations"),
@@ -196,6 +194,10 @@ class SPPO:
                 generations(export, {**drawn_from, "export": export.checksum})
         finally:
             self.generator.release()
+        self._prune_exports(run_dir, ctx)
+
+    def _prune_exports(self, run_dir: Path, ctx: DistContext) -> None:
+        """Keep the newest ``keep_policy_exports`` exports of π_t (rank 0 removes, every rank waits)."""
         if ctx.is_global_zero:
             prune_exports(run_dir, getattr(self.generator, "keep_policy_exports", -1))
         ctx.barrier("prune_exports")

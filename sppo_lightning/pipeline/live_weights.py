@@ -72,10 +72,9 @@ def engine_folder(model: nn.Module, tokenizer, folder: Path) -> Path:
     inner = _inner(model)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = inner.config.__class__.from_dict(inner.config.to_dict())
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.save_pretrained(folder)
+    from sppo_lightning.quantization import plain_config
+
+    plain_config(inner.config).save_pretrained(folder)
     if getattr(inner, "generation_config", None) is not None:
         inner.generation_config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -128,6 +128,7 @@ class VLLMGenerator:
         self._synced: Optional[str] = None  # the fingerprint of the weights the live engine holds
         self.sync_seconds: list[float] = []  # each sync's time (parent and engine), for the bench
         self._said: set[str] = set()
+        self._close_at_exit = False
 
     @property
     def wants_export(self) -> bool:
@@ -221,7 +222,9 @@ class VLLMGenerator:
             log = Path(self.log_dir or self._live_folder) / f"vllm_rank{ctx.rank}.log"
             self._engine = EngineProcess(str(folder), kwargs, env, log_path=log, start_timeout=self.start_timeout)
             self._engine_key, self._synced = ("live",), None
-            atexit.register(self.close)
+            if not self._close_at_exit:  # once per generator, however many engines it starts
+                atexit.register(self.close)
+                self._close_at_exit = True
             self._say(f"VLLMGenerator: one live engine for the run, fed π's weights in memory (vLLM log: {log})")
         identity = weights_identity(model)
         if identity != self._synced:
