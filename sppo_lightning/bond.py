@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 from contextlib import contextmanager
 from dataclasses import asdict
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Iterator, Literal, Optional, Union
 
 import lightning as L
 import torch
@@ -25,6 +25,7 @@ from sppo_lightning.logprobs import model_logprobs
 from sppo_lightning.methods.protocol import Policies
 from sppo_lightning.models import LoraSettings
 from sppo_lightning.optim import make_optimizer
+from sppo_lightning.packing import record_resolved, resolve_packing
 from sppo_lightning.policy import load_base, non_finite_loss, restore_checkpoint, trim_checkpoint, wrap_policy
 
 ANCHOR = "anchor"
@@ -45,7 +46,8 @@ class BondModule(L.LightningModule):
         optimizer, lr, weight_decay, warmup_ratio: J-BOND used Adam at 3e-6 with warmup.
         keep_initial_copy: full fine-tuning only: hold a frozen copy of the initial policy so that
             KL(π‖π_initial) is logged (LoRA gets it free: the adapters-off base). Costs a model.
-        on_non_finite, memory_budget_gib: as for ``PreferenceModule``.
+        on_non_finite, memory_budget_gib, packing, packing_tokens: as for ``PreferenceModule``
+            (packing lays each prompt once before its best-of-N sample and its policy sample).
 
     The policy is built by the same builder as ``PreferenceModule``'s (``sppo_lightning.policy``):
     with ``lora``/``qlora`` a checkpoint holds the two adapters (policy and EMA anchor) only.
@@ -68,6 +70,8 @@ class BondModule(L.LightningModule):
         keep_initial_copy: bool = False,
         on_non_finite: Literal["stop", "skip"] = "stop",
         memory_budget_gib: Optional[float] = None,
+        packing: Union[bool, Literal["auto"]] = "auto",
+        packing_tokens: int = 2048,
     ) -> None:
         super().__init__()
         if isinstance(lora, dict):
@@ -93,6 +97,7 @@ class BondModule(L.LightningModule):
         self.anchor: Optional[nn.Module] = None  # full fine-tuning only; LoRA keeps an adapter
         self.initial: Optional[nn.Module] = None  # keep_initial_copy, for KL monitoring
         self.skipped_non_finite = 0
+        self.pack_budget: Optional[int] = None  # the resolved packed-row budget (configure_model); None: padded
         # LoRA checkpoints hold the adapters only; the check over them replaces the strict one.
         self.strict_loading = footprint not in ("lora", "qlora")
 
@@ -113,6 +118,8 @@ class BondModule(L.LightningModule):
                 for anchor_param, policy_param in self.anchor_parameter_pairs(policy):
                     anchor_param.copy_(policy_param)
         self.policy = policy.train()
+        self.pack_budget = resolve_packing(hp.packing, hp.packing_tokens, self.policy)
+        record_resolved(self, "packing", self.pack_budget is not None)
 
     def setup(self, stage: str) -> None:
         check_strategy(self.trainer, self.footprint)
@@ -150,7 +157,8 @@ class BondModule(L.LightningModule):
 
     def policies(self) -> Policies:
         """What a self-play method may sample or score: the policy, its ``anchor`` and the ``initial`` policy."""
-        return Policies(self.policy, {"anchor": self.anchor_model, "initial": self.initial_model})
+        return Policies(self.policy, {"anchor": self.anchor_model, "initial": self.initial_model},
+                        packing=self.pack_budget)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The initial copy reloads from model_name_or_path; the anchor (EMA state) is kept.
@@ -169,11 +177,12 @@ class BondModule(L.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Optional[Tensor]:
         half = batch["input_ids"].shape[0] // 2
         sample_rows = {k: batch[k][half:] for k in ("input_ids", "attention_mask", "labels")}
+        sample_rows["prompt_lengths"] = batch["prompt_lengths"]
         # The anchor runs first: with LoRA, switching adapters after the policy's forward would
         # flip requires_grad on tensors the backward pass still needs.
         with torch.no_grad(), self.anchor_model() as anchor:
-            anchor_sample = model_logprobs(anchor, sample_rows).sum
-        policy = model_logprobs(self.policy, batch)
+            anchor_sample = model_logprobs(anchor, sample_rows, packing=self.pack_budget).sum
+        policy = model_logprobs(self.policy, batch, packing=self.pack_budget)
         forward, sample = policy.sum[:half], policy.sum[half:]
         per_prompt = losses.bond_loss(forward, sample, anchor_sample, batch["reward"], self.hparams.jeffreys_beta)
         gamma = self.hparams.get("gamma", 0.0)

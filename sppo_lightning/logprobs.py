@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -44,7 +44,8 @@ def sequence_logprobs(logits: Tensor, labels: Tensor) -> SequenceLogps:
     return SequenceLogps(total, total / n_tokens.clamp(min=1), n_tokens)
 
 
-def model_logprobs(model: torch.nn.Module, batch: dict[str, Tensor], chunk_tokens: int = 1024) -> SequenceLogps:
+def model_logprobs(model: torch.nn.Module, batch: dict[str, Tensor], chunk_tokens: int = 1024,
+                   packing: Optional[int] = None) -> SequenceLogps:
     """Run ``model`` on a collated batch (``input_ids``, ``attention_mask``, ``labels``, each
     ``[R, T]``) and return the response log-probs of every row.
 
@@ -52,29 +53,59 @@ def model_logprobs(model: torch.nn.Module, batch: dict[str, Tensor], chunk_token
     ``chunk_tokens`` at a time and recomputed in backward, so the ``[tokens, vocab]`` logits never
     exist whole and prompt and padding positions cost no head FLOPs. Other models
     take the plain path through full logits; both give the same numbers.
+
+    ``packing``: a token budget per row; the pairs of a ``collate_pairs`` batch (which carries
+    ``prompt_lengths``) then run packed
+    (``sppo_lightning.packing``: each prompt once, no padding between pairs) and the result is the
+    padded batch's, row for row. None: the batch runs as it is.
     """
+    # A batch without prompt lengths (not from collate_pairs) has no known pair layout: padded.
+    if packing is not None and "prompt_lengths" in batch:
+        from sppo_lightning import packing as layout
+
+        packed = layout.pack_pairs(batch, packing, _pad_id(batch))
+        inputs = {"input_ids": packed.input_ids, "position_ids": packed.position_ids,
+                  "attention_mask": layout.attention_masks(packed, _config(model), _compute_dtype(model))}
+        where = (packed.target_row, packed.target_col, packed.target_id, packed.target_seq, packed.num_sequences)
+    else:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        labels = batch["labels"][:, 1:]
+        mask = labels != IGNORE_INDEX
+        rows, cols = mask.nonzero(as_tuple=True)
+        where = (rows, cols, labels[rows, cols], rows, labels.shape[0])
     parts = _backbone_and_head(model)
     if parts is None:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        return sequence_logprobs(out.logits, batch["labels"])
+        logits = model(**inputs, use_cache=False).logits
+        return _score(logits, where, None, None, chunk_tokens)
     backbone, head, softcap = parts
-    hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    hidden = hidden.last_hidden_state[:, :-1]
-    labels = batch["labels"][:, 1:]
-    mask = labels != IGNORE_INDEX
-    rows = mask.nonzero()[:, 0]
-    states, targets = hidden[mask], labels[mask]
-    pieces = []
-    for start in range(0, targets.shape[0], chunk_tokens):
-        args = (states[start : start + chunk_tokens], targets[start : start + chunk_tokens], head.weight, softcap)
-        if torch.is_grad_enabled() and states.requires_grad:
-            pieces.append(checkpoint(_token_logprobs, *args, use_reentrant=False))
-        else:
-            pieces.append(_token_logprobs(*args))
-    token_logps = torch.cat(pieces) if pieces else states.new_zeros(0, dtype=torch.float32)
-    total = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device).index_add(0, rows, token_logps)
-    n_tokens = mask.sum(-1)
+    hidden = backbone(**inputs, use_cache=False).last_hidden_state
+    return _score(hidden, where, head.weight, softcap, chunk_tokens)
+
+
+def _score(states: Tensor, where, weight: Optional[Tensor], softcap: Optional[float], chunk_tokens: int) -> SequenceLogps:
+    """Log-probs of the targets ``where = (row, col, token, sequence, num_sequences)`` summed per
+    sequence: ``states[row, col]`` are hidden states (then ``weight`` is the LM head) or logits."""
+    rows, cols, targets, seqs, num_sequences = where
+    states = states[rows, cols]
+    if weight is None:
+        token_logps = _logits_logprobs(states, targets)
+    else:
+        pieces = []
+        for start in range(0, targets.shape[0], chunk_tokens):
+            args = (states[start : start + chunk_tokens], targets[start : start + chunk_tokens], weight, softcap)
+            if torch.is_grad_enabled() and states.requires_grad:
+                pieces.append(checkpoint(_token_logprobs, *args, use_reentrant=False))
+            else:
+                pieces.append(_token_logprobs(*args))
+        token_logps = torch.cat(pieces) if pieces else states.new_zeros(0, dtype=torch.float32)
+    total = torch.zeros(num_sequences, dtype=torch.float32, device=states.device).index_add(0, seqs, token_logps)
+    n_tokens = torch.bincount(seqs, minlength=num_sequences)
     return SequenceLogps(total, total / n_tokens.clamp(min=1), n_tokens)
+
+
+def _logits_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
+    picked = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1).float()
+    return picked - torch.logsumexp(logits.float(), dim=-1)
 
 
 def _token_logprobs(states: Tensor, targets: Tensor, weight: Tensor, softcap: float | None) -> Tensor:
@@ -82,6 +113,25 @@ def _token_logprobs(states: Tensor, targets: Tensor, weight: Tensor, softcap: fl
     if softcap:  # Gemma-2 style final logit soft-capping
         logits = softcap * torch.tanh(logits / softcap)
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def _config(model: torch.nn.Module):
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(inner, "config", None)
+
+
+def _compute_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype attention scores are in: the floating dtype of the model's (non-quantised) weights."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _pad_id(batch: dict[str, Tensor]) -> int:
+    """A padding id for packed rows' ends: what the batch already pads with (any id is fine: padding
+    attends only to padding and is never scored)."""
+    return int(batch["input_ids"][0, 0])
 
 
 def _backbone_and_head(model: torch.nn.Module):

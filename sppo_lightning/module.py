@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import lightning as L
 import torch
@@ -17,6 +17,7 @@ from sppo_lightning.logprobs import SequenceLogps, model_logprobs
 from sppo_lightning.models import DTYPES, LoraSettings
 from sppo_lightning.methods.protocol import Policies
 from sppo_lightning.optim import make_optimizer, schedule_span
+from sppo_lightning.packing import record_resolved, resolve_packing
 from sppo_lightning.policy import load_base, non_finite_loss, restore_checkpoint, trim_checkpoint, wrap_policy
 from sppo_lightning.sharding import shard_model
 
@@ -65,6 +66,14 @@ class PreferenceModule(L.LightningModule):
         warmup_ratio: fraction of the schedule spent in linear warmup; then linear decay to 0.
         schedule_epochs: lay the LR schedule over this many epochs though fewer are trained
             (the SPPO model card's "18 epochs, stop at 1"); None = the trained epochs.
+        packing: run each batch's pairs packed (``sppo_lightning.packing``): every prompt once,
+            chosen and rejected after it, pairs side by side in rows with no padding between them;
+            the same pairs and the same numbers as padded batches, in fewer positions. ``auto``: on
+            where the model's attention takes the packed mask (sdpa, eager, flex_attention; sliding
+            windows included), else padded with one info line; ``true`` there is an error. The
+            resolved value (true/false) is what the run's hparams record.
+        packing_tokens: the token budget of one packed row; a pair longer than it gets a row of
+            its own. Larger rows mean fewer rows but more attention work per row (dense masks).
         on_non_finite: a NaN/inf loss either ``stop``s the run with an error, after saving the
             weights as they were before that batch to ``<default_root_dir>/last_finite.ckpt``, or
             ``skip``s the batch (no update) and counts it in ``train/skipped_non_finite``.
@@ -93,6 +102,8 @@ class PreferenceModule(L.LightningModule):
         on_non_finite: Literal["stop", "skip"] = "stop",
         memory_budget_gib: Optional[float] = None,
         loss_args: Optional[dict[str, float]] = None,
+        packing: Union[bool, Literal["auto"]] = "auto",
+        packing_tokens: int = 2048,
     ) -> None:
         super().__init__()
         if isinstance(lora, dict):  # from a checkpoint: hparams hold plain types only
@@ -119,6 +130,7 @@ class PreferenceModule(L.LightningModule):
         self.policy: Optional[nn.Module] = None
         self.reference: Optional[nn.Module] = None
         self.skipped_non_finite = 0
+        self.pack_budget: Optional[int] = None  # the resolved budget (configure_model); None: padded
 
     # ----------------------------------------------------------------------------- models
     def loss_hyperparameters(self) -> dict[str, Any]:
@@ -136,6 +148,8 @@ class PreferenceModule(L.LightningModule):
         if self.reference_mode == "copy":
             self.reference = copy.deepcopy(base).eval().requires_grad_(False)
         self.policy = wrap_policy(self, base, self.lora)
+        self.pack_budget = resolve_packing(self.hparams.packing, self.hparams.packing_tokens, self.policy)
+        record_resolved(self, "packing", self.pack_budget is not None)
         if self.reference is not None and self.footprint == "fsdp":
             shard_model(self.reference, self.device_mesh["data_parallel"], DTYPES[self.hparams.torch_dtype])
 
@@ -150,7 +164,7 @@ class PreferenceModule(L.LightningModule):
 
     def policies(self) -> Policies:
         """What a self-play method may sample or score: the policy (its reference is π_t's cache or the module's)."""
-        return Policies(self.policy)
+        return Policies(self.policy, packing=self.pack_budget)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The reference is the initial weights, reloaded from `model_name_or_path` on resume:
@@ -162,8 +176,8 @@ class PreferenceModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------- forward
     def sequence_logps(self, model: nn.Module, batch: dict[str, Tensor]) -> SequenceLogps:
-        """Response log-probs of every row of the ``[2B, T]`` batch under ``model``."""
-        return model_logprobs(model, batch)
+        """Response log-probs of every row of the ``[2B, T]`` batch under ``model`` (packed or not)."""
+        return model_logprobs(model, batch, packing=self.pack_budget)
 
     def reference_logps(self, batch: dict[str, Tensor]) -> Optional[Tensor]:
         """Summed reference log-probs ``[2B]`` (chosen then rejected), or None without a reference."""

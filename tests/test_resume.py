@@ -56,12 +56,12 @@ def assert_same_run(baseline: Path, resumed: Path, steps: int | None = None) -> 
         torch.testing.assert_close(have[name], want[name], rtol=1e-5, atol=1e-6)
 
 
-def uninterrupted(config: Path, tiny_dir: Path, out: Path) -> Path:
+def uninterrupted(config: Path, tiny_dir: Path, out: Path, *extra: str) -> Path:
     """Run ``config`` (with the killing judge) to its end: its kill marker already exists, so the
     judge never kills. The baseline a killed and resumed run is compared with."""
     marker = out / "never"
     marker.write_text("the baseline never dies")
-    run_fit(config, tiny_dir, out, env={"KILL_MARKER": str(marker)})
+    run_fit(config, tiny_dir, out, *extra, env={"KILL_MARKER": str(marker)})
     return out
 
 
@@ -114,15 +114,30 @@ def test_killed_run_resumes_to_the_same_result(tiny_dir, tmp_path, baseline, whe
 
 
 def test_a_killed_pair_run_resumes_to_the_same_result(tiny_dir, tmp_path):
-    """configs/tiny_pairs.yaml (3 epochs of DPO-style pairs) killed in its second epoch, resumed with
-    --ckpt_path last: its last.ckpt is the first epoch's, and the run ends as the uninterrupted one."""
+    """configs/tiny_pairs.yaml (3 epochs of DPO-style pairs, packed, batches grouped by length)
+    killed in its second epoch, resumed with --ckpt_path last: its last.ckpt is the first epoch's,
+    and the run ends as the uninterrupted one."""
     config, baseline, killed = REPO / "configs" / "tiny_pairs.yaml", tmp_path / "baseline", tmp_path / "killed"
     baseline.mkdir(), killed.mkdir()
-    run_fit(config, tiny_dir, baseline, "--trainer.log_every_n_steps", "1")
+    grouped = ("--data.group_by_length", "true", "--data.batch_size", "2")
+    run_fit(config, tiny_dir, baseline, "--trainer.log_every_n_steps", "1", *grouped)
     marker = tmp_path / "marker"
-    first = run_fit(config, tiny_dir, killed, "--trainer.log_every_n_steps", "1",
+    first = run_fit(config, tiny_dir, killed, "--trainer.log_every_n_steps", "1", *grouped,
                     "--trainer.callbacks+=tests.kill_switch.KillSwitch", f"--trainer.callbacks.marker={marker}",
                     "--trainer.callbacks.epoch=1", "--trainer.callbacks.batch=1", check=False)
     assert first.returncode == -signal.SIGKILL and (killed / "checkpoints" / "last.ckpt").exists()
-    run_fit(config, tiny_dir, killed, "--trainer.log_every_n_steps", "1", "--ckpt_path", "last")
+    run_fit(config, tiny_dir, killed, "--trainer.log_every_n_steps", "1", *grouped, "--ckpt_path", "last")
     assert_same_run(baseline, killed)
+    assert yaml.safe_load((baseline / "lightning_logs" / "version_0" / "hparams.yaml").read_text())["packing"] is True
+
+
+def test_packing_changes_no_step_of_the_quickstart(tiny_dir, tmp_path, baseline):
+    """The baseline above runs packed (model.packing auto resolves to true on the tiny Llama's sdpa);
+    the same run padded logs the same loss at every step, to 1e-4."""
+    assert yaml.safe_load((baseline / "lightning_logs" / "version_0" / "hparams.yaml").read_text())["packing"] is True
+    padded = uninterrupted(config_with_killing_judge(tmp_path), tiny_dir, tmp_path, "--model.init_args.packing", "false")
+    assert yaml.safe_load((padded / "lightning_logs" / "version_0" / "hparams.yaml").read_text())["packing"] is False
+    expected, got = losses(baseline), losses(padded)
+    assert set(got) == set(expected) and len(expected) == 8
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-4, abs=1e-4), step

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from transformers import PreTrainedTokenizerBase
 
 from sppo_lightning.data.rows import load_records, parse_rows
-from sppo_lightning.data.shuffle import EpochShuffle
+from sppo_lightning.data.shuffle import EpochShuffle, LengthGroupedShuffle, pair_lengths
 from sppo_lightning.errors import ConfigError, DataError
 from sppo_lightning.data.tokenize import TemplateError, collate_pairs, encode_row
 from sppo_lightning.models import load_tokenizer
@@ -37,6 +37,9 @@ class PreferenceDataModule(L.LightningDataModule):
         shuffle_seed: the order of epoch e is fixed by (shuffle_seed, e), so a resumed run sees
             the same batches as an uninterrupted one.
         trust_remote_code: allow the tokenizer's own code from the hub (off unless asked for).
+        group_by_length: with ``shuffle``, batches of pairs of similar length
+            (``LengthGroupedShuffle``, seeded: resume stays exact); less padding, and packed rows
+            of similar pairs. It changes which pairs share a step, so it is off by default.
     """
 
     def __init__(
@@ -55,6 +58,7 @@ class PreferenceDataModule(L.LightningDataModule):
         shuffle: bool = True,
         shuffle_seed: int = 0,
         trust_remote_code: bool = False,
+        group_by_length: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -68,6 +72,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.shuffle = shuffle
         self.shuffle_seed = shuffle_seed
+        self.group_by_length = group_by_length
         self.trust_remote_code = trust_remote_code
         self.tokenizer: Optional[PreTrainedTokenizerBase] = None
         self.train_examples: list[dict[str, Any]] = []
@@ -129,7 +134,8 @@ class PreferenceDataModule(L.LightningDataModule):
         if self.shuffle:
             # Not the global RNG: its state at an epoch's start differs between a fresh and a resumed run.
             epoch = (lambda: trainer.current_epoch) if trainer is not None else (lambda: 0)
-            sampler = EpochShuffle(len(self.train_examples), self.shuffle_seed, epoch)
+            sampler = (LengthGroupedShuffle(pair_lengths(self.train_examples), self.batch_size, self.shuffle_seed, epoch)
+                       if self.group_by_length else EpochShuffle(len(self.train_examples), self.shuffle_seed, epoch))
         elif trainer is not None and trainer.world_size > 1:
             # Lightning shuffles every distributed training loader it is handed a plain sampler for;
             # a distributed sampler of our own, in file order, keeps the order asked for.

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from sppo_lightning.data.prompts import Prompt, load_prompts
-from sppo_lightning.data.shuffle import EpochShuffle
+from sppo_lightning.data.shuffle import EpochShuffle, LengthGroupedShuffle, pair_lengths
 from sppo_lightning.data.tokenize import collate_pairs
 from sppo_lightning.errors import ConfigError, SettingsMismatch
 from sppo_lightning.distributed import DistContext
@@ -56,6 +56,9 @@ class SelfPlayDataModule(L.LightningDataModule):
             resumed at an epoch boundary sees the same order as an uninterrupted one.
         drop_duplicate_prompts: keep the first of prompts that repeat an earlier one (same
             conversation); off, repeats are kept and counted in a warning.
+        group_by_length: batches of pairs of similar length (``LengthGroupedShuffle``, seeded:
+            resume stays exact): less padding, and packed rows of similar pairs. It changes which
+            pairs share a step, so it is off by default.
         run_dir: where the iterations' data, the summary and the report go; default
             ``<trainer.default_root_dir>/<the method's run_folder>`` (``self_play``, ``bond``,
             ``online``). Keep it to resume a run.
@@ -80,6 +83,7 @@ class SelfPlayDataModule(L.LightningDataModule):
         shuffle_seed: int = 0,
         drop_duplicate_prompts: bool = False,
         run_dir: Optional[str] = None,
+        group_by_length: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["method"])
@@ -97,6 +101,7 @@ class SelfPlayDataModule(L.LightningDataModule):
         self.trust_remote_code = trust_remote_code
         self.shuffle_seed = shuffle_seed
         self.drop_duplicate_prompts = drop_duplicate_prompts
+        self.group_by_length = group_by_length
         self.tokenizer: Optional[PreTrainedTokenizerBase] = None
         self.prompts: list[Prompt] = []
         self.eval_prompts: list[Prompt] = []
@@ -220,7 +225,8 @@ class SelfPlayDataModule(L.LightningDataModule):
         return DataLoader(
             self.pairs,
             batch_size=self.batch_size,
-            sampler=EpochShuffle(len(self.pairs), self.shuffle_seed, lambda: epoch),
+            sampler=(LengthGroupedShuffle(pair_lengths(self.pairs), self.batch_size, self.shuffle_seed, lambda: epoch)
+                     if self.group_by_length else EpochShuffle(len(self.pairs), self.shuffle_seed, lambda: epoch)),
             collate_fn=partial(collate_pairs, pad_token_id=self.tokenizer.pad_token_id),
             num_workers=self.num_workers,
         )

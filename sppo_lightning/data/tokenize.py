@@ -105,7 +105,7 @@ def collate_pairs(examples: Sequence[dict[str, Any]], pad_token_id: int) -> dict
     """Stack B pairs into one ``[2B, T]`` batch, chosen rows first, right-padded to its own longest.
 
     Returns ``input_ids``, ``attention_mask`` and ``labels`` (prompt and padding = -100), each
-    ``[2B, T]``, plus a ``[B]`` float64 tensor for every numeric column all examples carry
+    ``[2B, T]``, ``prompt_lengths`` ``[B]`` (int64), plus a ``[B]`` float64 tensor for every numeric column all examples carry
     (win probabilities, reference log-probs, rewards).
     """
     sequences, label_rows = [], []
@@ -122,7 +122,10 @@ def collate_pairs(examples: Sequence[dict[str, Any]], pad_token_id: int) -> dict
         input_ids[i, : len(seq)] = torch.tensor(seq)
         labels[i, : len(lab)] = torch.tensor(lab)
         attention_mask[i, : len(seq)] = 1
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    # The prompt's length lets a packed layout (sppo_lightning.packing) put each prompt in once.
+    prompt_lengths = torch.tensor([len(ex["prompt_ids"]) for ex in examples], dtype=torch.long)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+             "prompt_lengths": prompt_lengths}
     # Per-pair numbers (win probabilities, reference log-probs, BOND rewards) ride along.
     for column in examples[0]:
         values = [ex.get(column) for ex in examples]

@@ -263,6 +263,6 @@ def kl_to_initial(policies: Policies, rows: list[dict], pad_token_id: int, devic
             if initial is None:
                 return None
             initial.eval()
-            initial_logps = model_logprobs(initial, batch).sum
-        policy_logps = model_logprobs(policy, batch).sum
+            initial_logps = model_logprobs(initial, batch, packing=policies.packing).sum
+        policy_logps = model_logprobs(policy, batch, packing=policies.packing).sum
     return float((policy_logps - initial_logps).mean())

@@ -108,7 +108,7 @@ class OnlinePairs:
                          seeds.iteration_stream(self.seed, iteration), self.shard_size, policies.drawn_from())
         source = rank_in_shards(ctx, artifacts, self.ranker, tokenizer, run_dir)
         run_sharded_stage(ctx, artifacts, "train", artifacts.num_shards("generations"),
-                          lambda k: self._pairs(artifacts, k, iteration, policy, tokenizer, ctx),
+                          lambda k: self._pairs(artifacts, k, iteration, policies, tokenizer, ctx),
                           on_every_rank=self.reference == "iteration", source=source)
         stats = stages.pair_statistics(artifacts, prompts, iteration, self.num_samples)
         if ctx.is_global_zero:
@@ -116,11 +116,12 @@ class OnlinePairs:
         columns = PAIR_COLUMNS + (REFERENCE_COLUMNS if self.reference == "iteration" else [])
         return IterationData(memory_mapped_on_ranks(ctx, artifacts, "train", columns), stats)
 
-    def _pairs(self, artifacts: IterationArtifacts, shard: int, iteration: int, policy, tokenizer,
+    def _pairs(self, artifacts: IterationArtifacts, shard: int, iteration: int, policies: Policies, tokenizer,
                ctx: DistContext) -> tuple[list[dict], dict]:
         pairs, ties = stages.estimate_pairs(artifacts.read_shard("generations", shard),
                                             artifacts.read_shard("rankings", shard), iteration,
                                             first_row=artifacts.shard_start("generations", shard), quiet=True)
         if self.reference == "iteration":
-            stages.reference_logps(policy, pairs, tokenizer.pad_token_id, self.reference_batch_size, ctx)
+            stages.reference_logps(policies.policy, pairs, tokenizer.pad_token_id, self.reference_batch_size, ctx,
+                                   packing=policies.packing)
         return pairs, {"ties_dropped": ties}

@@ -60,11 +60,14 @@ class Policies:
     holds the policy alone; ``BondModule`` adds ``anchor`` and ``initial``. ``identity``: the
     fingerprint of the weights the iteration began with (π_t and its roles), which the data module
     keeps in its checkpoint state; methods record it with the samples drawn (``drawn_from``).
+    ``packing``: the module's packed-row token budget (``model.packing``), which scoring stages pass
+    to ``model_logprobs`` so that they score as training does; None: padded batches.
     """
 
     policy: nn.Module
     roles: Mapping[str, Callable[[], ContextManager[Optional[nn.Module]]]] = field(default_factory=dict)
     identity: Optional[str] = None
+    packing: Optional[int] = None
 
     def fingerprint(self) -> str:
         """The fingerprint of the weights as they are now: the policy's and every role's

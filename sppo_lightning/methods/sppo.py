@@ -173,7 +173,7 @@ class SPPO:
         source = rank_in_shards(ctx, artifacts, self.ranker, tokenizer, run_dir)
         # Every rank: the reference log-probs are split over the ranks (and are collectives under FSDP).
         run_sharded_stage(ctx, artifacts, "train", artifacts.num_shards("generations"),
-                          lambda k: self._pairs(artifacts, k, iteration, policy, tokenizer, ctx),
+                          lambda k: self._pairs(artifacts, k, iteration, policies, tokenizer, ctx),
                           on_every_rank=True, source=source)
         return self._result(artifacts, iteration, prompts, ctx)
 
@@ -202,13 +202,13 @@ class SPPO:
             prune_exports(run_dir, getattr(self.generator, "keep_policy_exports", -1))
         ctx.barrier("prune_exports")
 
-    def _pairs(self, artifacts: IterationArtifacts, shard: int, iteration: int, policy, tokenizer,
+    def _pairs(self, artifacts: IterationArtifacts, shard: int, iteration: int, policies: Policies, tokenizer,
                ctx: DistContext) -> tuple[list[dict], dict]:
         pairs, ties = stages.estimate_pairs(artifacts.read_shard("generations", shard),
                                             artifacts.read_shard("rankings", shard), iteration,
                                             first_row=artifacts.shard_start("generations", shard))
-        stages.reference_logps(policy, pairs, tokenizer.pad_token_id, self.reference_batch_size, ctx,
-                               self.show_progress)
+        stages.reference_logps(policies.policy, pairs, tokenizer.pad_token_id, self.reference_batch_size, ctx,
+                               self.show_progress, packing=policies.packing)
         return pairs, {"ties_dropped": ties}
 
     def _result(self, artifacts: IterationArtifacts, iteration: int, prompts: Sequence[Prompt],

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -105,13 +105,13 @@ def estimate_pairs(generations: Sequence[dict], rankings: Sequence[dict], iterat
 
 @torch.no_grad()
 def reference_logps(policy: nn.Module, pairs: list[dict[str, Any]], pad_token_id: int, batch_size: int,
-                    ctx: DistContext, show_progress: bool = False) -> None:
+                    ctx: DistContext, show_progress: bool = False, packing: Optional[int] = None) -> None:
     """Summed log-probs of chosen and rejected under ``policy`` (eval mode), stored on each pair as
     ``reference_chosen_logps`` / ``reference_rejected_logps``.
 
     The batches are split over the ranks and gathered. Every rank runs the same number of
     forwards (a rank short of batches repeats the last one): under FSDP each forward is a
-    collective.
+    collective. ``packing``: the module's packed-row budget (``Policies.packing``), None: padded.
     """
     local: dict[int, list[float]] = {}
     with evaluating(policy):
@@ -120,7 +120,7 @@ def reference_logps(policy: nn.Module, pairs: list[dict[str, Any]], pad_token_id
             begin = index * batch_size
             batch = collate_pairs(pairs[begin : begin + batch_size], pad_token_id)
             batch = {k: v.to(ctx.device) for k, v in batch.items()}
-            logps = model_logprobs(policy, batch).sum.cpu().tolist()
+            logps = model_logprobs(policy, batch, packing=packing).sum.cpu().tolist()
             if real:
                 local[begin] = logps
     if ctx.world_size > 1:
