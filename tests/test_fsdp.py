@@ -102,3 +102,12 @@ def test_export_command_consolidates_a_sharded_checkpoint(trained, tmp_path):
     assert exported.keys() == expected.keys()
     for name in expected:
         torch.testing.assert_close(exported[name], expected[name], rtol=0, atol=0)
+
+
+def test_a_live_engine_is_fed_the_sharded_policys_whole_weights(tiny_llama, tmp_path):
+    """What VLLMGenerator streams from an FSDP policy (no vLLM needed): every rank gathers unit by
+    unit, and the weights equal the unsharded model's, LoRA merged (the vLLM side: tests_vllm)."""
+    run("stream", tiny_llama, tmp_path, 2)
+    for rank in range(2):
+        counts = json.loads((tmp_path / f"stream_rank{rank}.json").read_text())
+        assert counts["full"] == counts["lora"] > 0

@@ -197,7 +197,7 @@ def test_engine_reason_quotes_the_innermost_cause_on_one_line():
 def test_live_weights_are_the_merged_checkpoint_and_name_the_active_adapter(tiny_llama):
     """What a live engine is fed (no vLLM needed): the state dict merge_and_unload gives, under the
     checkpoint's names; the identity tells the policy, its anchor adapter and the adapters-off base apart."""
-    from sppo_lightning.pipeline.live_weights import live_unsupported, policy_weights, weights_identity
+    from sppo_lightning.pipeline.live_weights import policy_weights, weights_identity
 
     torch.manual_seed(0)
     base = load_causal_lm(tiny_llama)
@@ -210,7 +210,6 @@ def test_live_weights_are_the_merged_checkpoint_and_name_the_active_adapter(tiny
     assert streamed.keys() == merged.keys()
     for name, value in merged.items():
         torch.testing.assert_close(streamed[name], value, rtol=0, atol=0)
-    assert live_unsupported(policy) is None
     own = weights_identity(policy)
     policy.set_adapter("anchor")
     anchor = weights_identity(policy)
@@ -227,3 +226,62 @@ def test_live_weights_are_the_merged_checkpoint_and_name_the_active_adapter(tiny
 def test_a_live_engine_starts_without_weights():
     kwargs, _ = VLLMGenerator().engine_settings(None, DistContext())
     assert kwargs["load_format"] == "dummy" and "enable_lora" not in kwargs
+
+
+class CallRecorder:
+    """Stands in for the engine process where vLLM cannot run the call under test: vLLM's CPU build has
+    no sleep mode. It records what the generator asks of the engine, in order."""
+
+    alive = True
+
+    def __init__(self) -> None:
+        self.calls = []
+
+    def sleep(self, level):
+        self.calls.append(f"sleep {level}")
+
+    def wake_up(self, tags):
+        self.calls.append("wake " + "+".join(tags))
+
+    def load_weights(self, tensors, bucket_bytes):
+        assert next(iter(tensors))  # the weights are there to be sent
+        self.calls.append("load")
+
+    def generate(self, requests, lora, on_progress=None):
+        self.calls.append("generate")
+        return [[1] for _ in requests]
+
+    def close(self):
+        self.calls.append("close")
+
+
+@pytest.mark.parametrize("level,expected", [
+    # level 2 drops the weights: the same π is sent again after waking the weights' memory
+    (2, ["load", "generate", "sleep 2", "wake weights", "load", "wake kv_cache", "generate", "sleep 2",
+         "wake weights", "load", "wake kv_cache", "generate", "sleep 2"]),
+    # level 1 keeps them in host memory: only a changed π is sent
+    (1, ["load", "generate", "sleep 1", "wake weights", "wake kv_cache", "generate", "sleep 1",
+         "wake weights", "load", "wake kv_cache", "generate", "sleep 1"]),
+    (0, ["load", "generate", "generate", "load", "generate"]),
+])
+def test_on_cuda_a_live_engine_sleeps_between_samples(tiny_llama, tokenizer, prompts, level, expected):
+    """Sample, sample the same π again, change π and sample: the calls a CUDA rank makes (nothing runs
+    on a device: the engine is the recorder above). The weights' memory wakes before the new weights
+    are loaded into it, the KV cache after; on CPU the engine never sleeps."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    cuda, cpu = DistContext(device=torch.device("cuda", 0)), DistContext()
+    generator = VLLMGenerator(sleep_level=level, max_new_tokens=4, show_progress=False)
+    assert generator.engine_settings(None, cuda)[0].get("enable_sleep_mode", False) is (level > 0)
+    assert "enable_sleep_mode" not in generator.engine_settings(None, cpu)[0]
+    never_sleeps = ["load", "generate", "generate", "load", "generate"]
+    for ctx, calls in ((cuda, expected), (cpu, never_sleeps)):
+        generator = VLLMGenerator(sleep_level=level, max_new_tokens=4, show_progress=False)
+        generator._engine, generator._engine_key = CallRecorder(), ("live",)  # as a started engine
+        for step in range(3):
+            if step == 2:
+                with torch.no_grad():
+                    next(model.parameters()).add_(1e-3)  # π changed
+            generator.sample(model, tokenizer, prompts, 2, 0, ctx)
+        assert generator._engine.calls == calls, ctx
+    with pytest.raises(ConfigError, match="sleep_level must be 0, 1 or 2"):
+        VLLMGenerator(sleep_level=3)

@@ -159,12 +159,10 @@ def test_a_qlora_policy_is_streamed_dequantised_and_merged(tmp_path, llama, toke
     from transformers import AutoModelForCausalLM
 
     from sppo_lightning.models import export_hf
-    from sppo_lightning.pipeline.live_weights import live_unsupported
 
     torch.manual_seed(0)
     policy = add_lora(load_causal_lm(llama, quantize_4bit=True),
                       LoraSettings(r=8, alpha=16, extra={"init_lora_weights": False})).eval()
-    assert live_unsupported(policy) is None
     folder = engine_folder(policy, tokenizer, tmp_path / "config")
     assert "quantization_config" not in json.loads((folder / "config.json").read_text())
     engine = EngineProcess(str(folder), {**ENGINE, "load_format": "dummy"}, CPU_ENV, log_path=tmp_path / "vllm.log")
@@ -177,3 +175,24 @@ def test_a_qlora_policy_is_streamed_dequantised_and_merged(tmp_path, llama, toke
         assert got == hf_greedy(merged, tokenizer, prompts, 24)
     finally:
         engine.close()
+
+
+def test_an_fsdp_policy_samples_on_every_ranks_engine_what_one_process_samples(tmp_path, llama):
+    """FSDP + LoRA over 2 CPU processes (gloo), one live engine per rank, each fed the weights gathered
+    unit by unit: the iteration's generations (and so its rankings) equal one LoRA process's on one
+    engine, and every rank synced twice (the initial policy for the win rate's baseline, the trained
+    one for the win rate); no engine outlives the run."""
+    import pyarrow.parquet as pq
+
+    from tests.test_fsdp import run
+
+    for name, devices in (("one", 1), ("two", 2)):
+        run("self_play", llama, tmp_path / name, devices, "--generator", "vllm")
+    for stage in ("generations", "rankings"):
+        one = pq.read_table(tmp_path / "one" / "self_play" / "iteration_1" / f"{stage}.parquet").to_pylist()
+        two = pq.read_table(tmp_path / "two" / "self_play" / "iteration_1" / f"{stage}.parquet").to_pylist()
+        assert one == two, stage
+    assert [json.loads((tmp_path / "two" / f"syncs_rank{r}.json").read_text()) for r in (0, 1)] == [2, 2]
+    assert all((tmp_path / "two" / f"vllm_rank{r}.log").exists() for r in (0, 1))  # an engine on each rank
+    summary = json.loads((tmp_path / "two" / "self_play" / "summary.json").read_text())["iterations"]
+    assert len(summary) == 1 and summary[0]["win_rate_vs_initial"] is not None

@@ -9,7 +9,10 @@ the engine in memory (``EngineProcess.load_weights``) instead of an export to di
 * QLoRA (a 4-bit base): each 4-bit weight dequantised (``quantization.dequantize_4bit_weight``),
   the adapter's delta added, one layer at a time: the function the export's merged copy has, the
   engine running it unquantised;
-* FSDP-sharded policies are not streamed (``live_unsupported`` says why): they take the export.
+* an FSDP-sharded policy: gathered one FSDP unit (one decoder layer, then the embeddings, norm and
+  head) at a time with FSDP's own ``unshard``, streamed, and resharded before the next; every rank
+  takes part in each gather, and the ranks whose engine samples send what they gathered. At most
+  one layer's full weights exist at a time, so a 7-8B policy never needs a whole copy anywhere.
 
 The engine starts once on ``engine_folder``: the config and tokenizer without weights
 (``load_format: dummy``), then gets the real weights from memory.
@@ -24,45 +27,45 @@ import torch
 from torch import nn
 
 
-def live_unsupported(model: nn.Module) -> Optional[str]:
-    """Why ``model``'s weights cannot be streamed to a live engine, or None if they can."""
-    from sppo_lightning.sharding import is_sharded
-
-    if is_sharded(model):
-        return "an FSDP-sharded policy is gathered in the per-iteration export"
-    return None
-
-
 def _inner(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 @torch.no_grad()
 def policy_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` of the model as an engine loads it: checkpoint names, LoRA merged."""
+    """``(name, tensor)`` of the model as an engine loads it: checkpoint names, LoRA merged, a 4-bit
+    base dequantised, an FSDP-sharded model gathered unit by unit (every rank must iterate it to its
+    end, in step: each unit's gather is a collective)."""
     from sppo_lightning.models import is_peft, is_quantized
+    from sppo_lightning.sharding import is_sharded
 
-    if not is_peft(model) and not is_quantized(model):
+    sharded = is_sharded(model)
+    if not is_peft(model) and not is_quantized(model) and not sharded:
         yield from model.state_dict().items()
         return
-    from peft.tuners.lora import LoraLayer
-
-    base = model.get_base_model() if is_peft(model) else model
+    base = _inner(model)
     active = None
     if is_peft(model):
         active = model.active_adapter if isinstance(model.active_adapter, str) else model.active_adapter[0]
-    layers = {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
-    if is_quantized(model):
-        yield from _dequantized(base, layers, active)
+    layers = _lora_layers(base)
+    if not sharded:
+        yield from _walk(base.named_modules(), layers, active)
         return
-    for name, tensor in base.state_dict().items():
-        if ".lora_" in name:
-            continue
-        if ".base_layer." not in name:
-            yield name, tensor
-            continue
-        owner, leaf = name.split(".base_layer.")
-        yield f"{owner}.{leaf}", _merged(layers[owner], active, tensor) if leaf == "weight" else tensor
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [name for name, m in base.named_modules() if isinstance(m, FSDPModule)]
+    for unit_name in units:
+        unit = base.get_submodule(unit_name)
+        prefix = f"{unit_name}." if unit_name else ""
+        nested = [f"{u}." for u in units if u != unit_name and u.startswith(prefix)]  # units inside this one
+        # this unit's own modules, under their names in the whole model
+        own = [(prefix + name if name else unit_name, m) for name, m in unit.named_modules()
+               if not any(f"{prefix}{name}.".startswith(u) for u in nested)]
+        unit.unshard()  # FSDP's own all-gather, as before a forward: its parameters are whole tensors now
+        try:
+            yield from _walk(own, layers, active)
+        finally:
+            unit.reshard()
 
 
 def engine_folder(model: nn.Module, tokenizer, folder: Path) -> Path:
@@ -103,22 +106,33 @@ def _merged(layer, active: Optional[str], weight: torch.Tensor) -> torch.Tensor:
     return weight
 
 
-def _dequantized(base: nn.Module, layers: dict, active: Optional[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """A 4-bit model's weights in full precision, each LoRA delta added: module by module."""
-    import bitsandbytes as bnb
+def _lora_layers(base: nn.Module) -> dict[str, nn.Module]:
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # no peft: no LoRA layers
+        return {}
+    return {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
 
+
+def _walk(modules, layers: dict, active: Optional[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The weights of ``modules`` (``(name, module)`` pairs), module by module, under the checkpoint's
+    names: a LoRA layer's base weight with the active adapter's delta added, a 4-bit weight
+    dequantised first, the adapters' own weights left out; each module's persistent buffers too,
+    as its state dict has them."""
     from sppo_lightning.quantization import dequantize_4bit_weight
 
-    for name, module in base.named_modules():
+    for name, module in modules:
         if "lora_" in name:
             continue
         owner = name.removesuffix(".base_layer")
         prefix = f"{owner}." if owner else ""
-        if isinstance(module, bnb.nn.Linear4bit):
-            weight = dequantize_4bit_weight(module.weight).to(module.compute_dtype or torch.float32)
-            yield prefix + "weight", _merged(layers.get(owner), active, weight)
-            if module.bias is not None:
-                yield prefix + "bias", module.bias.detach()
-            continue
         for pname, param in module.named_parameters(recurse=False):
-            yield prefix + pname, param.detach()
+            value = param.detach()
+            if pname == "weight" and type(module).__name__ == "Linear4bit":  # bitsandbytes' 4-bit layer
+                value = dequantize_4bit_weight(param).to(module.compute_dtype or torch.float32)
+            if pname == "weight" and name.endswith(".base_layer"):
+                value = _merged(layers.get(owner), active, value)
+            yield prefix + pname, value
+        for bname, buffer in module.named_buffers(recurse=False):
+            if bname not in module._non_persistent_buffers_set:
+                yield prefix + bname, buffer.detach()

@@ -3,7 +3,8 @@
 Why a child process, not ``vllm.LLM`` in the training process:
 
 * **memory**: when the child exits, everything the engine held (weights, KV cache, CUDA context,
-  compiled graphs) is gone, and training gets its GPU back whole; no reliance on a sleep mode;
+  compiled graphs) is gone, and training gets its GPU back whole. A live engine, kept for the run,
+  instead sleeps between samples on CUDA (``sleep``/``wake_up``: vLLM's sleep mode);
 * **isolation**: vLLM lowers torch's thread count, binds threads and installs its own logging on
   start; none of it leaks into training;
 * **the spawn rule**: vLLM starts its engine core in a spawned process, which needs the creating
@@ -124,17 +125,33 @@ class EngineProcess:
         memory: each tensor's bytes go through the pipe as they are (no pickling, no copy on this
         side), in messages of at most ``bucket_bytes``, and the engine loads each as it arrives
         with vLLM's in-place ``reload_weights``; no file, no restart. Returns the engine's seconds."""
-        import torch
+        import ctypes
 
         self._conn.send(("weights", None))
         for name, tensor in tensors:
             cpu = tensor.detach().to("cpu").contiguous()
-            raw = memoryview(cpu.view(-1).view(torch.uint8).numpy())
+            # The tensor's bytes where they are. Not through .numpy(): that marks the storage as not
+            # resizable for good, and FSDP frees a gathered layer's storage by resizing it to 0.
+            size = cpu.numel() * cpu.element_size()
+            raw = memoryview((ctypes.c_ubyte * size).from_address(cpu.data_ptr())).cast("B") if size else memoryview(b"")
             self._conn.send(("tensor", (name, str(cpu.dtype).removeprefix("torch."), tuple(cpu.shape), raw.nbytes)))
             for start in range(0, raw.nbytes, bucket_bytes):
                 self._conn.send_bytes(raw[start:start + bucket_bytes])
         self._conn.send(("end", None))
         return self._receive("loaded")
+
+    def sleep(self, level: int) -> None:
+        """vLLM's sleep mode (CUDA; the engine started with ``enable_sleep_mode``): level 1 moves the
+        weights to host memory and drops the KV cache, level 2 drops both (the next weights are
+        sent anyway). The GPU memory goes back to training until ``wake_up``."""
+        self._conn.send(("sleep", level))
+        self._receive("slept")
+
+    def wake_up(self, tags: Sequence[str]) -> None:
+        """Give back the GPU memory of ``tags`` (``weights`` before new weights are loaded into it,
+        then ``kv_cache``: never both at once, so that the peak stays one of them)."""
+        self._conn.send(("wake", list(tags)))
+        self._receive("awake")
 
     def close(self) -> None:
         """Stop the engine; its memory goes with the process."""
@@ -188,6 +205,21 @@ def _serve(conn, model: str, engine_kwargs: dict[str, Any], env: dict[str, str],
             break
         if kind == "close":
             break
+        if kind in ("sleep", "wake"):
+            try:
+                if kind == "sleep":
+                    llm.sleep(level=value)
+                else:
+                    llm.wake_up(tags=value)
+                conn.send(("slept" if kind == "sleep" else "awake", None))
+            except (BrokenPipeError, EOFError, ConnectionResetError):
+                break
+            except BaseException as error:  # noqa: BLE001
+                traceback.print_exc()
+                conn.send(("error", f"the vLLM engine could not {'sleep' if kind == 'sleep' else 'wake up'}: "
+                                    f"{engine_reason(error)}"))
+                break
+            continue
         if kind == "weights":
             try:
                 conn.send(("loaded", _reload(llm, conn)))

@@ -8,14 +8,17 @@ Two ways to reach π's weights (``live``):
   fingerprint of the weights decides; ``live_weights.py``, ``EngineProcess.load_weights``). The
   methods hand ``sample`` the module itself, so per-step methods (J-BOND, online pairs) and the win
   rate sample with the engine too; J-BOND's policy and anchor are swapped into the one engine.
-  Full-weight, LoRA and QLoRA policies (merged on the fly, a 4-bit base dequantised); an FSDP-sharded
-  policy takes the export below.
-* **per-iteration export** (``live: false``, and the fallback): the pipeline exports π_t
+  Full-weight, LoRA and QLoRA policies (merged on the fly, a 4-bit base dequantised), and FSDP-sharded
+  ones (gathered one unit at a time; every rank takes part in each sync).
+* **per-iteration export** (``live: false``): the pipeline exports π_t
   (``policy_export.py``: a merged model, or a LoRA adapter on its base) and hands this generator
   that export; an engine starts on it, samples the iteration's shards, and exits when the
   pipeline calls ``release()``.
 
-The engine runs in a child process (``vllm_engine.py``); its memory goes when it exits.
+The engine runs in a child process (``vllm_engine.py``); its memory goes when it exits. On CUDA a
+live engine sleeps between samples (``sleep_level``, vLLM's sleep mode): the training policy gets
+the GPU back while it trains, and the engine wakes its weights, takes the new ones, then wakes its
+KV cache to sample. On CPU (vLLM has no sleep mode there) it stays as it is.
 
 Sampling means what it means in :class:`~sppo_lightning.pipeline.HFGenerator`: temperature, top_p,
 no top-k, ``max_new_tokens``, stop at the policy's EOS ids (kept in the response); responses are
@@ -90,6 +93,9 @@ class VLLMGenerator:
         bucket_mib: the most MiB of weights sent to a live engine at a time.
         log_dir: where a live engine writes vLLM's console output (``vllm_rank<r>.log``); None: a
             temporary folder, removed with the engine (the start line names it).
+        sleep_level: on CUDA, how a live engine sleeps between samples: 2 frees its weights and KV
+            cache (the weights are re-sent at the next sample), 1 keeps the weights in host memory,
+            0 never sleeps. Ignored on CPU.
     """
 
     def __init__(self, temperature: float = 0.7, top_p: float = 0.9, max_new_tokens: int = 512,
@@ -98,7 +104,7 @@ class VLLMGenerator:
                  kv_cache_gib: Optional[float] = None, engine_kwargs: Optional[dict[str, Any]] = None,
                  lora: str = "auto", keep_policy_exports: int = 1, offload_policy: bool = True,
                  show_progress: bool = True, start_timeout: float = 1800.0, live: bool = True,
-                 bucket_mib: int = 256, log_dir: Optional[str] = None) -> None:
+                 bucket_mib: int = 256, log_dir: Optional[str] = None, sleep_level: int = 2) -> None:
         check_sampling(type(self).__name__, temperature, top_p, max_new_tokens, batch_size)
         checks = [
             (0 < gpu_memory_utilization <= 1, f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}"),
@@ -109,6 +115,7 @@ class VLLMGenerator:
             (kv_cache_gib is None or kv_cache_gib > 0, f"kv_cache_gib must be > 0, got {kv_cache_gib}"),
             (max_model_len is None or max_model_len > max_new_tokens,
              f"max_model_len ({max_model_len}) must exceed max_new_tokens ({max_new_tokens})"),
+            (sleep_level in (0, 1, 2), f"sleep_level must be 0, 1 or 2, got {sleep_level!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -121,7 +128,8 @@ class VLLMGenerator:
         self.show_progress, self.start_timeout = show_progress, start_timeout
         if not isinstance(bucket_mib, int) or bucket_mib < 1:
             raise ConfigError(f"VLLMGenerator: bucket_mib must be an integer >= 1, got {bucket_mib!r}")
-        self.live, self.bucket_mib, self.log_dir = live, bucket_mib, log_dir
+        self.live, self.bucket_mib, self.log_dir, self.sleep_level = live, bucket_mib, log_dir, sleep_level
+        self._asleep = False  # the live engine sleeps (CUDA) between samples
         self._engine: Optional[EngineProcess] = None
         self._engine_key: Optional[tuple] = None
         self._live_folder: Optional[str] = None
@@ -136,18 +144,11 @@ class VLLMGenerator:
         return not self.live
 
     def exports_policy(self, policy) -> bool:
-        """Whether ``policy`` reaches the engine through a per-iteration export: ``live: false``, or a
-        policy the live engine cannot take (FSDP-sharded), said once in one line."""
-        from sppo_lightning.pipeline.live_weights import live_unsupported
-
+        """Whether ``policy`` reaches the engine through a per-iteration export (``live: false``),
+        said once in one line."""
         if not self.live:
             self._say("VLLMGenerator: π_t is exported every iteration and an engine started on it (live: false)")
-            return True
-        reason = live_unsupported(policy)
-        if reason is not None:
-            self._say(f"VLLMGenerator: a per-iteration export instead of the live engine: {reason}")
-            return True
-        return False
+        return not self.live
 
     def _say(self, line: str) -> None:
         if line not in self._said:
@@ -188,6 +189,8 @@ class VLLMGenerator:
             kwargs["enable_chunked_prefill"] = False
         if export is None:  # live: the engine starts without weights and gets π's from memory
             kwargs["load_format"] = "dummy"
+            if self._sleeps(ctx):
+                kwargs["enable_sleep_mode"] = True
         elif export.adapter is not None:
             kwargs["enable_lora"] = True
             kwargs["max_lora_rank"] = next((r for r in LORA_RANKS if r >= (export.lora_rank or 1)), export.lora_rank)
@@ -206,33 +209,61 @@ class VLLMGenerator:
             self._engine_key = key
         return self._engine
 
-    def _live_engine(self, model, tokenizer, ctx: DistContext) -> EngineProcess:
-        """The run's engine (started on the first call), holding ``model``'s weights."""
+    def _live_engine(self, model, tokenizer, ctx: DistContext, here: bool = True) -> Optional[EngineProcess]:
+        """The run's engine (started on the first call), holding ``model``'s weights. ``here``: this
+        rank runs an engine; under FSDP a rank without one (``tensor_parallel_size > 1``, rank > 0)
+        still takes part in gathering the weights, and every rank decides to sync together."""
         import atexit
         import tempfile
         import time
 
         from sppo_lightning.pipeline.live_weights import engine_folder, policy_weights, weights_identity
+        from sppo_lightning.sharding import is_sharded
 
-        if self._engine is None or not self._engine.alive or self._engine_key != ("live",):
+        if here and (self._engine is None or not self._engine.alive or self._engine_key != ("live",)):
             self.close()
             self._live_folder = tempfile.mkdtemp(prefix="sppo-lightning-vllm-")
             folder = engine_folder(model, tokenizer, Path(self._live_folder) / "config")
             kwargs, env = self.engine_settings(None, ctx)
             log = Path(self.log_dir or self._live_folder) / f"vllm_rank{ctx.rank}.log"
             self._engine = EngineProcess(str(folder), kwargs, env, log_path=log, start_timeout=self.start_timeout)
-            self._engine_key, self._synced = ("live",), None
+            self._engine_key, self._synced, self._asleep = ("live",), None, False
             if not self._close_at_exit:  # once per generator, however many engines it starts
                 atexit.register(self.close)
                 self._close_at_exit = True
             self._say(f"VLLMGenerator: one live engine for the run, fed π's weights in memory (vLLM log: {log})")
-        identity = weights_identity(model)
-        if identity != self._synced:
+        identity = weights_identity(model)  # under FSDP, of this rank's shards
+        stale = identity != self._synced
+        if is_sharded(model):  # each gather is a collective: sync on every rank if any needs it
+            stale = any(ctx.all_gather_object(stale))
+        if here and self._asleep:  # the weights' memory first: the new weights are loaded into it
+            self._engine.wake_up(["weights"])
+        if stale:
             start = time.perf_counter()
-            self._engine.load_weights(policy_weights(model), bucket_bytes=self.bucket_mib << 20)
+            if here:
+                self._engine.load_weights(policy_weights(model), bucket_bytes=self.bucket_mib << 20)
+            else:
+                for _ in policy_weights(model):  # gathered for the engine on rank 0
+                    pass
             self.sync_seconds.append(time.perf_counter() - start)
             self._synced = identity
+        if here and self._asleep:  # then the KV cache, to sample
+            self._engine.wake_up(["kv_cache"])
+            self._asleep = False
         return self._engine
+
+    def _sleeps(self, ctx: DistContext) -> bool:
+        return self.live and self.sleep_level > 0 and ctx.device.type == "cuda"
+
+    def _rest(self, ctx: DistContext) -> None:
+        """A live engine's samples are taken: on CUDA it sleeps, giving the GPU back to training. At
+        level 2 its weights are gone, so the next sample re-sends them even if π did not change."""
+        if self._engine is None or self._engine_key != ("live",) or not self._sleeps(ctx) or self._asleep:
+            return
+        self._engine.sleep(self.sleep_level)
+        self._asleep = True
+        if self.sleep_level == 2:
+            self._synced = None
 
     def release(self) -> None:
         """An iteration's generations are written: an export engine stops (its memory goes with it);
@@ -246,7 +277,7 @@ class VLLMGenerator:
 
         if self._engine is not None:
             self._engine.close()
-        self._engine, self._engine_key, self._synced = None, None, None
+        self._engine, self._engine_key, self._synced, self._asleep = None, None, None, False
         if self._live_folder is not None:
             shutil.rmtree(self._live_folder, ignore_errors=True)
             self._live_folder = None
@@ -274,15 +305,17 @@ class VLLMGenerator:
         module (live: synced into the run's engine first if its weights changed), or π_t's
         ``PolicyExport`` (the per-iteration path: an engine started on it)."""
         export = model if isinstance(model, PolicyExport) else None
+        sharded = False
         if export is None:
             from sppo_lightning.generation import eos_ids
-            from sppo_lightning.pipeline.live_weights import _inner, live_unsupported
+            from sppo_lightning.pipeline.live_weights import _inner
+            from sppo_lightning.sharding import is_sharded
 
-            reason = live_unsupported(model) if self.live else "live: false samples a per-iteration export"
-            if reason is not None:
-                raise ConfigError(f"VLLMGenerator cannot sample this policy in memory ({reason}): use HFGenerator "
-                                  f"for this method, or a full-weight or LoRA policy")
+            if not self.live:
+                raise ConfigError("VLLMGenerator cannot sample this policy in memory (live: false samples a "
+                                  "per-iteration export): use live: true for this method, or HFGenerator")
             stop = sorted(eos_ids(_inner(model), tokenizer))
+            sharded = is_sharded(model)
         else:
             stop = export.eos_token_ids
         count = math.ceil(len(prompts) / self.batch_size)
@@ -292,13 +325,19 @@ class VLLMGenerator:
             mine = [b for b, _ in rank_batches(count, ctx.rank, ctx.world_size)]
         results: list[list[list[int]]] = [[] for _ in prompts]
         requests = self.requests(prompts, num_samples, seed, mine, batch_offset, stop)
+        engine = None
+        if sharded:  # every rank takes part in gathering the weights, even one with nothing to sample
+            engine = self._live_engine(model, tokenizer, ctx, here=self.tensor_parallel_size == 1 or ctx.is_global_zero)
         if requests:
             lora = ("policy", 1, export.adapter) if export is not None and export.adapter else None
-            engine = self._engine_for(export, ctx) if export is not None else self._live_engine(model, tokenizer, ctx)
+            if engine is None:
+                engine = self._engine_for(export, ctx) if export is not None else self._live_engine(model, tokenizer, ctx)
             with tqdm(total=len(requests), desc=desc, unit="seq",
                       disable=not (self.show_progress and ctx.is_global_zero)) as bar:
                 outputs = engine.generate(requests, lora, on_progress=bar.update)
             rows = [i for b in mine for i in range(b * self.batch_size, min((b + 1) * self.batch_size, len(prompts)))]
             for n, row in enumerate(rows):
                 results[row] = [list(ids) for ids in outputs[n * num_samples : (n + 1) * num_samples]]
+        if export is None:
+            self._rest(ctx)
         return gather_responses(results, ctx.world_size)
