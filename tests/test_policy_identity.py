@@ -11,11 +11,12 @@ from tests.test_quickstart import REPO, run_fit
 from tests.test_resume import assert_same_run
 
 
-def on_one_thread(function, *args):
-    """``function(*args)`` computed with torch on one thread (reductions split differently)."""
+def on_threads(count, function, *args):
+    """``function(*args)`` computed with torch on ``count`` threads (reductions split differently);
+    explicit, since the suite itself runs on one thread (tests/conftest.py)."""
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
+        torch.set_num_threads(count)
         return function(*args)
     finally:
         torch.set_num_threads(threads)
@@ -24,9 +25,9 @@ def on_one_thread(function, *args):
 def test_the_fingerprint_names_the_trainable_bits_whatever_the_thread_count():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 8))
-    digest = weights_fingerprint(model)
+    digest = on_threads(2, weights_fingerprint, model)
     assert len(digest) == 16 and int(digest, 16) >= 0
-    assert on_one_thread(weights_fingerprint, model) == digest
+    assert on_threads(1, weights_fingerprint, model) == digest
     assert weights_fingerprint(copy.deepcopy(model)) == digest  # the same weights, the same name
     nudged = copy.deepcopy(model)
     with torch.no_grad():  # one ulp of one weight
@@ -49,8 +50,8 @@ def test_the_on_device_sums_are_exact_and_order_free():
     """What a weight on a GPU contributes (integer reductions where it is), checked on the CPU."""
     torch.manual_seed(0)
     weight = torch.randn(3000, 7)
-    sums = device_sums(weight)
-    assert on_one_thread(device_sums, weight) == sums
+    sums = on_threads(2, device_sums, weight)
+    assert on_threads(1, device_sums, weight) == sums
     nudged = weight.clone()
     nudged[1234, 5] = torch.nextafter(nudged[1234, 5], torch.tensor(9.0))
     assert device_sums(nudged) != sums and device_sums(weight.flip(0)) != sums
