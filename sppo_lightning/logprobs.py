@@ -112,7 +112,7 @@ def _token_logprobs(states: Tensor, targets: Tensor, weight: Tensor, softcap: fl
     logits = (states @ weight.T).float()
     if softcap:  # Gemma-2 style final logit soft-capping
         logits = softcap * torch.tanh(logits / softcap)
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return _logits_logprobs(logits, targets)
 
 
 def _config(model: torch.nn.Module):

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from transformers import PreTrainedTokenizerBase
 
 from sppo_lightning.data.rows import load_records, parse_rows
-from sppo_lightning.data.shuffle import EpochShuffle, LengthGroupedShuffle, pair_lengths
+from sppo_lightning.data.shuffle import epoch_sampler
 from sppo_lightning.errors import ConfigError, DataError
 from sppo_lightning.data.tokenize import TemplateError, collate_pairs, encode_row
 from sppo_lightning.models import load_tokenizer
@@ -134,8 +134,7 @@ class PreferenceDataModule(L.LightningDataModule):
         if self.shuffle:
             # Not the global RNG: its state at an epoch's start differs between a fresh and a resumed run.
             epoch = (lambda: trainer.current_epoch) if trainer is not None else (lambda: 0)
-            sampler = (LengthGroupedShuffle(pair_lengths(self.train_examples), self.batch_size, self.shuffle_seed, epoch)
-                       if self.group_by_length else EpochShuffle(len(self.train_examples), self.shuffle_seed, epoch))
+            sampler = epoch_sampler(self.train_examples, self.batch_size, self.shuffle_seed, epoch, self.group_by_length)
         elif trainer is not None and trainer.world_size > 1:
             # Lightning shuffles every distributed training loader it is handed a plain sampler for;
             # a distributed sampler of our own, in file order, keeps the order asked for.

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from sppo_lightning.data.prompts import Prompt, load_prompts
-from sppo_lightning.data.shuffle import EpochShuffle, LengthGroupedShuffle, pair_lengths
+from sppo_lightning.data.shuffle import epoch_sampler
 from sppo_lightning.data.tokenize import collate_pairs
 from sppo_lightning.errors import ConfigError, SettingsMismatch
 from sppo_lightning.distributed import DistContext
@@ -225,8 +225,7 @@ class SelfPlayDataModule(L.LightningDataModule):
         return DataLoader(
             self.pairs,
             batch_size=self.batch_size,
-            sampler=(LengthGroupedShuffle(pair_lengths(self.pairs), self.batch_size, self.shuffle_seed, lambda: epoch)
-                     if self.group_by_length else EpochShuffle(len(self.pairs), self.shuffle_seed, lambda: epoch)),
+            sampler=epoch_sampler(self.pairs, self.batch_size, self.shuffle_seed, lambda: epoch, self.group_by_length),
             collate_fn=partial(collate_pairs, pad_token_id=self.tokenizer.pad_token_id),
             num_workers=self.num_workers,
         )

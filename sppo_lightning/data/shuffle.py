@@ -74,3 +74,11 @@ def pair_lengths(examples) -> list[int]:
         columns = [examples[c] for c in ("prompt_ids", "chosen_ids", "rejected_ids")]
         return [len(p) + len(c) + len(r) for p, c, r in zip(*columns)]
     return [len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples]
+
+
+def epoch_sampler(examples, batch_size: int, seed: int, epoch: Callable[[], int], group_by_length: bool) -> Sampler[int]:
+    """The training sampler of a pair data module: ``EpochShuffle``, or with ``group_by_length``
+    ``LengthGroupedShuffle`` over the pairs' lengths."""
+    if group_by_length:
+        return LengthGroupedShuffle(pair_lengths(examples), batch_size, seed, epoch)
+    return EpochShuffle(len(examples), seed, epoch)

@@ -107,10 +107,8 @@ def _merged(layer, active: Optional[str], weight: torch.Tensor) -> torch.Tensor:
 
 
 def _lora_layers(base: nn.Module) -> dict[str, nn.Module]:
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # no peft: no LoRA layers
-        return {}
+    from peft.tuners.lora import LoraLayer
+
     return {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
 
 
