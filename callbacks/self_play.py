@@ -20,13 +20,14 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from sppo_lightning import seeds
 from sppo_lightning.artifacts import RunSummary, atomic_write_bytes, read_stats
+from sppo_lightning.callbacks.following import KEYS, HeldOutFollowing, format_following
 from sppo_lightning.callbacks.win_rate import InitialPolicyWinRate, policy_sampler
 from sppo_lightning.data.self_play import SelfPlayDataModule
 from sppo_lightning.errors import ConfigError
@@ -46,18 +47,28 @@ class SelfPlay(L.Callback):
             against the initial policy.
         eval_every: measure that win rate every this many iterations, and at the last (per-step
             methods have one iteration per optimizer step: every one would be costly).
+        instruction_following: also measure IFEval's four numbers (prompt- and instruction-level,
+            strict and loose) on the held-out prompts, which must be in the IFEval format: greedy
+            answers of the initial policy before its first step and of the policy at every
+            measurement (``sppo_lightning/instruction_following.py``).
+        instruction_following_tokens: answer tokens at most for that measurement.
     """
 
-    def __init__(self, eval_samples: int = 1, eval_every: int = 1) -> None:
+    def __init__(self, eval_samples: int = 1, eval_every: int = 1, instruction_following: bool = False,
+                 instruction_following_tokens: int = 256) -> None:
         self.eval_samples, self.eval_every = eval_samples, eval_every
+        self.instruction_following, self.instruction_following_tokens = instruction_following, instruction_following_tokens
         self.active = False
+        self.following: Optional[HeldOutFollowing] = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         datamodule = trainer.datamodule
         self.active = stage == "fit" and isinstance(datamodule, SelfPlayDataModule)
         if not self.active:
             return
-        for name in ("eval_samples", "eval_every"):
+        if not isinstance(self.instruction_following, bool):
+            raise ConfigError(f"self_play.instruction_following must be true or false, got {self.instruction_following!r}")
+        for name in ("eval_samples", "eval_every", "instruction_following_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"self_play.{name} must be an integer of at least 1, got {value!r}")
@@ -82,8 +93,10 @@ class SelfPlay(L.Callback):
         if not self.active:
             return
         # The initial policy's evaluation answers, before its first step (reused when resuming).
-        if trainer.current_epoch == 0 and self.datamodule.eval_prompts:
+        if trainer.current_epoch == 0 and self.datamodule.eval_prompts and not self.instruction_following:
             self.win_rate.initial(trainer, self.datamodule.eval_prompts)
+        if self.instruction_following:
+            self._follow_initial(trainer, pl_module)
         if trainer.is_global_zero:  # a resumed run redoes the steps after its checkpoint: drop their rows
             keep_steps_up_to(self.run_dir / "losses.jsonl", trainer.global_step)
 
@@ -135,8 +148,13 @@ class SelfPlay(L.Callback):
         eval_seconds = 0.0
         if self.datamodule.eval_prompts and (number % self.eval_every == 0 or last):
             start = time.perf_counter()
-            row["win_rate_vs_initial"] = self.win_rate.measure(trainer, self.datamodule.eval_prompts,
-                                                               self.datamodule.tokenizer)
+            if self.following is None:
+                row["win_rate_vs_initial"] = self.win_rate.measure(trainer, self.datamodule.eval_prompts,
+                                                                   self.datamodule.tokenizer)
+            else:  # one set of greedy answers: IFEval's numbers, and the win rate against π_0's answers
+                row.update(self.following.measure(trainer, pl_module.policy, number))
+                for key in KEYS:
+                    pl_module.log(f"{prefix}/if_{key}", row[f"if_{key}"], on_epoch=True, on_step=False, batch_size=1)
             pl_module.log(f"{prefix}/win_rate_vs_initial", row["win_rate_vs_initial"], on_epoch=True, on_step=False)
             eval_seconds = time.perf_counter() - start
         loss = trainer.callback_metrics.get("train/loss")
@@ -147,8 +165,27 @@ class SelfPlay(L.Callback):
         self.summary.record(row, write=trainer.is_global_zero)
         rank_zero_info(format_row(row))
         if trainer.is_global_zero:
-            paths = write_report(self.run_dir, self.summary.rows, self._where(trainer))
+            paths = write_report(self.run_dir, self.summary.rows, self._where(trainer), self.summary.initial)
             log_images(trainer.loggers, paths, trainer.global_step)
+
+    def _follow_initial(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Instruction following of π_0, measured once (``summary.json``'s ``initial``; reused on resume)."""
+        if self.following is None:
+            self.following = HeldOutFollowing(
+                self.run_dir, self.datamodule.eval_prompts, self.method.ranker, self.datamodule.tokenizer,
+                self.instruction_following_tokens, evaluation_generator(self.method.generator).batch_size,
+                where=str(self.datamodule.eval_source))
+            for note in self.following.notes:
+                rank_zero_info(note)
+        if self.summary.initial or trainer.current_epoch > 0:
+            return
+        start = time.perf_counter()
+        initial = {**self.following.measure(trainer, pl_module.policy, 0), "seconds": time.perf_counter() - start}
+        self.summary.record_initial(initial, write=trainer.is_global_zero)
+        rank_zero_info("iteration 0 (initial policy) | " + format_following(initial))
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({f"{self.method.log_prefix}/if_{k}": initial[f"if_{k}"] for k in KEYS}, step=0)
 
     def _where(self, trainer: L.Trainer) -> dict[str, str]:
         from sppo_lightning.callbacks.hf_export import HFExport
@@ -213,6 +250,8 @@ def format_row(row: dict[str, Any]) -> str:
     parts = [f"iteration {row['iteration']}"]
     if row.get("win_rate_vs_initial") is not None:
         parts.append(f"win rate vs initial {row['win_rate_vs_initial']:.3f}")
+    if row.get("if_prompt_loose") is not None:
+        parts.append(format_following(row))
     if "chosen_p_win" in row:
         parts.append(f"p_win chosen {row['chosen_p_win']:.3f} / rejected {row['rejected_p_win']:.3f}")
     if "pairs" in row:

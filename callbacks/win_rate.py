@@ -10,7 +10,9 @@ import lightning as L
 
 from sppo_lightning.artifacts import atomic_write_json
 from sppo_lightning.data.prompts import Prompt
+from sppo_lightning.pipeline.stages import ranker_prompt
 from sppo_lightning.ranking import Ranker
+from sppo_lightning.ranking.protocol import prompt_view_of
 
 # (prompts, samples per prompt, seed) -> [N][samples] response ids, on all ranks
 Sampler = Callable[[list[Prompt], int, int], list[list[list[int]]]]
@@ -52,11 +54,23 @@ class InitialPolicyWinRate:
         initial = self.initial(trainer, prompts)
         current = self.sample(prompts, self.samples_per_prompt, self.seed)
         texts, candidates = [], []
-        for prompt, new, old in zip(prompts, current, initial):
+        for shown, new, old in zip(shown_prompts(self.ranker, tokenizer, prompts), current, initial):
             for a, b in zip(tokenizer.batch_decode(new, skip_special_tokens=True),
                             tokenizer.batch_decode(old, skip_special_tokens=True)):
-                texts.append(prompt.text)
+                texts.append(shown)
                 candidates.append([a, b])
-        m = self.ranker.pairwise_logits(texts, candidates)
-        margin = (m[:, 0, 1] - m[:, 1, 0]).double()
-        return float(((margin > 0).double() + 0.5 * (margin == 0).double()).mean())
+        return paired_win_rate(self.ranker, texts, candidates)
+
+
+def shown_prompts(ranker: Ranker, tokenizer, prompts: list[Prompt]) -> list[str]:
+    """What ``ranker`` reads of each prompt, as the rank stage shows it (``stages.ranker_prompt``)."""
+    view = prompt_view_of(ranker)
+    return [ranker_prompt(view, tokenizer, p.text, p.messages,
+                          json.dumps(p.meta, sort_keys=True) if p.meta is not None else None) for p in prompts]
+
+
+def paired_win_rate(ranker: Ranker, shown: list[str], candidates: list[list[str]]) -> float:
+    """P(the first candidate beats the second) by ``ranker``, ties counting one half."""
+    m = ranker.pairwise_logits(shown, candidates)
+    margin = (m[:, 0, 1] - m[:, 1, 0]).double()
+    return float(((margin > 0).double() + 0.5 * (margin == 0).double()).mean())

@@ -394,10 +394,21 @@ class RunSummary:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.rows: list[dict[str, Any]] = json.loads(self.path.read_text())["iterations"] if self.path.exists() else []
+        saved = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.rows: list[dict[str, Any]] = saved.get("iterations", [])
+        # What was measured of the initial policy before its first step (instruction following).
+        self.initial: dict[str, Any] = saved.get("initial", {})
 
     def record(self, row: dict[str, Any], write: bool = True) -> None:
         """Add (or replace) the row of ``row["iteration"]``; ``write`` on rank 0 only."""
         self.rows = [r for r in self.rows if r["iteration"] != row["iteration"]] + [row]
         if write:
-            atomic_write_json(self.path, {"iterations": self.rows})
+            self._write()
+
+    def record_initial(self, values: dict[str, Any], write: bool = True) -> None:
+        self.initial = dict(values)
+        if write:
+            self._write()
+
+    def _write(self) -> None:
+        atomic_write_json(self.path, {"iterations": self.rows, **({"initial": self.initial} if self.initial else {})})

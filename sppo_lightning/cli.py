@@ -5,6 +5,7 @@
     sppo-lightning export <checkpoint.ckpt> <out_dir>
     sppo-lightning generate <model> <prompts> <out> --format alpaca_eval|mt_bench
     sppo-lightning judge <answers A> <answers B> --ranker <class_path block>
+    sppo-lightning ifeval <model> <prompts.jsonl> <out_dir>
 
 This module stays light: the top-level help answers before Lightning is imported (0.1 s; importing
 Lightning alone takes about 3 s here),
@@ -42,6 +43,8 @@ commands:
   export     a checkpoint's policy in Hugging Face format:   sppo-lightning export <ckpt> <out_dir>
   generate   answers for AlpacaEval or MT-Bench:   sppo-lightning generate <model> <prompts> <out> --format ...
   judge      two answer files head to head, with any ranker:   sppo-lightning judge <A> <B> --ranker ...
+  ifeval     instruction-following accuracy (IFEval's four numbers) of a model folder or .gguf file
+             on IFEval/IFBench-format prompts:   sppo-lightning ifeval <model> <prompts.jsonl> <out_dir>
 
 our settings, with their defaults and docs:
   sppo-lightning fit --model.help PreferenceModule      (or sppo_lightning.bond.BondModule)
@@ -143,6 +146,10 @@ def main(args: Optional[list[str]] = None) -> None:
             from sppo_lightning.evaluation import generate_main
 
             generate_main(argv[1:])
+        elif argv and argv[0] == "ifeval":
+            from sppo_lightning.instruction_following import ifeval_main
+
+            ifeval_main(argv[1:])
         elif argv and argv[0] == "judge":
             from sppo_lightning.judging import judge_main
 

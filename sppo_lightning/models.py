@@ -52,8 +52,12 @@ def load_causal_lm(
 
     ``quantize_4bit`` loads the linear layers in 4-bit nf4 (double quantisation) computing in
     ``torch_dtype``; on a GPU ``device`` they are quantised straight onto it while loading, so the
-    full-precision weights never sit in GPU memory.
+    full-precision weights never sit in GPU memory. A path to a ``.gguf`` file loads the Hugging
+    Face folder converted from it once (``gguf.py``).
     """
+    from sppo_lightning.gguf import hf_folder
+
+    name_or_path = hf_folder(name_or_path)
     if torch_dtype not in DTYPES:
         raise ConfigError(f"model.torch_dtype must be one of {sorted(DTYPES)}, got {torch_dtype!r}")
     kwargs: dict = {}
@@ -78,7 +82,11 @@ def load_causal_lm(
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """``AutoTokenizer`` with a pad token (EOS where the model has none) and a chat template."""
+    """``AutoTokenizer`` with a pad token (EOS where the model has none) and a chat template. A
+    ``.gguf`` file's tokenizer comes from the folder converted from it (``gguf.py``)."""
+    from sppo_lightning.gguf import hf_folder
+
+    name_or_path = hf_folder(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except OSError as err:

@@ -237,9 +237,11 @@ def packing_unsupported(model: torch.nn.Module) -> Optional[str]:
         if "attention_mask, dict)" not in source:  # the models that accept one mask per layer kind
             return f"{type(inner).__name__} alternates full and sliding layers but takes one mask for both"
     if attention == "flex_attention" and all(p.device.type == "cpu" for p in inner.parameters()):
-        # torch's CPU flex attention has no backward, and its compiled kernels break on
-        # recompiles for new lengths; on CPU sdpa and eager pack exactly.
-        return "flex_attention on CPU cannot train (torch has no CPU backward for it); use sdpa or eager"
+        # torch's CPU flex attention has no backward; its compiled kernels break on recompiles for
+        # new lengths, and on AVX2 CPUs give wrong values for short pairs in padded rows (NaN or
+        # 0.08 nats off, tests/test_packing.py). On CPU sdpa and eager pack exactly.
+        return ("flex_attention on CPU cannot train (torch has no CPU backward for it, and its compiled CPU kernel "
+                "gives wrong values on AVX2 CPUs); use sdpa or eager")
     if attention == "sdpa" and getattr(config, "attn_logit_softcapping", None):
         return "sdpa cannot soft-cap attention scores (attn_logit_softcapping); use attn_implementation eager"
     return None

@@ -145,7 +145,23 @@ def plot_losses(losses: dict[int, tuple[int, float]], path: Path, gaps: Optional
     return _save(plt, figure, path)
 
 
-def markdown(rows: list[dict[str, Any]], where: dict[str, str]) -> str:
+FOLLOWING = ("prompt_loose", "prompt_strict", "instruction_loose", "instruction_strict")
+
+
+def plot_following(rows: list[dict[str, Any]], initial: Optional[dict[str, Any]], path: Path) -> Path:
+    """IFEval's four numbers per iteration, the initial policy at iteration 0."""
+    plt, figure, axis = _figure()
+    points = ([(0, initial)] if initial else []) + [(r["iteration"], r) for r in rows
+                                                   if r.get("if_prompt_loose") is not None]
+    for key in FOLLOWING:
+        axis.plot([x for x, _ in points], [r[f"if_{key}"] for _, r in points], marker="o", label=key.replace("_", " "))
+    axis.set(xlabel="iteration (0: initial policy)", ylabel="accuracy", title="Instruction following (held out)")
+    axis.set_xticks([x for x, _ in points])
+    axis.legend(fontsize=8)
+    return _save(plt, figure, path)
+
+
+def markdown(rows: list[dict[str, Any]], where: dict[str, str], initial: Optional[dict[str, Any]] = None) -> str:
     """The report: one row per iteration, then where things are."""
     lines = ["# Self-play run report", "",
              "| iteration | win rate vs initial | pairs | ties dropped | prompts truncated | chosen / rejected P(win) "
@@ -169,13 +185,24 @@ def markdown(rows: list[dict[str, Any]], where: dict[str, str]) -> str:
             j = r["judge"]
             lines.append(f"| {r['iteration']} | {j.get('judge_calls', 0)} | {j.get('cache_hits', 0)} | "
                          f"{j.get('judged_by_logprobs', '-')} | {j.get('judged_by_verdict', '-')} |")
-    lines += ["", "Plots: " + ", ".join(f"[{name}]({name})" for name in PLOTS), ""]
+    followed = [r for r in rows if r.get("if_prompt_loose") is not None]
+    plots = PLOTS + (("instruction_following.png",) if followed else ())
+    if followed:  # IFEval's four numbers on the held-out prompts, the initial policy first
+        lines += ["", "Instruction following on the held-out prompts (IFEval's checkers; greedy answers):", "",
+                  "| iteration | prompt loose | prompt strict | instruction loose | instruction strict | mean words |",
+                  "|---|---|---|---|---|---|"]
+        for label, r in ([("0 (initial)", initial)] if initial else []) + [(str(r["iteration"]), r) for r in followed]:
+            lines.append(f"| {label} | " + " | ".join(f"{r[f'if_{k}']:.3f}" for k in FOLLOWING) +
+                         f" | {r['if_words']:.0f} |")
+    lines += ["", "Plots: " + ", ".join(f"[{name}]({name})" for name in plots), ""]
     lines += [f"- {what}: `{place}`" for what, place in where.items()]
     return "\n".join(lines) + "\n"
 
 
-def write_report(run_dir: Path, rows: list[dict[str, Any]], where: dict[str, str]) -> dict[str, Path]:
-    """Write the three plots and ``report.md`` into ``run_dir``; returns their paths by name."""
+def write_report(run_dir: Path, rows: list[dict[str, Any]], where: dict[str, str],
+                 initial: Optional[dict[str, Any]] = None) -> dict[str, Path]:
+    """Write the plots and ``report.md`` into ``run_dir``; returns their paths by name. ``initial``:
+    what was measured of the initial policy (instruction following), drawn as iteration 0."""
     run_dir = Path(run_dir)
     p_wins = {}
     for row in rows:
@@ -188,8 +215,10 @@ def write_report(run_dir: Path, rows: list[dict[str, Any]], where: dict[str, str
         "loss": plot_losses(read_losses(run_dir / "losses.jsonl"), run_dir / "loss.png",
                             read_gaps(run_dir / "losses.jsonl")),
     }
+    if any(r.get("if_prompt_loose") is not None for r in rows):
+        paths["instruction_following"] = plot_following(rows, initial, run_dir / "instruction_following.png")
     report = run_dir / "report.md"
-    atomic_write_bytes(report, markdown(rows, where).encode())
+    atomic_write_bytes(report, markdown(rows, where, initial).encode())
     paths["report"] = report
     return paths
 
@@ -197,7 +226,7 @@ def write_report(run_dir: Path, rows: list[dict[str, Any]], where: dict[str, str
 def log_images(loggers: list, paths: dict[str, Path], step: int) -> None:
     """Send the plots to loggers that take images (W&B and others with ``log_image``, TensorBoard)."""
     for logger in loggers:
-        for name in ("win_rate", "p_win", "loss"):
+        for name in ("win_rate", "p_win", "loss", "instruction_following"):
             if name not in paths:
                 continue
             if hasattr(logger, "log_image"):

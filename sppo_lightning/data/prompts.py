@@ -1,4 +1,10 @@
-"""Prompt files for self-play: load, check, chat-template (token ids are kept from here on)."""
+"""Prompt files for self-play: load, check, chat-template (token ids are kept from here on).
+
+A file in the IFEval / IFBench format (``key``, ``prompt``, ``instruction_id_list``, ``kwargs``)
+is a prompt file like any other; its instructions travel with each prompt (``Prompt.meta``) into
+the generations and to a ranker that reads them (``prompt_view: record``, e.g.
+``VerifiableInstructionRanker``), and to the instruction-following evaluation.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +26,11 @@ class Prompt:
     ids: list[int]  # templated prompt with generation prompt, at most max_prompt_length tokens
     principle: Optional[str] = None  # Linear Alignment's per-prompt principle, when the file has one
     truncated: bool = False  # longer than max_prompt_length: its start was cut
+    meta: Optional[dict[str, Any]] = None  # IFEval-format files: {key, instruction_id_list, kwargs}
+
+
+# The columns of an IFEval / IFBench prompt file that travel with each prompt (``Prompt.meta``).
+INSTRUCTION_COLUMNS = ("key", "instruction_id_list", "kwargs")
 
 
 def load_prompts(
@@ -44,6 +55,7 @@ def load_prompts(
     if column not in records[0]:
         raise DataError(f"{source}: missing column '{column}'; found {sorted(records[0])} (set data.prompt_column)")
     prompts, skipped, truncated = [], [], 0
+    instructed = "instruction_id_list" in records[0]  # an IFEval / IFBench file: every row has them
     for i, record in enumerate(records):
         bad_column = column
         try:
@@ -55,6 +67,10 @@ def load_prompts(
             if principle is not None and (not isinstance(principle, str) or not principle.strip()):
                 bad_column = principle_column
                 raise ValueError("expected a non-empty principle string")
+            meta = None
+            if instructed:
+                bad_column = "instruction_id_list"
+                meta = instruction_meta(record)
         except ValueError as err:
             message = f"{source}: row {i + 1}: column '{bad_column}': {err}"
             if not skip_bad_rows:
@@ -66,10 +82,25 @@ def load_prompts(
         truncated += cut
         ids = keep_end(ids, max_prompt_length, tokenizer.bos_token_id)
         text = "\n\n".join(m["content"] for m in messages if m["role"] != "system")
-        prompts.append(Prompt(i, messages, text, ids, principle, cut))
+        prompts.append(Prompt(i, messages, text, ids, principle, cut, meta))
     if not prompts:
         raise DataError(f"{source}: every prompt is bad ({len(skipped)} skipped); first: {skipped[0]}")
     return prompts, truncated, skipped
+
+
+def instruction_meta(record: dict[str, Any]) -> dict[str, Any]:
+    """A row's ``{key, instruction_id_list, kwargs}``: a list of instruction ids and one dict of
+    arguments per id (``kwargs`` missing: no arguments). A ``ValueError`` says what is wrong."""
+    ids, kwargs = record.get("instruction_id_list"), record.get("kwargs")
+    if not isinstance(ids, list) or not ids or not all(isinstance(x, str) and x for x in ids):
+        raise ValueError(f"expected a non-empty list of instruction ids, got {ids!r:.80}")
+    if kwargs is None:
+        kwargs = [{} for _ in ids]
+    if not isinstance(kwargs, list) or len(kwargs) != len(ids) or not all(isinstance(k, dict) for k in kwargs):
+        raise ValueError(f"column 'kwargs' must be a list of {len(ids)} dicts (one per instruction), got {kwargs!r:.80}")
+    key = record.get("key")
+    return {"key": key if isinstance(key, (str, int)) else None, "instruction_id_list": list(ids),
+            "kwargs": [{k: v for k, v in d.items() if v is not None} for d in kwargs]}
 
 
 def _messages(value: Any) -> list[dict[str, str]]:

@@ -199,8 +199,7 @@ class JBOND:
                                            batch_offset=batch_offset)
         decode = tokenizer.batch_decode
         rows = [{
-            "prompt_index": p.index, "prompt": p.text, "prompt_messages": p.messages, "prompt_ids": p.ids,
-            "sample_ids": s[0], "anchor_ids": a,
+            **stages.prompt_fields(p), "sample_ids": s[0], "anchor_ids": a,
             "sample": decode(s, skip_special_tokens=True)[0], "anchors": decode(a, skip_special_tokens=True),
         } for p, s, a in zip(prompts, policy, anchor)]
         return rows, {}

@@ -11,6 +11,7 @@ to write. One SPPO iteration passes through them in this order:
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import Any, Optional, Sequence
@@ -35,19 +36,36 @@ def generate(generator, policy: nn.Module, tokenizer, prompts: Sequence[Prompt],
              ctx: DistContext, batch_offset: int = 0) -> list[dict[str, Any]]:
     """One row per prompt: the prompt (text, messages, ids) and its K responses (ids and text)."""
     responses = generator.sample(policy, tokenizer, prompts, num_samples, seed, ctx, batch_offset=batch_offset)
-    return [{
-        "prompt_index": prompt.index, "prompt": prompt.text, "prompt_messages": prompt.messages,
-        "prompt_ids": prompt.ids, "response_ids": ids,
-        "responses": tokenizer.batch_decode(ids, skip_special_tokens=True),
-    } for prompt, ids in zip(prompts, responses)]
+    return [{**prompt_fields(prompt), "response_ids": ids,
+             "responses": tokenizer.batch_decode(ids, skip_special_tokens=True)}
+            for prompt, ids in zip(prompts, responses)]
+
+
+def prompt_fields(prompt: Prompt) -> dict[str, Any]:
+    """What every generations row keeps of its prompt: index, text, messages, token ids, and for
+    an IFEval-format prompt its instructions (``prompt_meta``, a JSON string)."""
+    fields = {"prompt_index": prompt.index, "prompt": prompt.text, "prompt_messages": prompt.messages,
+              "prompt_ids": prompt.ids}
+    if prompt.meta is not None:
+        fields["prompt_meta"] = json.dumps(prompt.meta, sort_keys=True)
+    return fields
+
+
+def ranker_prompt(view: str, tokenizer, text: str, messages: list[dict[str, str]], meta: Optional[str]) -> str:
+    """What a ranker with prompt view ``view`` is shown of one prompt: the raw text, the policy's
+    chat-templated prompt string (``chat``, as the official ``rank.py`` gives PairRM), or the
+    prompt row as a JSON object (``record``: ``{"prompt": text, "instruction_id_list": ..., ...}``)."""
+    if view == "raw":
+        return text
+    if view == "chat":
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return json.dumps({**(json.loads(meta) if meta else {}), "prompt": text}, sort_keys=True)
 
 
 def ranker_prompts(ranker, tokenizer, generations: Sequence[dict[str, Any]]) -> list[str]:
-    """What the ranker is shown of each prompt: the raw text, or the policy's chat-templated
-    prompt string (``prompt_view: chat``, as the official ``rank.py`` gives PairRM)."""
-    if prompt_view_of(ranker) == "raw":
-        return [g["prompt"] for g in generations]
-    return [tokenizer.apply_chat_template(g["prompt_messages"], tokenize=False, add_generation_prompt=True)
+    """What the ranker is shown of each generations row's prompt (``ranker_prompt``)."""
+    view = prompt_view_of(ranker)
+    return [ranker_prompt(view, tokenizer, g["prompt"], g["prompt_messages"], g.get("prompt_meta"))
             for g in generations]
 
 

@@ -15,6 +15,7 @@ from sppo_lightning.ranking.llm_judge import LLMJudge
 from sppo_lightning.ranking.openai_judge import OpenAIJudge
 from sppo_lightning.ranking.pairrm import PairRMRanker
 from sppo_lightning.ranking.reward_model import RewardModelRanker
+from sppo_lightning.ranking.verifiable import VerifiableInstructionRanker
 
 __all__ = [
     "FunctionJudge",
@@ -30,6 +31,7 @@ __all__ = [
     "prompt_view_of",
     "scores_from_pairwise",
     "select_pairs",
+    "VerifiableInstructionRanker",
     "weights_fingerprint",
     "win_probabilities",
 ]

@@ -17,10 +17,12 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from torch import Tensor
 
-# What a ranker is shown of the prompt: the raw text of the user's prompt (the default), or the
-# policy's chat-templated prompt string, as the official SPPO ``rank.py`` passes it to PairRM.
-PromptView = Literal["raw", "chat"]
-PROMPT_VIEWS = ("raw", "chat")
+# What a ranker is shown of the prompt: the raw text of the user's prompt (the default), the
+# policy's chat-templated prompt string, as the official SPPO ``rank.py`` passes it to PairRM, or
+# the prompt row as a JSON object (its text under "prompt", and an IFEval-format file's
+# instructions: ``instruction_id_list``, ``kwargs``, ``key``) for rankers that check instructions.
+PromptView = Literal["raw", "chat", "record"]
+PROMPT_VIEWS = ("raw", "chat", "record")
 
 # Files whose bytes make a model's scores: weights, configs, tokenizers.
 _MODEL_FILES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".model", ".txt", ".tiktoken")
@@ -40,9 +42,13 @@ class Ranker(Protocol):
 def weights_fingerprint(path: str) -> dict[str, Any]:
     """A local model folder's identity from its files: name, size and a sha256 of the first and last
     MiB of each weight, config and tokenizer file (the whole of a multi-GB file would take minutes
-    to hash on every resume; a changed checkpoint changes its size or its ends). A hub id is its
-    own identity."""
+    to hash on every resume; a changed checkpoint changes its size or its ends). A ``.gguf`` file:
+    its sha256 (remembered per path, size and mtime). A hub id is its own identity."""
     folder = Path(path).expanduser()
+    if folder.is_file() and folder.suffix.lower() == ".gguf":  # a GGUF file: its whole hash (remembered)
+        from sppo_lightning.gguf import file_hash
+
+        return {"gguf": str(folder.resolve()), "sha256": file_hash(folder)}
     if not folder.is_dir():
         return {"hub_id": path}
     files = {}
@@ -81,5 +87,5 @@ def prompt_view_of(ranker: Any) -> str:
     if view not in PROMPT_VIEWS:
         from sppo_lightning.errors import ConfigError
 
-        raise ConfigError(f"ranker {type(ranker).__name__}: prompt_view must be raw or chat, got {view!r}")
+        raise ConfigError(f"ranker {type(ranker).__name__}: prompt_view must be raw, chat or record, got {view!r}")
     return view
