@@ -51,6 +51,8 @@ def rows(method: str, seed: int, folder: Path) -> list[str]:
         seconds = r.get("seconds", {})
         if isinstance(seconds, (int, float)):  # π_0: the evaluation's seconds alone
             seconds = {"evaluate": seconds}
+        elif "train" in seconds:  # the summary's train time runs to the iteration's end, evaluation included
+            seconds = {**seconds, "train": seconds["train"] - seconds.get("evaluate", 0.0)}
         stages = " / ".join(f"{seconds[k]:.0f}" if k in seconds else "-"
                             for k in ("generate", "rank", "reference", "train", "evaluate"))
         win = r.get("win_rate_vs_initial")
@@ -75,6 +77,9 @@ def main() -> None:
     for spec in args.runs:
         method, seed = spec.split(":")
         folder = out / f"{method}_seed{seed}" if args.table_only else run(method, int(seed), out, extra)
+        if not (folder / FOLDERS[method] / "summary.json").exists():
+            lines.append(f"| {method} | {seed} | not measured (not started) | | | | | | | |")
+            continue
         lines += rows(method, int(seed), folder)
         wall = folder / "wall_seconds.txt"
         if wall.exists():

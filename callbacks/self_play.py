@@ -18,6 +18,7 @@ The CLI adds it to every run (its settings: ``--self_play.eval_samples``, ``--se
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -128,7 +129,9 @@ class SelfPlay(L.Callback):
         gap = trainer.callback_metrics.get("train/target_gap")  # SPPO's gap to its targets, in nats
         if gap is not None:
             row["gap"] = float(gap)
-        with (self.run_dir / "losses.jsonl").open("a") as f:  # for loss.png; survives restarts
+        # for loss.png; survives restarts. Never through a symlink (O_NOFOLLOW): start-up replaced any.
+        fd = os.open(self.run_dir / "losses.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        with os.fdopen(fd, "a") as f:
             f.write(json.dumps(row) + "\n")
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -230,11 +233,28 @@ def evaluation_generator(generator):
 
 
 def keep_steps_up_to(path: Path, step: int) -> None:
-    """Rewrite the per-step record ``path`` without rows after ``step`` (each step once after resumes)."""
+    """Rewrite the per-step record ``path`` without rows after ``step`` (each step once after resumes).
+
+    The record is appended to, so a crash or a full disk can cut its last line: unreadable lines are
+    dropped with a warning, never blocking a resume. A symlink there (to a file outside the run, say)
+    is not followed: it is removed, named in one warning, and the record starts afresh."""
+    if path.is_symlink():
+        rank_zero_warn(f"{path} is a symbolic link (to {os.readlink(path)}), not this run's own file; removed, "
+                       f"and the loss record starts afresh (nothing is written through it)")
+        path.unlink()
+        return
     if not path.exists():
         return
-    lines = path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    lines = path.read_text(errors="replace").splitlines()
+    kept, torn = [], 0
+    for line in lines:
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            torn += line.strip() != ""
+    if torn:
+        rank_zero_warn(f"{path}: dropped {torn} unreadable line(s) (a write cut by a crash or a full disk)")
     if len(kept) != len(lines):
         atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
 

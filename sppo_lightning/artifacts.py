@@ -24,6 +24,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -34,6 +35,10 @@ import pyarrow.parquet as pq
 
 from sppo_lightning.errors import SettingsMismatch
 from sppo_lightning.iteration import iteration_dir
+
+# The stage names this code writes: a stage, or one shard of it. Names read back from a manifest
+# are accepted only in this form (a run folder is input: it may come from someone else).
+STAGE_NAME = re.compile(r"[a-z][a-z_]*(\.shard_\d{5})?")
 
 
 def file_mode() -> int:
@@ -157,15 +162,32 @@ class IterationArtifacts:
             )
 
     def _read_manifest(self) -> dict[str, Any]:
+        """The manifest as input: a JSON object whose stage names are of the form this code writes
+        (``<stage>`` or ``<stage>.shard_<5 digits>``); any other name is dropped with a warning, so
+        no path is ever built from it (a crafted name such as ``x/../../victim`` cannot reach a file
+        outside the iteration's folder)."""
         if not self.manifest_path.exists():
             return {}
         try:
-            return json.loads(self.manifest_path.read_text())
-        except json.JSONDecodeError:
+            manifest = json.loads(self.manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
             warnings.warn(f"{self.manifest_path} is corrupt; every stage of this iteration is redone")
             return {}
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("stages", {}), dict):
+            warnings.warn(f"{self.manifest_path} is not a manifest (not a JSON object with a 'stages' object); "
+                          f"every stage of this iteration is redone")
+            return {}
+        stages = manifest.get("stages", {})
+        foreign = [name for name in stages if not (isinstance(name, str) and STAGE_NAME.fullmatch(name))]
+        if foreign:
+            warnings.warn(f"{self.manifest_path}: stage name {foreign[0]!r} is not one this code writes; ignored "
+                          f"({len(foreign)} such name(s))")
+            manifest["stages"] = {k: v for k, v in stages.items() if k not in foreign}
+        return manifest
 
     def path(self, stage: str) -> Path:
+        if not STAGE_NAME.fullmatch(stage):  # never a path from a name this code did not make
+            raise ValueError(f"not a stage name: {stage!r}")
         return self.dir / f"{stage}.parquet"
 
     def finished(self, stage: str, expect: Optional[dict[str, Any]] = None) -> bool:

@@ -170,3 +170,45 @@ def test_an_export_folder_is_replaced_whole_or_kept_on_a_full_disk(tmp_path, tin
         model.lm_head.weight.add_(1.0)
     export_hf(model, None, out)  # replaced, whole
     assert (out / "model.safetensors").read_bytes() != before and sorted(p.name for p in tmp_path.iterdir()) == ["hf_model"]
+
+
+def test_a_crafted_stage_name_in_the_manifest_touches_nothing_outside(tmp_path):
+    """The reproduction of the run-folder trust issue: a manifest names a stage
+    'generations.shard_/../../../<dir>/victim' (with an empty folder 'generations.shard_' beside it,
+    so that the path would resolve); reusing the merged stage removes its shards by name. The
+    victim outside the run folder survives, and the name is dropped with one warning."""
+    from sppo_lightning.artifacts import run_sharded_stage
+    from sppo_lightning.distributed import DistContext
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "victim.parquet"
+    victim.write_bytes(b"precious")
+    run = tmp_path / "run"
+    art = IterationArtifacts(run, 0, {})
+    run_sharded_stage(DistContext(), art, "generations", 2, lambda k: (ROWS, {}))
+    (art.dir / "generations.shard_").mkdir()
+    manifest = json.loads(art.manifest_path.read_text())
+    crafted = "generations.shard_/../../../outside/victim"
+    assert (art.dir / f"{crafted}.parquet").resolve() == victim.resolve()  # the path the old code unlinked
+    manifest["stages"][crafted] = {"rows": 1, "sha256": "0"}
+    art.manifest_path.write_text(json.dumps(manifest))
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = IterationArtifacts(run, 0, {})
+        run_sharded_stage(DistContext(), again, "generations", 2, lambda k: (ROWS, {}))
+    assert victim.exists() and victim.read_bytes() == b"precious"
+    assert any("is not one this code writes; ignored" in str(w.message) for w in caught)
+    with pytest.raises(ValueError, match="not a stage name"):
+        again.path(crafted)
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '{"stages": [1]}', "\\udcff not json"])
+def test_a_manifest_that_is_not_one_is_redone_with_one_warning(tmp_path, text):
+    art = IterationArtifacts(tmp_path, 0, {})
+    art.save("rankings", ROWS)
+    art.manifest_path.write_text(text)
+    with pytest.warns(UserWarning, match="redone"):
+        assert load(IterationArtifacts(tmp_path, 0, {}), "rankings") is None

@@ -29,7 +29,8 @@ def test_k_eta_sampling_and_the_boundary_are_flags(capsys, monkeypatch, form):
     assert settings["num_samples"] == 3 and config["model"]["init_args"]["eta"] == 100.0
     assert settings["generator"]["init_args"]["temperature"] == 1.0
     assert settings["generator"]["init_args"]["max_new_tokens"] == 12
-    assert config["self_play"] == {"eval_samples": 2, "eval_every": 2}
+    assert config["self_play"] == {"eval_samples": 2, "eval_every": 2, "instruction_following": False,
+                                   "instruction_following_tokens": 256}  # the last two: their defaults
     assert config["trainer"]["reload_dataloaders_every_n_epochs"] == 1
 
 

@@ -273,3 +273,27 @@ def test_the_memory_estimate_uses_the_runs_own_lengths_and_batch(tmp_path):
     method = SPPO(FunctionJudge("sppo_lightning.ranking.judges:shorter"), HFGenerator(max_new_tokens=100))
     datamodule = SelfPlayDataModule(method, prompts="p.jsonl", max_prompt_length=50, batch_size=3)
     assert (datamodule.max_length, datamodule.batch_size) == (150, 3)  # what policy.py's estimate reads
+
+
+def test_a_torn_last_loss_line_never_blocks_a_resume(tmp_path):
+    """losses.jsonl is appended to: a crash mid-write leaves a cut last line, dropped with a warning."""
+    from sppo_lightning.callbacks.self_play import keep_steps_up_to
+
+    path = tmp_path / "losses.jsonl"
+    path.write_text('{"step": 1, "iteration": 1, "loss": 0.5}\n{"step": 2, "iteration": 1, "loss": 0.4}\n{"step": 3, "it')
+    with pytest.warns(UserWarning, match=r"dropped 1 unreadable line\(s\)"):
+        keep_steps_up_to(path, 2)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+
+
+def test_a_loss_record_that_links_outside_is_never_written_through(tmp_path):
+    from sppo_lightning.callbacks.self_play import keep_steps_up_to
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not yours\n")
+    path = tmp_path / "run" / "losses.jsonl"
+    path.parent.mkdir()
+    path.symlink_to(outside)
+    with pytest.warns(UserWarning, match="is a symbolic link .* removed"):
+        keep_steps_up_to(path, 0)
+    assert not path.exists() and outside.read_text() == "not yours\n"
