@@ -10,9 +10,8 @@ import lightning as L
 
 from sppo_lightning.artifacts import atomic_write_json
 from sppo_lightning.data.prompts import Prompt
-from sppo_lightning.pipeline.stages import ranker_prompt
+from sppo_lightning.pipeline.stages import prompt_fields, ranker_prompts
 from sppo_lightning.ranking import Ranker
-from sppo_lightning.ranking.protocol import prompt_view_of
 
 # (prompts, samples per prompt, seed) -> [N][samples] response ids, on all ranks
 Sampler = Callable[[list[Prompt], int, int], list[list[list[int]]]]
@@ -63,10 +62,9 @@ class InitialPolicyWinRate:
 
 
 def shown_prompts(ranker: Ranker, tokenizer, prompts: list[Prompt]) -> list[str]:
-    """What ``ranker`` reads of each prompt, as the rank stage shows it (``stages.ranker_prompt``)."""
-    view = prompt_view_of(ranker)
-    return [ranker_prompt(view, tokenizer, p.text, p.messages,
-                          json.dumps(p.meta, sort_keys=True) if p.meta is not None else None) for p in prompts]
+    """What ``ranker`` reads of each prompt: the rank stage's own view of the generations row the
+    prompt would make (``stages.prompt_fields``, ``stages.ranker_prompts``)."""
+    return ranker_prompts(ranker, tokenizer, [prompt_fields(p) for p in prompts])
 
 
 def paired_win_rate(ranker: Ranker, shown: list[str], candidates: list[list[str]]) -> float:

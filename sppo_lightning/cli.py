@@ -83,9 +83,9 @@ def help_cache_path(loop: str) -> "Path":
         stat = (here / source).stat()
         parts.append(f"{source} {stat.st_mtime_ns} {stat.st_size}")
     key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
-    root = os.environ.get("SPPO_LIGHTNING_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") \
-        / "sppo-lightning"
-    return Path(root) / f"help-{loop}-{key}.txt"
+    from sppo_lightning.gguf import cache_root  # light: the standard library and our errors
+
+    return cache_root() / f"help-{loop}-{key}.txt"
 
 
 def loop_help(loop: str) -> str:

@@ -34,7 +34,8 @@ def is_gguf(name_or_path: str) -> bool:
 
 
 def cache_root() -> Path:
-    """``$SPPO_LIGHTNING_CACHE``, else ``$XDG_CACHE_HOME/sppo-lightning``, else ``~/.cache/sppo-lightning``."""
+    """The project's cache folder (converted GGUF models here, rendered help texts in ``cli.py``):
+    ``$SPPO_LIGHTNING_CACHE``, else ``$XDG_CACHE_HOME/sppo-lightning``, else ``~/.cache/sppo-lightning``."""
     root = os.environ.get("SPPO_LIGHTNING_CACHE")
     if root:
         return Path(root)

@@ -11,7 +11,7 @@ from if_verifiable.types import IFBenchSample, IFEvalSample
 
 from sppo_lightning.data.prompts import instruction_meta, load_prompts
 from sppo_lightning.errors import ConfigError, DataError
-from sppo_lightning.pipeline.stages import ranker_prompt
+from sppo_lightning.pipeline.stages import ranker_prompts
 from sppo_lightning.ranking import VerifiableInstructionRanker
 from sppo_lightning.ranking.instructions import InstructionChecks
 from sppo_lightning.ranking.protocol import fingerprint_hash
@@ -85,9 +85,10 @@ def test_unknown_instruction_is_named():
 
 
 def test_ranker_rewards_hand_values():
-    view = ranker_prompt("record", None, ROWS[0]["prompt"], [], json.dumps(instruction_meta(ROWS[0])))
-    candidates = [["the sky is blue", "The sky, blue", "the sky, blue", ""]]
     fraction = VerifiableInstructionRanker(show_progress=False)
+    (view,) = ranker_prompts(fraction, None, [{"prompt": ROWS[0]["prompt"], "prompt_messages": [],
+                                               "prompt_meta": json.dumps(instruction_meta(ROWS[0]))}])
+    candidates = [["the sky is blue", "The sky, blue", "the sky, blue", ""]]
     assert fraction.rewards([view], candidates).tolist() == [[1.0, 0.0, 0.5, 0.0]]
     every = VerifiableInstructionRanker(score="all", show_progress=False)
     assert every.rewards([view], candidates).tolist() == [[1.0, 0.0, 0.0, 0.0]]

@@ -29,9 +29,6 @@ class Prompt:
     meta: Optional[dict[str, Any]] = None  # IFEval-format files: {key, instruction_id_list, kwargs}
 
 
-# The columns of an IFEval / IFBench prompt file that travel with each prompt (``Prompt.meta``).
-INSTRUCTION_COLUMNS = ("key", "instruction_id_list", "kwargs")
-
 
 def load_prompts(
     source: str,
@@ -67,12 +64,9 @@ def load_prompts(
             if principle is not None and (not isinstance(principle, str) or not principle.strip()):
                 bad_column = principle_column
                 raise ValueError("expected a non-empty principle string")
-            meta = None
-            if instructed:
-                bad_column = "instruction_id_list"
-                meta = instruction_meta(record)
+            meta = instruction_meta(record) if instructed else None
         except ValueError as err:
-            message = f"{source}: row {i + 1}: column '{bad_column}': {err}"
+            message = f"{source}: row {i + 1}: column '{getattr(err, 'column', bad_column)}': {err}"
             if not skip_bad_rows:
                 raise DataError(message) from None
             skipped.append(message)
@@ -88,16 +82,24 @@ def load_prompts(
     return prompts, truncated, skipped
 
 
+class ColumnError(ValueError):
+    """A bad value in a row, naming its ``column``."""
+
+    def __init__(self, column: str, message: str) -> None:
+        super().__init__(message)
+        self.column = column
+
+
 def instruction_meta(record: dict[str, Any]) -> dict[str, Any]:
     """A row's ``{key, instruction_id_list, kwargs}``: a list of instruction ids and one dict of
-    arguments per id (``kwargs`` missing: no arguments). A ``ValueError`` says what is wrong."""
+    arguments per id (``kwargs`` missing: no arguments). A ``ColumnError`` names what is wrong."""
     ids, kwargs = record.get("instruction_id_list"), record.get("kwargs")
     if not isinstance(ids, list) or not ids or not all(isinstance(x, str) and x for x in ids):
-        raise ValueError(f"expected a non-empty list of instruction ids, got {ids!r:.80}")
+        raise ColumnError("instruction_id_list", f"expected a non-empty list of instruction ids, got {ids!r:.80}")
     if kwargs is None:
         kwargs = [{} for _ in ids]
     if not isinstance(kwargs, list) or len(kwargs) != len(ids) or not all(isinstance(k, dict) for k in kwargs):
-        raise ValueError(f"column 'kwargs' must be a list of {len(ids)} dicts (one per instruction), got {kwargs!r:.80}")
+        raise ColumnError("kwargs", f"must be a list of {len(ids)} dicts (one per instruction), got {kwargs!r:.80}")
     key = record.get("key")
     return {"key": key if isinstance(key, (str, int)) else None, "instruction_id_list": list(ids),
             "kwargs": [{k: v for k, v in d.items() if v is not None} for d in kwargs]}

@@ -51,21 +51,17 @@ def prompt_fields(prompt: Prompt) -> dict[str, Any]:
     return fields
 
 
-def ranker_prompt(view: str, tokenizer, text: str, messages: list[dict[str, str]], meta: Optional[str]) -> str:
-    """What a ranker with prompt view ``view`` is shown of one prompt: the raw text, the policy's
-    chat-templated prompt string (``chat``, as the official ``rank.py`` gives PairRM), or the
-    prompt row as a JSON object (``record``: ``{"prompt": text, "instruction_id_list": ..., ...}``)."""
-    if view == "raw":
-        return text
-    if view == "chat":
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return json.dumps({**(json.loads(meta) if meta else {}), "prompt": text}, sort_keys=True)
-
-
 def ranker_prompts(ranker, tokenizer, generations: Sequence[dict[str, Any]]) -> list[str]:
-    """What the ranker is shown of each generations row's prompt (``ranker_prompt``)."""
+    """What the ranker is shown of each generations row's prompt: the raw text, the policy's
+    chat-templated prompt string (``prompt_view: chat``, as the official ``rank.py`` gives PairRM), or
+    the prompt row as a JSON object (``record``: ``{"prompt": text, "instruction_id_list": ..., ...}``)."""
     view = prompt_view_of(ranker)
-    return [ranker_prompt(view, tokenizer, g["prompt"], g["prompt_messages"], g.get("prompt_meta"))
+    if view == "raw":
+        return [g["prompt"] for g in generations]
+    if view == "chat":
+        return [tokenizer.apply_chat_template(g["prompt_messages"], tokenize=False, add_generation_prompt=True)
+                for g in generations]
+    return [json.dumps({**json.loads(g.get("prompt_meta") or "{}"), "prompt": g["prompt"]}, sort_keys=True)
             for g in generations]
 
 
