@@ -25,8 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 FOLDERS = {"sppo": "self_play", "dpo": "self_play", "online": "online"}
 
 
-def run(method: str, seed: int, out: Path, extra: list[str]) -> Path:
-    folder = out / f"{method}_seed{seed}"
+def run(method: str, seed: int, out: Path, extra: list[str], variant: str = "") -> Path:
+    folder = out / run_name(method, seed, variant)
     summary = folder / FOLDERS[method] / "summary.json"
     done = folder / "hf_model" / "config.json"
     if done.exists() and summary.exists():
@@ -42,21 +42,23 @@ def run(method: str, seed: int, out: Path, extra: list[str]) -> Path:
     return folder
 
 
-def rows(method: str, seed: int, folder: Path) -> list[str]:
+def run_name(method: str, seed: int, variant: str = "") -> str:
+    return f"{method}{'_' + variant if variant else ''}_seed{seed}"
+
+
+def rows(method: str, seed: int, folder: Path, label: str = "") -> list[str]:
     summary = json.loads((folder / FOLDERS[method] / "summary.json").read_text())
     initial = summary.get("initial", {})
     out = []
     measured = [r for r in summary["iterations"] if r.get("if_prompt_loose") is not None]
-    for label, r in [("π_0", initial)] + [(str(r["iteration"]), r) for r in measured]:
+    for when, r in [("π_0", initial)] + [(str(r["iteration"]), r) for r in measured]:
         seconds = r.get("seconds", {})
         if isinstance(seconds, (int, float)):  # π_0: the evaluation's seconds alone
             seconds = {"evaluate": seconds}
-        elif "train" in seconds:  # the summary's train time runs to the iteration's end, evaluation included
-            seconds = {**seconds, "train": seconds["train"] - seconds.get("evaluate", 0.0)}
         stages = " / ".join(f"{seconds[k]:.0f}" if k in seconds else "-"
                             for k in ("generate", "rank", "reference", "train", "evaluate"))
         win = r.get("win_rate_vs_initial")
-        out.append(f"| {method} | {seed} | {label} | {r['if_prompt_loose']:.3f} | {r['if_prompt_strict']:.3f} | "
+        out.append(f"| {label or method} | {seed} | {when} | {r['if_prompt_loose']:.3f} | {r['if_prompt_strict']:.3f} | "
                    f"{r['if_instruction_loose']:.3f} | {r['if_instruction_strict']:.3f} | "
                    f"{'-' if win is None else f'{win:.3f}'} | {r['if_words']:.0f} | {stages} |")
     return out
@@ -68,6 +70,8 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", default=["sppo:0", "sppo:1", "dpo:0", "online:0"],
                         help="method:seed, method one of sppo, dpo, online")
     parser.add_argument("--table-only", action="store_true", help="read finished runs, run nothing")
+    parser.add_argument("--variant", default="", help="a name for runs with the extra flags given (e.g. k8): "
+                        "their folders are <method>_<variant>_seed<seed> and their rows say so")
     args, extra = parser.parse_known_args()
     out = Path(args.out)
     lines = ["| method | seed | iteration | prompt loose | prompt strict | instruction loose | instruction strict "
@@ -76,14 +80,16 @@ def main() -> None:
     walls = []
     for spec in args.runs:
         method, seed = spec.split(":")
-        folder = out / f"{method}_seed{seed}" if args.table_only else run(method, int(seed), out, extra)
+        folder = out / run_name(method, int(seed), args.variant) if args.table_only else \
+            run(method, int(seed), out, extra, args.variant)
+        label = f"{method} ({args.variant})" if args.variant else method
         if not (folder / FOLDERS[method] / "summary.json").exists():
             lines.append(f"| {method} | {seed} | not measured (not started) | | | | | | | |")
             continue
-        lines += rows(method, int(seed), folder)
+        lines += rows(method, int(seed), folder, label)
         wall = folder / "wall_seconds.txt"
         if wall.exists():
-            walls.append(f"{method} seed {seed}: {int(wall.read_text()) / 60:.1f} min")
+            walls.append(f"{label} seed {seed}: {int(wall.read_text()) / 60:.1f} min")
     print("\n".join(lines))
     if walls:
         print("\nwhole runs (wall clock): " + "; ".join(walls))

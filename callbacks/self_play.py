@@ -61,6 +61,7 @@ class SelfPlay(L.Callback):
         self.instruction_following, self.instruction_following_tokens = instruction_following, instruction_following_tokens
         self.active = False
         self.following: Optional[HeldOutFollowing] = None
+        self._train_start: Optional[float] = None  # the first batch of this process's current iteration
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         datamodule = trainer.datamodule
@@ -140,6 +141,8 @@ class SelfPlay(L.Callback):
         iteration, _, ends = self._iteration_bounds(trainer)
         if not ends:
             return
+        # training ends here: the evaluation below is timed on its own
+        train_seconds = time.perf_counter() - self._train_start if self._train_start is not None else 0.0
         number = iteration_number(iteration)
         stats = self.method.summary(read_stats(self.run_dir, iteration))
         row: dict[str, Any] = {"iteration": number, **{k: v for k, v in stats.items() if k != "seconds"}}
@@ -163,7 +166,7 @@ class SelfPlay(L.Callback):
         loss = trainer.callback_metrics.get("train/loss")
         row["final_loss"] = float(loss) if loss is not None else None
         row["seconds"] = {**stats.get("seconds", {}),
-                          "train": time.perf_counter() - getattr(self, "_train_start", time.perf_counter()),
+                          "train": train_seconds,
                           "evaluate": eval_seconds}
         self.summary.record(row, write=trainer.is_global_zero)
         rank_zero_info(format_row(row))

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from sppo_lightning import packing as layout
+from sppo_lightning.labels import IGNORE_INDEX
 
 
 class SequenceLogps(NamedTuple):
@@ -61,8 +62,6 @@ def model_logprobs(model: torch.nn.Module, batch: dict[str, Tensor], chunk_token
     """
     # A batch without prompt lengths (not from collate_pairs) has no known pair layout: padded.
     if packing is not None and "prompt_lengths" in batch:
-        from sppo_lightning import packing as layout
-
         packed = layout.pack_pairs(batch, packing, _pad_id(batch))
         inputs = {"input_ids": packed.input_ids, "position_ids": packed.position_ids,
                   "attention_mask": layout.attention_masks(packed, _config(model), _compute_dtype(model))}

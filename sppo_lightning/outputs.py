@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Protocol, runtime_checkable
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
@@ -39,12 +39,16 @@ def check_writable_folder(path: str | os.PathLike, key: str) -> None:
                           f"or fix its permissions") from None
 
 
+@runtime_checkable
+class WritesFolder(Protocol):
+    """A callback that writes into a folder of its own when ``dirpath`` is set (Lightning's
+    ``ModelCheckpoint``, our ``HFExport``); None: under ``trainer.default_root_dir``."""
+
+    dirpath: Optional[str]
+
+
 def output_locations(trainer: L.Trainer, datamodule=None) -> Iterator[tuple[Path, str]]:
     """(folder, config key) of every place the run writes (``datamodule``: the run's, before fit attaches it)."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from sppo_lightning.callbacks.hf_export import HFExport
-
     root = Path(trainer.default_root_dir)
     yield root, "trainer.default_root_dir"
     method = getattr(datamodule, "method", None)
@@ -55,11 +59,8 @@ def output_locations(trainer: L.Trainer, datamodule=None) -> Iterator[tuple[Path
         if save_dir:
             yield Path(save_dir), f"trainer.logger ({type(logger).__name__}).init_args.save_dir"
     for callback in trainer.callbacks:
-        name = type(callback).__name__
-        if isinstance(callback, ModelCheckpoint) and callback.dirpath:
-            yield Path(callback.dirpath), f"trainer.callbacks ({name}).init_args.dirpath"
-        elif isinstance(callback, HFExport) and callback.dirpath:
-            yield Path(callback.dirpath), f"trainer.callbacks ({name}).init_args.dirpath"
+        if isinstance(callback, WritesFolder) and callback.dirpath:
+            yield Path(callback.dirpath), f"trainer.callbacks ({type(callback).__name__}).init_args.dirpath"
 
 
 def check_output_locations(trainer: L.Trainer, datamodule=None) -> None:

@@ -24,7 +24,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from sppo_lightning.logprobs import IGNORE_INDEX
+from sppo_lightning.labels import IGNORE_INDEX
 
 # Attention implementations that take a custom mask, and the form each one reads.
 MASK_FORMS = {"sdpa": "bool", "eager": "additive", "flex_attention": "block"}

@@ -25,6 +25,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from sppo_lightning.ranking.judges import WORDS
+
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
 
 # Zephyr-style: one BOS, each turn closed by EOS. Responses therefore end in "</s>\n", which
@@ -36,16 +38,6 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
-
-WORDS = (
-    "the a an is are was be to of and in that it for on with as at by this from or not but what "
-    "which who how why when where can could would should will do does did has have had you your "
-    "we our they their he she his her i me my yes no one two three four five six seven eight nine "
-    "ten plus minus times equals answer question number color sky blue green red sun moon water "
-    "cat dog bird tree house city river good bad best better worse help please thank sure sorry "
-    "know think say tell give make write explain short long simple because so then than more less"
-).split()
-
 
 def _corpus() -> list[str]:
     g = torch.Generator().manual_seed(0)

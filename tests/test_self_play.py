@@ -83,6 +83,15 @@ def test_two_iterations_write_official_schema_and_summary(tmp_path, tiny_llama):
     assert first != second
 
 
+def test_the_train_time_does_not_include_the_evaluation(tmp_path, tiny_llama):
+    # 48 evaluation samples (3 held-out prompts x 16), generated and ranked, against 2 optimizer
+    # steps: the evaluation takes longer than the training, so a train time that included it (as it
+    # once did) could not be the smaller.
+    fit(tmp_path, tiny_llama, eval_samples=16, max_new_tokens=16)
+    seconds = json.loads((tmp_path / "self_play" / "summary.json").read_text())["iterations"][0]["seconds"]
+    assert 0 < seconds["train"] < seconds["evaluate"], seconds
+
+
 def test_reference_logps_are_the_sampling_policy(tmp_path, tiny_llama, tokenizer):
     _, module, _ = fit(tmp_path, tiny_llama)
     assert module.reference is None  # cached mode holds no reference model

@@ -8,7 +8,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from sppo_lightning.data.rows import PreferenceRow
-from sppo_lightning.logprobs import IGNORE_INDEX
+from sppo_lightning.labels import IGNORE_INDEX
 
 
 class TemplateError(ValueError):
@@ -108,27 +108,35 @@ def collate_pairs(examples: Sequence[dict[str, Any]], pad_token_id: int) -> dict
     ``[2B, T]``, ``prompt_lengths`` ``[B]`` (int64), plus a ``[B]`` float64 tensor for every numeric column all examples carry
     (win probabilities, reference log-probs, rewards).
     """
-    sequences, label_rows = [], []
-    for side in ("chosen_ids", "rejected_ids"):
-        for ex in examples:
-            prompt, response = ex["prompt_ids"], ex[side]
-            sequences.append(prompt + response)
-            label_rows.append([IGNORE_INDEX] * len(prompt) + response)
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, (seq, lab) in enumerate(zip(sequences, label_rows)):
-        input_ids[i, : len(seq)] = torch.tensor(seq)
-        labels[i, : len(lab)] = torch.tensor(lab)
-        attention_mask[i, : len(seq)] = 1
+    batch = _padded([(ex["prompt_ids"], ex[side]) for side in ("chosen_ids", "rejected_ids") for ex in examples],
+                    pad_token_id)
     # The prompt's length lets a packed layout (sppo_lightning.packing) put each prompt in once.
     prompt_lengths = torch.tensor([len(ex["prompt_ids"]) for ex in examples], dtype=torch.long)
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-             "prompt_lengths": prompt_lengths}
+    batch["prompt_lengths"] = prompt_lengths
     # Per-pair numbers (win probabilities, reference log-probs, BOND rewards) ride along.
     for column in examples[0]:
         values = [ex.get(column) for ex in examples]
         if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             batch[column] = torch.tensor(values, dtype=torch.float64)
     return batch
+
+
+def collate_responses(examples: Sequence[dict[str, Any]], key: str, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """One row per example, ``prompt_ids + example[key]``: ``input_ids``, ``attention_mask`` and
+    ``labels`` (prompt and padding = -100), each ``[B, T]``. For log-probs of single responses
+    (no pair layout: ``model_logprobs`` runs it padded)."""
+    return _padded([(ex["prompt_ids"], ex[key]) for ex in examples], pad_token_id)
+
+
+def _padded(rows: Sequence[tuple[list[int], list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """(prompt ids, response ids) rows → right-padded ``input_ids``, ``attention_mask``, ``labels``."""
+    width = max(len(prompt) + len(response) for prompt, response in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (prompt, response) in enumerate(rows):
+        n = len(prompt) + len(response)
+        input_ids[i, :n] = torch.tensor(prompt + response)
+        labels[i, len(prompt) : n] = torch.tensor(response, dtype=torch.long)
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

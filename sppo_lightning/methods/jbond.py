@@ -34,7 +34,7 @@ import torch
 from sppo_lightning import seeds
 from sppo_lightning.artifacts import IterationArtifacts, memory_mapped_on_ranks, run_sharded_stage
 from sppo_lightning.data.prompts import Prompt, prompts_fingerprint
-from sppo_lightning.data.tokenize import collate_pairs
+from sppo_lightning.data.tokenize import collate_responses
 from sppo_lightning.distributed import DistContext
 from sppo_lightning.errors import ConfigError
 from sppo_lightning.logprobs import model_logprobs
@@ -254,14 +254,14 @@ class JBOND:
 def kl_to_initial(policies: Policies, rows: list[dict], pad_token_id: int, device: torch.device) -> Optional[float]:
     """Monte-Carlo KL(π‖π_initial) = E_y~π[log π(y) − log π_initial(y)] on the policy samples
     (None without an initial model to compare with). The policy keeps its own mode."""
-    batch = collate_pairs([{"prompt_ids": r["prompt_ids"], "chosen_ids": r["rejected_ids"],
-                            "rejected_ids": r["rejected_ids"]} for r in rows], pad_token_id)
+    # one row per policy sample (the pair's rejected side), not a pair of it with itself
+    batch = collate_responses(rows, "rejected_ids", pad_token_id)
     batch = {k: v.to(device) for k, v in batch.items()}
     with evaluating(policies.policy) as policy:  # with LoRA the initial model is the policy, adapters off
         with policies.optional_role("initial") as initial:
             if initial is None:
                 return None
             initial.eval()
-            initial_logps = model_logprobs(initial, batch, packing=policies.packing).sum
-        policy_logps = model_logprobs(policy, batch, packing=policies.packing).sum
+            initial_logps = model_logprobs(initial, batch).sum
+        policy_logps = model_logprobs(policy, batch).sum
     return float((policy_logps - initial_logps).mean())

@@ -6,7 +6,15 @@ config as ``sppo_lightning.ranking.judges:<name>``; your own live in any importa
 
 from __future__ import annotations
 
-from sppo_lightning.testing import WORDS
+# The tiny model's word list (sppo_lightning.testing trains it on sentences of these words).
+WORDS = (
+    "the a an is are was be to of and in that it for on with as at by this from or not but what "
+    "which who how why when where can could would should will do does did has have had you your "
+    "we our they their he she his her i me my yes no one two three four five six seven eight nine "
+    "ten plus minus times equals answer question number color sky blue green red sun moon water "
+    "cat dog bird tree house city river good bad best better worse help please thank sure sorry "
+    "know think say tell give make write explain short long simple because so then than more less"
+).split()
 
 _KNOWN = frozenset(WORDS)
 
