@@ -42,7 +42,7 @@ def one_iteration(model_dir: str, prompts: str, run_dir: str, shard_size: str) -
     import lightning as L
 
     from sppo_lightning.callbacks.self_play import SelfPlay
-    from sppo_lightning.data import SelfPlayDataModule
+    from sppo_lightning.datamodules import SelfPlayDataModule
     from sppo_lightning.methods import SPPO
     from sppo_lightning.module import PreferenceModule
     from sppo_lightning.pipeline import HFGenerator

@@ -72,7 +72,7 @@ def main() -> None:
     from sppo_lightning.bond import BondModule
     from sppo_lightning.callbacks.ema_anchor import EMAAnchor
     from sppo_lightning.callbacks.self_play import SelfPlay
-    from sppo_lightning.data import SelfPlayDataModule
+    from sppo_lightning.datamodules import SelfPlayDataModule
     from sppo_lightning.methods import JBOND
     from sppo_lightning.pipeline import HFGenerator
     from sppo_lightning.models import LoraSettings

@@ -99,7 +99,7 @@ def rss_mb() -> float:
 def run_ours(out: Path, packing: bool) -> dict:
     import lightning as L
 
-    from sppo_lightning.data import PreferenceDataModule
+    from sppo_lightning.datamodules import PreferenceDataModule
     from sppo_lightning.distributed import DistContext
     from sppo_lightning.module import PreferenceModule
     from sppo_lightning.packing import resolve_packing

@@ -1,8 +1,10 @@
 """``SelfPlay``: the iteration boundary of training, for every self-play method.
 
-The data module's method (``sppo_lightning.methods``: SPPO, J-BOND, online pairs) makes each
-iteration's rows and records its statistics in the iteration's manifest; this callback reads them
-from there and does what happens between iterations, the same for every method:
+At setup it connects the data module to the training module's policies and the processes; the
+data module then builds each iteration's rows through its method (``sppo_lightning.methods``:
+SPPO, J-BOND, online pairs) and holds the result, an ``Iteration`` (``datamodule.current``: pairs,
+statistics, samples, epochs). This callback does what happens between iterations with it, the same
+for every method:
 
 * the first batch of an iteration: a fresh optimizer and LR schedule when the method restarts it
   (SPPO's official pipeline, a new training job per iteration), through Lightning's
@@ -18,6 +20,7 @@ The CLI adds it to every run (its settings: ``--self_play.eval_samples``, ``--se
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -27,12 +30,12 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from sppo_lightning import seeds
-from sppo_lightning.artifacts import RunSummary, atomic_write_bytes, read_stats
+from sppo_lightning.artifacts import RunSummary, atomic_write_bytes
 from sppo_lightning.callbacks.following import KEYS, HeldOutFollowing, format_following
 from sppo_lightning.callbacks.win_rate import InitialPolicyWinRate, policy_sampler
-from sppo_lightning.data.self_play import SelfPlayDataModule
+from sppo_lightning.datamodules.self_play import SelfPlayModule, Iteration, SelfPlayDataModule
+from sppo_lightning.distributed import DistContext
 from sppo_lightning.errors import ConfigError
-from sppo_lightning.iteration import iteration_number
 from sppo_lightning.outputs import written
 from sppo_lightning.pipeline.generators import HFGenerator
 from sppo_lightning.report import PLOTS, log_images, write_report
@@ -74,6 +77,10 @@ class SelfPlay(L.Callback):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"self_play.{name} must be an integer of at least 1, got {value!r}")
+        if not isinstance(pl_module, SelfPlayModule):
+            raise ConfigError(f"self-play trains a module that holds policies (sppo_lightning.module.PreferenceModule, "
+                              f"sppo_lightning.bond.BondModule), not {type(pl_module).__name__}")
+        datamodule.connect(pl_module, DistContext.from_trainer(trainer))
         method = datamodule.method
         if getattr(pl_module, "reference_mode", None) == "copy" and getattr(method, "caches_reference", False):
             rank_zero_warn("self-play caches π_t's log-probs as the reference; set model.reference: cached "
@@ -86,10 +93,12 @@ class SelfPlay(L.Callback):
         self.summary = RunSummary(self.run_dir / "summary.json")
 
     # ------------------------------------------------------------------------------ hooks
-    def _iteration_bounds(self, trainer: L.Trainer) -> tuple[int, bool, bool]:
-        per = self.datamodule.epochs_per_iteration
+    def _iteration(self, trainer: L.Trainer) -> tuple[Iteration, bool, bool]:
+        """The iteration being trained, and whether this epoch is its first and its last."""
+        current = self.datamodule.current
+        assert current is not None, "Lightning asks for the loader before the epoch's first hook"
         epoch = trainer.current_epoch
-        return epoch // per, epoch % per == 0, (epoch + 1) % per == 0
+        return current, epoch == current.first_epoch, epoch == current.last_epoch
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.active:
@@ -107,13 +116,14 @@ class SelfPlay(L.Callback):
         # run resumes from an end-of-epoch checkpoint, and the optimizer reset must happen anyway.
         if not self.active:
             return
-        _, starts, _ = self._iteration_bounds(trainer)
+        current, starts, _ = self._iteration(trainer)
         if not starts or batch_idx != 0:
             return
         self._train_start = time.perf_counter()
-        if self.method.restarts_optimizer:  # the module's schedule then spans the iteration (optim.schedule_span)
-            trainer.strategy.setup_optimizers(trainer)
-        columns, rows = self.datamodule.samples
+        if current.restarts_optimizer:  # the schedule spans the iteration: its batches are known now
+            steps = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches) * current.epochs
+            pl_module.restart_optimizer(steps, current.epochs)
+        columns, rows = current.samples
         if rows and trainer.is_global_zero:
             for logger in trainer.loggers:
                 if hasattr(logger, "log_text"):  # W&B; others get samples.md in the iteration folder
@@ -124,9 +134,9 @@ class SelfPlay(L.Callback):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if not self.active or loss is None or not trainer.is_global_zero:
             return  # a skipped non-finite batch has no loss
-        iteration, _, _ = self._iteration_bounds(trainer)
+        current, _, _ = self._iteration(trainer)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        row = {"step": trainer.global_step, "iteration": iteration_number(iteration), "loss": float(loss)}
+        row = {"step": trainer.global_step, "iteration": current.number, "loss": float(loss)}
         gap = trainer.callback_metrics.get("train/target_gap")  # SPPO's gap to its targets, in nats
         if gap is not None:
             row["gap"] = float(gap)
@@ -138,13 +148,13 @@ class SelfPlay(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.active:
             return
-        iteration, _, ends = self._iteration_bounds(trainer)
+        current, _, ends = self._iteration(trainer)
         if not ends:
             return
         # training ends here: the evaluation below is timed on its own
         train_seconds = time.perf_counter() - self._train_start if self._train_start is not None else 0.0
-        number = iteration_number(iteration)
-        stats = self.method.summary(read_stats(self.run_dir, iteration))
+        number = current.number
+        stats = self.method.summary(current.stats)
         row: dict[str, Any] = {"iteration": number, **{k: v for k, v in stats.items() if k != "seconds"}}
         prefix = self.method.log_prefix
         for key, value in row.items():

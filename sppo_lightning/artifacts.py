@@ -322,20 +322,12 @@ class IterationArtifacts:
         return self._read_manifest().get("stages", {}).get(stage, {})
 
     def record_stats(self, stats: dict[str, Any]) -> None:
-        """The method's statistics of the iteration, in the manifest (read by ``read_stats``)."""
+        """The method's statistics of the iteration, in the manifest: for people and tools reading the
+        run folder (the run itself takes them from what ``build`` returns)."""
         manifest = self._read_manifest()
         manifest["settings"] = self.settings
         manifest["stats"] = stats
         atomic_write_json(self.manifest_path, manifest)
-
-
-def read_stats(root: str | Path, iteration: int) -> dict[str, Any]:
-    """The statistics a method recorded for the 0-based ``iteration`` in its manifest ({} if none)."""
-    path = iteration_dir(root, iteration) / "manifest.json"
-    try:
-        return json.loads(path.read_text()).get("stats", {})
-    except (OSError, json.JSONDecodeError):
-        return {}
 
 
 def run_stage(ctx, artifacts: IterationArtifacts, stage: str, compute, on_every_rank: bool = False,

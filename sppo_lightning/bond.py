@@ -22,7 +22,7 @@ from sppo_lightning import losses
 from sppo_lightning.errors import ConfigError
 from sppo_lightning.footprints import check_strategy, resolve_footprint
 from sppo_lightning.logprobs import model_logprobs
-from sppo_lightning.methods.protocol import Policies
+from sppo_lightning.policies import Policies
 from sppo_lightning.models import LoraSettings
 from sppo_lightning.optim import make_optimizer
 from sppo_lightning.packing import record_resolved, resolve_packing
@@ -74,6 +74,7 @@ class BondModule(L.LightningModule):
         packing_tokens: int = 2048,
     ) -> None:
         super().__init__()
+        self._schedule_steps: Optional[int] = None  # restart_optimizer()
         if isinstance(lora, dict):
             lora = LoraSettings(**lora)
         footprint = resolve_footprint(footprint, lora is not None)
@@ -201,8 +202,14 @@ class BondModule(L.LightningModule):
         }, batch_size=pairs)
         return loss
 
+    def restart_optimizer(self, steps: int, epochs: int) -> None:
+        """A fresh optimizer and LR schedule over ``steps`` optimizer steps (a self-play method that
+        restarts at every iteration: see ``PreferenceModule.restart_optimizer``)."""
+        self._schedule_steps = steps
+        self.trainer.strategy.setup_optimizers(self.trainer)
+
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        # One optimizer and schedule for the whole run: J-BOND is online (the paper does not restart Adam).
-        total = int(self.trainer.estimated_stepping_batches)
+        # J-BOND is online and never restarts (the paper does not restart Adam): the schedule spans the fit.
+        total = self._schedule_steps or int(self.trainer.estimated_stepping_batches)
         return make_optimizer(self.policy.parameters(), hp.optimizer, hp.lr, hp.weight_decay, hp.warmup_ratio, total)

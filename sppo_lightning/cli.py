@@ -48,7 +48,7 @@ commands:
 
 our settings, with their defaults and docs:
   sppo-lightning fit --model.help PreferenceModule      (or sppo_lightning.bond.BondModule)
-  sppo-lightning fit --data.help sppo_lightning.data.SelfPlayDataModule
+  sppo-lightning fit --data.help sppo_lightning.datamodules.SelfPlayDataModule
   sppo-lightning fit --data SelfPlayDataModule --data.method.help sppo_lightning.methods.SPPO
                      (or JBOND, OnlinePairs: K, the generator, the ranker)
   sppo-lightning fit --help      (also the boundary's --self_play.eval_samples, --self_play.eval_every)

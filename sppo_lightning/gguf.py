@@ -134,7 +134,7 @@ def convert(path: Path, folder: Path) -> None:
 
     try:
         folder_whole(folder, write)
-    except OSError as err:
+    except OSError:
         if not (folder / "config.json").is_file():  # another process converting the same file won the rename
             raise
     print(f"Converted in {time.perf_counter() - start:.0f} s; later runs load {folder} directly", file=sys.stderr,

@@ -20,8 +20,8 @@ from sppo_lightning.outputs import Trainer, check_output_locations, output_locat
 # the Trainer's options, and a subclass's settings need one more flag.
 SETTINGS_HELP = (
     "Our model, data and callback settings, with their defaults and docs, are listed by "
-    "--model.help PreferenceModule (or sppo_lightning.bond.BondModule), --data.help sppo_lightning.data.SelfPlayDataModule "
-    "(or sppo_lightning.data.PreferenceDataModule), --data.method.help sppo_lightning.methods.SPPO (or JBOND, "
+    "--model.help PreferenceModule (or sppo_lightning.bond.BondModule), --data.help sppo_lightning.datamodules.SelfPlayDataModule "
+    "(or sppo_lightning.datamodules.PreferenceDataModule), --data.method.help sppo_lightning.methods.SPPO (or JBOND, "
     "OnlinePairs: K, the generator, the ranker; with --config or --data SelfPlayDataModule before it), "
     "--data.method.ranker.help <ranker class> and --data.method.generator.help <generator class>; every key is "
     "a flag, e.g. --data.method.num_samples 3 --data.method.generator.temperature 1.0. The boundary's "

@@ -15,8 +15,8 @@ from sppo_lightning.errors import ConfigError, DataError
 from sppo_lightning.footprints import Footprint, check_strategy, resolve_footprint
 from sppo_lightning.logprobs import SequenceLogps, model_logprobs
 from sppo_lightning.models import DTYPES, LoraSettings
-from sppo_lightning.methods.protocol import Policies
-from sppo_lightning.optim import make_optimizer, schedule_span
+from sppo_lightning.policies import Policies
+from sppo_lightning.optim import make_optimizer
 from sppo_lightning.packing import record_resolved, resolve_packing
 from sppo_lightning.policy import load_base, non_finite_loss, restore_checkpoint, trim_checkpoint, wrap_policy
 from sppo_lightning.sharding import shard_model
@@ -106,6 +106,7 @@ class PreferenceModule(L.LightningModule):
         packing_tokens: int = 2048,
     ) -> None:
         super().__init__()
+        self._schedule_span: Optional[tuple[int, int]] = None  # restart_optimizer()
         if isinstance(lora, dict):  # from a checkpoint: hparams hold plain types only
             lora = LoraSettings(**lora)
         footprint = resolve_footprint(footprint, lora is not None)
@@ -236,9 +237,19 @@ class PreferenceModule(L.LightningModule):
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=pairs)
         self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, batch_size=pairs)
 
+    def restart_optimizer(self, steps: int, epochs: int) -> None:
+        """A fresh optimizer and LR schedule over ``steps`` optimizer steps in ``epochs`` epochs.
+
+        Self-play methods that restart at every iteration (SPPO's official pipeline: a new training
+        job per iteration) have the boundary callback call this at each iteration's first batch,
+        when its batches are known; Lightning's ``strategy.setup_optimizers`` then calls
+        ``configure_optimizers`` again. Until then, and in every other run, the schedule spans the fit."""
+        self._schedule_span = (steps, epochs)
+        self.trainer.strategy.setup_optimizers(self.trainer)
+
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        total, epochs = schedule_span(self.trainer)
+        total, epochs = self._schedule_span or (int(self.trainer.estimated_stepping_batches), self.trainer.max_epochs)
         if hp.schedule_epochs is not None and epochs:
             total = round(total * hp.schedule_epochs / epochs)
         return make_optimizer(self.policy.parameters(), hp.optimizer, hp.lr, hp.weight_decay, hp.warmup_ratio, total)

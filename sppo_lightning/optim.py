@@ -54,18 +54,3 @@ def make_optimizer(
 
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def schedule_span(trainer) -> tuple[int, int]:
-    """(optimizer steps, epochs) that one LR schedule spans.
-
-    A self-play method that restarts the optimizer every iteration (``restarts_optimizer``: SPPO)
-    gets a schedule per iteration: the boundary callback calls Lightning's
-    ``strategy.setup_optimizers`` at each iteration's first batch, when the iteration's batches are
-    known. Before that (the first call at fit start), and for every other run, the whole fit."""
-    data = getattr(trainer, "datamodule", None)
-    batches = trainer.num_training_batches
-    if getattr(getattr(data, "method", None), "restarts_optimizer", False) and batches != float("inf"):
-        per = data.epochs_per_iteration
-        return math.ceil(batches / trainer.accumulate_grad_batches) * per, per
-    return int(trainer.estimated_stepping_batches), trainer.max_epochs

@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning as L
 
 from sppo_lightning.callbacks.self_play import SelfPlay
-from sppo_lightning.data import SelfPlayDataModule
+from sppo_lightning.datamodules import SelfPlayDataModule
 from sppo_lightning.methods import SPPO
 from sppo_lightning.module import PreferenceModule
 from sppo_lightning.pipeline import HFGenerator

@@ -25,7 +25,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 from sppo_lightning.callbacks.hf_export import HFExport
 from sppo_lightning.callbacks.self_play import SelfPlay
-from sppo_lightning.data import PreferenceDataModule, SelfPlayDataModule
+from sppo_lightning.datamodules import PreferenceDataModule, SelfPlayDataModule
 from sppo_lightning.methods import SPPO
 from sppo_lightning.pipeline import HFGenerator
 from sppo_lightning.models import LoraSettings

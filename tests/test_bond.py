@@ -7,7 +7,7 @@ import torch
 
 from sppo_lightning.bond import BondModule
 from sppo_lightning.callbacks.ema_anchor import EMAAnchor
-from sppo_lightning.data import SelfPlayDataModule
+from sppo_lightning.datamodules import SelfPlayDataModule
 from sppo_lightning.errors import ConfigError
 from sppo_lightning.methods import JBOND
 from sppo_lightning.models import LoraSettings

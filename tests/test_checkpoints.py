@@ -109,7 +109,7 @@ def test_a_full_disk_mid_run_stops_in_one_line_and_the_run_resumes(tmp_path, tin
     """The real Trainer and ModelCheckpoint: the disk fills while epoch 2's checkpoint is written."""
     import lightning.fabric.plugins.io.torch_io as torch_io
 
-    from sppo_lightning.data import PreferenceDataModule
+    from sppo_lightning.datamodules import PreferenceDataModule
     from sppo_lightning.module import PreferenceModule
     from sppo_lightning.outputs import Trainer
 

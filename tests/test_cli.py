@@ -208,11 +208,11 @@ def test_fit_help_points_at_our_settings_and_those_commands_work():
     for flag, target, key in [
         ("--model.help", "PreferenceModule", "--model.loss"),
         ("--model.help", "sppo_lightning.bond.BondModule", "--model.gamma"),
-        ("--data.help", "sppo_lightning.data.SelfPlayDataModule", "--data.prompts_per_iteration"),
+        ("--data.help", "sppo_lightning.datamodules.SelfPlayDataModule", "--data.prompts_per_iteration"),
     ]:
         assert key in run("fit", flag, target).stdout, (flag, target)
     # a method's keys (K, the generator, the ranker) once the data module is named, and the boundary's
-    method = run("fit", "--data", "sppo_lightning.data.SelfPlayDataModule", "--data.method.help",
+    method = run("fit", "--data", "sppo_lightning.datamodules.SelfPlayDataModule", "--data.method.help",
                  "sppo_lightning.methods.SPPO").stdout
     assert "--method.num_samples" in method and "--method.generator" in method and "--method.ranker" in method
     assert "--self_play.eval_samples" in run("fit", "--help").stdout

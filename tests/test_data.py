@@ -5,7 +5,8 @@ import datasets
 import pytest
 import torch
 
-from sppo_lightning.data import DataError, PreferenceDataModule
+from sppo_lightning.data import DataError
+from sppo_lightning.datamodules import PreferenceDataModule
 from sppo_lightning.data.rows import load_records, parse_rows
 from sppo_lightning.data.tokenize import collate_pairs, encode_prompt, encode_row, truncate
 from sppo_lightning.errors import ConfigError

@@ -137,7 +137,7 @@ def test_a_checkpoint_of_other_lora_settings_is_refused(trained_qlora, tmp_path)
 
 def test_qlora_self_play_generates_with_the_4bit_model(llama64, tmp_path):
     from sppo_lightning.callbacks.self_play import SelfPlay
-    from sppo_lightning.data import SelfPlayDataModule
+    from sppo_lightning.datamodules import SelfPlayDataModule
     from sppo_lightning.methods import SPPO
     from sppo_lightning.pipeline import HFGenerator
     from sppo_lightning.ranking import FunctionJudge

@@ -6,7 +6,6 @@ import contextlib
 import copy
 import io
 import os
-from pathlib import Path
 
 import pytest
 import yaml

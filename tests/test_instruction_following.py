@@ -110,7 +110,7 @@ def test_a_self_play_run_measures_instruction_following(tmp_path, tiny_llama):
 
     from sppo_lightning.callbacks.following import HeldOutFollowing
     from sppo_lightning.callbacks.self_play import SelfPlay
-    from sppo_lightning.data import SelfPlayDataModule
+    from sppo_lightning.datamodules import SelfPlayDataModule
     from sppo_lightning.methods import SPPO
     from sppo_lightning.module import PreferenceModule
     from sppo_lightning.pipeline import HFGenerator

@@ -134,7 +134,7 @@ def test_sppo_ranks_with_the_checkers(tmp_path, tiny_llama, tokenizer):
 
     from sppo_lightning.distributed import DistContext
     from sppo_lightning.methods import SPPO
-    from sppo_lightning.methods.protocol import Policies
+    from sppo_lightning.policies import Policies
     from sppo_lightning.models import load_causal_lm
     from sppo_lightning.pipeline import HFGenerator
 
@@ -166,7 +166,7 @@ def test_jbond_and_online_rank_with_the_checkers(tmp_path, tiny_llama, tokenizer
     prompts' instructions reach it (no 'prompt without instructions' error)."""
     from sppo_lightning import methods
     from sppo_lightning.distributed import DistContext
-    from sppo_lightning.methods.protocol import Policies
+    from sppo_lightning.policies import Policies
     from sppo_lightning.models import load_causal_lm
     from sppo_lightning.pipeline import HFGenerator
 

@@ -6,7 +6,7 @@ import contextlib
 import torch
 
 from sppo_lightning.methods.jbond import kl_to_initial
-from sppo_lightning.methods.protocol import Policies
+from sppo_lightning.policies import Policies
 from sppo_lightning.models import load_causal_lm
 
 ROWS = [{"prompt_ids": [1, 5, 7], "chosen_ids": [40, 41], "rejected_ids": [9, 10, 11, 2]},

@@ -135,7 +135,8 @@ def test_a_self_play_iteration_judged_by_the_llm_judge(tmp_path, tiny_llama):
 
 def test_another_template_redoes_the_rankings_in_the_same_run_dir(tmp_path, tiny_llama, tokenizer):
     from sppo_lightning.data.prompts import load_prompts
-    from sppo_lightning.methods import SPPO, Policies
+    from sppo_lightning.methods import SPPO
+    from sppo_lightning.policies import Policies
     from sppo_lightning.pipeline import DistContext, HFGenerator
 
     path = tmp_path / "p.jsonl"

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from sppo_lightning.data import PreferenceDataModule
+from sppo_lightning.datamodules import PreferenceDataModule
 from sppo_lightning.errors import ConfigError, DataError
 from sppo_lightning.models import LoraSettings
 from sppo_lightning.module import PreferenceModule

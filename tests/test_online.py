@@ -15,7 +15,8 @@ from sppo_lightning.data.tokenize import collate_pairs
 from sppo_lightning.distributed import DistContext
 from sppo_lightning.errors import ConfigError
 from sppo_lightning.logprobs import model_logprobs
-from sppo_lightning.methods import OnlinePairs, Policies
+from sppo_lightning.methods import OnlinePairs
+from sppo_lightning.policies import Policies
 from sppo_lightning.pipeline import HFGenerator
 from sppo_lightning.ranking import FunctionJudge
 from tests.test_quickstart import REPO, run_fit

@@ -6,7 +6,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from sppo_lightning.callbacks.hf_export import HFExport
-from sppo_lightning.data import SelfPlayDataModule
+from sppo_lightning.datamodules import SelfPlayDataModule
 from sppo_lightning.errors import ConfigError, TrainingError
 from sppo_lightning.outputs import Trainer, check_output_locations, check_writable_folder, output_locations
 from sppo_lightning.methods import SPPO

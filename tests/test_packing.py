@@ -248,7 +248,7 @@ def test_packing_auto_falls_back_with_one_info_line(caplog):
 def test_length_grouped_batches_are_a_seeded_permutation_of_similar_lengths():
     import statistics
 
-    from sppo_lightning.data.shuffle import EpochShuffle, LengthGroupedShuffle
+    from sppo_lightning.datamodules.shuffle import EpochShuffle, LengthGroupedShuffle
 
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(10, 1000, (203,), generator=g).tolist()

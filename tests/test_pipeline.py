@@ -13,7 +13,8 @@ from sppo_lightning.data.prompts import load_prompts
 from sppo_lightning.data.tokenize import collate_pairs
 from sppo_lightning.errors import DataError
 from sppo_lightning.logprobs import model_logprobs
-from sppo_lightning.methods import SPPO, Policies
+from sppo_lightning.methods import SPPO
+from sppo_lightning.policies import Policies
 from sppo_lightning.pipeline import DistContext, HFGenerator, stages
 from sppo_lightning.ranking import FunctionJudge, fingerprint_of, weights_fingerprint
 

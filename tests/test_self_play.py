@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import sppo_lightning.pipeline.generators as generators_module
-from sppo_lightning.data import SelfPlayDataModule
+from sppo_lightning.datamodules import SelfPlayDataModule
 from sppo_lightning.data.tokenize import collate_pairs
 from sppo_lightning.errors import ConfigError, DataError
 from sppo_lightning.logprobs import sequence_logprobs
@@ -174,7 +174,7 @@ def test_shards_change_no_stage_hold_one_shard_and_are_merged(tmp_path, tiny_lla
     assert pq.ParquetFile(folder / "train.parquet").num_row_groups == 2
     assert not [k for k in manifest["stages"] if "shard" in k]
     # Training reads train.parquet's training columns memory-mapped from an Arrow file, not a list.
-    served = trainer.datamodule.pairs
+    served = trainer.datamodule.current.pairs
     (arrow,) = folder.glob("train.*.arrow")
     assert [f["filename"] for f in served.cache_files] == [str(arrow)]
     train = pq.read_table(folder / "train.parquet").to_pylist()

@@ -19,7 +19,8 @@ from sppo_lightning import seeds
 from sppo_lightning.errors import ConfigError
 from sppo_lightning.generation import eos_ids, sample_responses
 from sppo_lightning.models import LoraSettings, add_lora, load_causal_lm
-from sppo_lightning.methods import SPPO, Policies
+from sppo_lightning.methods import SPPO
+from sppo_lightning.policies import Policies
 from sppo_lightning.pipeline import DistContext, VLLMGenerator
 from sppo_lightning.pipeline.policy_export import export_policy
 from sppo_lightning.pipeline.vllm_engine import EngineProcess

@@ -1,7 +1,7 @@
-"""Preference data: row checks (``rows``), tokenization and collation (``tokenize``), data modules."""
+"""Reading and encoding data, without Lightning: prompt files (``prompts``), preference rows and
+their checks (``rows``), tokenization and collation (``tokenize``). The data modules that serve
+them are ``sppo_lightning.datamodules``."""
 
-from sppo_lightning.data.preference import PreferenceDataModule
 from sppo_lightning.data.rows import DataError
-from sppo_lightning.data.self_play import SelfPlayDataModule
 
-__all__ = ["DataError", "PreferenceDataModule", "SelfPlayDataModule"]
+__all__ = ["DataError"]

@@ -39,7 +39,8 @@ from sppo_lightning.distributed import DistContext
 from sppo_lightning.errors import ConfigError
 from sppo_lightning.logprobs import model_logprobs
 from sppo_lightning.losses import best_of_n_kl, bond_reward, jbond_reward
-from sppo_lightning.methods.protocol import IterationData, Policies, on_policy_prompts
+from sppo_lightning.methods.protocol import IterationData, on_policy_prompts
+from sppo_lightning.policies import Policies
 from sppo_lightning.models import evaluating
 from sppo_lightning.pipeline import stages
 from sppo_lightning.pipeline.generators import Generator, HFGenerator

@@ -25,7 +25,8 @@ from sppo_lightning.artifacts import IterationArtifacts, memory_mapped_on_ranks,
 from sppo_lightning.data.prompts import Prompt, prompts_fingerprint
 from sppo_lightning.distributed import DistContext
 from sppo_lightning.errors import ConfigError
-from sppo_lightning.methods.protocol import IterationData, Policies, on_policy_prompts
+from sppo_lightning.methods.protocol import IterationData, on_policy_prompts
+from sppo_lightning.policies import Policies
 from sppo_lightning.methods.sppo import rank_in_shards, sample_in_shards
 from sppo_lightning.pipeline import stages
 from sppo_lightning.pipeline.generators import Generator, HFGenerator

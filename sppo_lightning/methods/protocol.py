@@ -3,7 +3,7 @@
 A method is a plug-in of the data module, chosen by ``class_path`` like a generator or a ranker::
 
     data:
-      class_path: sppo_lightning.data.SelfPlayDataModule
+      class_path: sppo_lightning.datamodules.SelfPlayDataModule
       init_args:
         method:
           class_path: sppo_lightning.methods.SPPO
@@ -15,8 +15,8 @@ index, the iteration's prompts, a :class:`Policies` handle on the models it may 
 a ``DistContext`` and its run folder. It never sees the Trainer or the LightningModule, so it runs
 (and is tested) in a plain script. It is built from the shared stages (``pipeline/stages.py``:
 ``generate``, ``rank``, ``estimate_pairs``, ``reference_logps``) and the artifacts runner
-(``artifacts.run_sharded_stage``), and records its statistics in the iteration's manifest, where
-the boundary callback (``callbacks/self_play.py``) reads them.
+(``artifacts.run_sharded_stage``), and returns its rows and statistics (``IterationData``; the
+statistics also go in the iteration's manifest, for resume and for people reading the run folder).
 
 Adding a method is one file with a class that has the attributes of :class:`SelfPlayMethod`, and a
 config that names it.
@@ -24,18 +24,14 @@ config that names it.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Mapping, Optional, Protocol, Sequence, runtime_checkable
+from typing import Any, Optional, Protocol, Sequence, runtime_checkable
 
-from torch import nn
-
+from sppo_lightning.data.prompts import Prompt
 from sppo_lightning.distributed import DistContext
 from sppo_lightning.errors import ConfigError
-
-if TYPE_CHECKING:  # sppo_lightning.data imports this module (the data module's method type)
-    from sppo_lightning.data.prompts import Prompt
+from sppo_lightning.policies import Policies
 
 
 @dataclass
@@ -47,68 +43,6 @@ class IterationData:
     pairs: Any
     stats: dict[str, Any]
     samples: tuple[list[str], list[list[Any]]] = field(default_factory=lambda: ([], []))
-
-
-@dataclass
-class Policies:
-    """The models a method may sample or score, without the module that holds them.
-
-    ``policy``: π as it is now (sampled, and scored for reference log-probs). ``roles``: other
-    policies by name, each a function that opens a context in which the model is usable (a LoRA
-    anchor swapped in, adapters disabled for the initial policy) and yields it, or None where the
-    module has no such model. Modules say what they hold in ``policies()``: ``PreferenceModule``
-    holds the policy alone; ``BondModule`` adds ``anchor`` and ``initial``. ``identity``: the
-    fingerprint of the weights the iteration began with (π_t and its roles), which the data module
-    keeps in its checkpoint state; methods record it with the samples drawn (``drawn_from``).
-    ``packing``: the module's packed-row token budget (``model.packing``), which scoring stages pass
-    to ``model_logprobs`` so that they score as training does; None: padded batches.
-    """
-
-    policy: nn.Module
-    roles: Mapping[str, Callable[[], ContextManager[Optional[nn.Module]]]] = field(default_factory=dict)
-    identity: Optional[str] = None
-    packing: Optional[int] = None
-
-    def fingerprint(self) -> str:
-        """The fingerprint of the weights as they are now: the policy's and every role's
-        (``policy_identity.weights_fingerprint``), e.g. ``3548d3f012509ecb``."""
-        from sppo_lightning.policy_identity import weights_fingerprint
-
-        parts = [weights_fingerprint(self.policy)]
-        for name in sorted(self.roles):
-            with self.roles[name]() as model:
-                parts.append(f"{name}={weights_fingerprint(model)}" if model is not None else name)
-        return parts[0] if len(parts) == 1 else weights_digest(parts)
-
-    def drawn_from(self) -> dict[str, str]:
-        """What samples of this iteration are recorded as drawn from: ``{"policy": identity}`` (the
-        fingerprint now where no identity was given: a plain script, at the iteration's start)."""
-        return {"policy": self.identity or self.fingerprint()}
-
-    def role(self, name: str) -> ContextManager[Optional[nn.Module]]:
-        """A context yielding the model of ``name`` (see the class docstring)."""
-        if name not in self.roles:
-            raise ConfigError(f"this method samples the {name!r} policy, which the model does not hold (it has "
-                              f"{', '.join(['policy', *self.roles]) }); use model.class_path "
-                              f"sppo_lightning.bond.BondModule, which holds an anchor and the initial policy")
-        return self.roles[name]()
-
-    def optional_role(self, name: str) -> ContextManager[Optional[nn.Module]]:
-        """Like :meth:`role`, but a context yielding None where the module has no such model."""
-        return self.roles[name]() if name in self.roles else contextlib.nullcontext(None)
-
-    @classmethod
-    def of(cls, module: Any) -> "Policies":
-        """The handle of a training module: its ``policies()``, or a bare model's self."""
-        if hasattr(module, "policies"):
-            return module.policies()
-        return cls(module if getattr(module, "policy", None) is None else module.policy)
-
-
-def weights_digest(parts: Sequence[str]) -> str:
-    import hashlib
-
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 @runtime_checkable

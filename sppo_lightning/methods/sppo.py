@@ -24,7 +24,8 @@ from sppo_lightning.artifacts import IterationArtifacts, atomic_write_bytes, mem
 from sppo_lightning.data.prompts import Prompt, prompts_fingerprint
 from sppo_lightning.distributed import DistContext
 from sppo_lightning.errors import ConfigError
-from sppo_lightning.methods.protocol import IterationData, Policies
+from sppo_lightning.methods.protocol import IterationData
+from sppo_lightning.policies import Policies
 from sppo_lightning.pipeline import stages
 from sppo_lightning.pipeline.generators import Generator, HFGenerator
 from sppo_lightning.pipeline.policy_export import export_policy, offloaded, prune_exports

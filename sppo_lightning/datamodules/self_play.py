@@ -1,10 +1,12 @@
 """``SelfPlayDataModule``: prompts in, each iteration's generated and ranked pairs out.
 
 The data module holds a self-play method (``sppo_lightning.methods``: ``SPPO``, ``JBOND``,
-``OnlinePairs``, ...): at each iteration's first epoch ``train_dataloader`` asks it for iteration
-t's rows from the current policies, and serves them. Control runs one way: data module → method →
-stages → artifacts; the method gets plain arguments and calls nothing back. The boundary
-callback (``callbacks/self_play.py``) reads what the method recorded from the run folder.
+``OnlinePairs``, ...). The boundary callback (``callbacks/self_play.py``) connects it to the
+training module's policies and the processes (``connect``) when fit sets up; at each iteration's
+first epoch ``train_dataloader`` has ``begin`` build iteration t's rows through the method and
+serves them. ``begin`` returns an :class:`Iteration` (pairs, statistics, samples, its epochs, whether
+the optimizer restarts), which the callback reads as ``current``. Control runs one way: callback →
+data module → method → stages → artifacts; nothing calls back up.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import dataclasses
 import json
 from functools import partial
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Protocol, runtime_checkable
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -21,12 +23,52 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from sppo_lightning.data.prompts import Prompt, load_prompts
-from sppo_lightning.data.shuffle import epoch_sampler
+from sppo_lightning.datamodules.shuffle import epoch_sampler
 from sppo_lightning.data.tokenize import collate_pairs
 from sppo_lightning.errors import ConfigError, SettingsMismatch
 from sppo_lightning.distributed import DistContext
-from sppo_lightning.methods.protocol import Policies, SelfPlayMethod
+from sppo_lightning.iteration import iteration_number
+from sppo_lightning.methods.protocol import SelfPlayMethod
+from sppo_lightning.policies import Policies
 from sppo_lightning.models import load_tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class Iteration:
+    """One self-play iteration as ``SelfPlayDataModule.begin`` built it.
+
+    ``index``: 0-based (``number`` is the 1-based one users read); it trains epochs
+    ``first_epoch`` .. ``last_epoch``. ``pairs``: the training rows; ``stats``: the method's
+    statistics (the same as in the iteration's manifest, which is for resume only); ``samples``: the
+    first pairs as a table for loggers; ``restarts_optimizer``: a fresh optimizer and LR schedule
+    at its first batch (SPPO's official pipeline).
+    """
+
+    index: int
+    first_epoch: int
+    epochs: int
+    pairs: Any
+    stats: dict[str, Any]
+    samples: tuple[list[str], list[list[Any]]]
+    restarts_optimizer: bool
+
+    @property
+    def number(self) -> int:
+        return iteration_number(self.index)
+
+    @property
+    def last_epoch(self) -> int:
+        return self.first_epoch + self.epochs - 1
+
+
+@runtime_checkable
+class SelfPlayModule(Protocol):
+    """What self-play asks of a training module (``PreferenceModule``, ``BondModule``): the policies
+    a method samples and scores, and a fresh optimizer where an iteration restarts it."""
+
+    def policies(self) -> Policies: ...
+
+    def restart_optimizer(self, steps: int, epochs: int) -> None: ...
 
 
 class SelfPlayDataModule(L.LightningDataModule):
@@ -105,10 +147,10 @@ class SelfPlayDataModule(L.LightningDataModule):
         self.tokenizer: Optional[PreTrainedTokenizerBase] = None
         self.prompts: list[Prompt] = []
         self.eval_prompts: list[Prompt] = []
-        self.pairs: Sequence[dict[str, Any]] = []
-        self.samples: tuple[list[str], list[list[Any]]] = ([], [])  # the current iteration's first pairs
+        self.current: Optional[Iteration] = None  # the iteration being trained (``begin``'s result)
         self.iteration_size = prompts_per_iteration  # what an iteration draws; setup asks the method
-        self._built_iteration: Optional[int] = None
+        self._source: Optional[SelfPlayModule] = None  # connect()
+        self._ctx: Optional[DistContext] = None
         # iteration -> the fingerprint of π_t, kept in checkpoints: a run resumed in the middle of an
         # iteration holds later weights, and the samples on disk are checked against π_t's.
         self.identities: dict[int, str] = {}
@@ -122,11 +164,6 @@ class SelfPlayDataModule(L.LightningDataModule):
             raise ConfigError(f"data.prompts_per_iteration must be at least 1, got {self.prompts_per_iteration}")
         trainer = self.trainer
         if trainer is not None:
-            from sppo_lightning.callbacks.self_play import SelfPlay
-
-            if not any(isinstance(c, SelfPlay) for c in trainer.callbacks):
-                raise ConfigError("SelfPlayDataModule needs the SelfPlay callback (sppo_lightning.callbacks.self_play."
-                                  "SelfPlay; the CLI adds it): it starts each iteration and records its results")
             if trainer.reload_dataloaders_every_n_epochs != 1:
                 raise ConfigError("SelfPlayDataModule makes new rows every iteration: set "
                                   "trainer.reload_dataloaders_every_n_epochs to 1 (the CLI's default)")
@@ -177,8 +214,24 @@ class SelfPlayDataModule(L.LightningDataModule):
         """The longest training row: prompt plus response, for the memory estimate."""
         return self.max_prompt_length + getattr(self.method.generator, "max_new_tokens", 1024)
 
-    def iteration_of(self, epoch: int) -> int:
-        return epoch // self.epochs_per_iteration
+    def connect(self, source: SelfPlayModule, ctx: DistContext) -> None:
+        """What ``train_dataloader`` builds iterations from: the training module's policies (asked
+        for at each iteration's start) and the processes. The boundary callback calls it at setup."""
+        self._source, self._ctx = source, ctx
+
+    def begin(self, index: int, policies: Policies, ctx: DistContext) -> Iteration:
+        """Iteration ``index`` (0-based): its rows, made by the method from ``policies`` (π_t: the
+        weights as they are now, recorded as the iteration's identity the first time), or reloaded
+        from the run folder."""
+        if index not in self.identities:  # the iteration begins now: these weights are π_t
+            self.identities[index] = ctx.broadcast(policies.fingerprint())
+        policies = dataclasses.replace(policies, identity=self.identities[index])
+        try:
+            data = self.method.build(index, self.iteration_prompts(index), policies, self.tokenizer, ctx, self.run_dir)
+        except SettingsMismatch as err:
+            raise ConfigError(f"{err}; to start a fresh run instead, add {self.fresh_run_flag()}") from None
+        return Iteration(index, index * self.epochs_per_iteration, self.epochs_per_iteration, data.pairs, data.stats,
+                         data.samples, self.method.restarts_optimizer)
 
     def iteration_prompts(self, iteration: int) -> list[Prompt]:
         """The prompts of iteration t: all of them, or the t-th slice of ``prompts_per_iteration``
@@ -208,24 +261,17 @@ class SelfPlayDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         epoch = self.trainer.current_epoch if self.trainer else 0
-        iteration = self.iteration_of(epoch)
-        if self._built_iteration != iteration:
-            # The one place the Lightning run meets the method: the module's policies and the processes.
-            policies, ctx = Policies.of(self.trainer.lightning_module), DistContext.from_trainer(self.trainer)
-            if iteration not in self.identities:  # the iteration begins now: these weights are π_t
-                self.identities[iteration] = ctx.broadcast(policies.fingerprint())
-            policies = dataclasses.replace(policies, identity=self.identities[iteration])
-            try:
-                data = self.method.build(iteration, self.iteration_prompts(iteration), policies, self.tokenizer, ctx,
-                                         self.run_dir)
-            except SettingsMismatch as err:
-                raise ConfigError(f"{err}; to start a fresh run instead, add {self.fresh_run_flag()}") from None
-            self.pairs, self.samples = data.pairs, data.samples
-            self._built_iteration = iteration
+        index = epoch // self.epochs_per_iteration
+        if self.current is None or self.current.index != index:
+            if self._source is None or self._ctx is None:
+                raise ConfigError("SelfPlayDataModule needs the SelfPlay callback (sppo_lightning.callbacks.self_play."
+                                  "SelfPlay; the CLI adds it): it starts each iteration and records its results")
+            self.current = self.begin(index, self._source.policies(), self._ctx)
+        pairs = self.current.pairs
         return DataLoader(
-            self.pairs,
+            pairs,
             batch_size=self.batch_size,
-            sampler=epoch_sampler(self.pairs, self.batch_size, self.shuffle_seed, lambda: epoch, self.group_by_length),
+            sampler=epoch_sampler(pairs, self.batch_size, self.shuffle_seed, lambda: epoch, self.group_by_length),
             collate_fn=partial(collate_pairs, pad_token_id=self.tokenizer.pad_token_id),
             num_workers=self.num_workers,
         )

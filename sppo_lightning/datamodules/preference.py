@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from transformers import PreTrainedTokenizerBase
 
 from sppo_lightning.data.rows import load_records, parse_rows
-from sppo_lightning.data.shuffle import epoch_sampler
+from sppo_lightning.datamodules.shuffle import epoch_sampler
 from sppo_lightning.errors import ConfigError, DataError
 from sppo_lightning.data.tokenize import TemplateError, collate_pairs, encode_row
 from sppo_lightning.models import load_tokenizer
