@@ -33,9 +33,11 @@ from sppo_lightning import seeds
 from sppo_lightning.artifacts import RunSummary, atomic_write_bytes
 from sppo_lightning.callbacks.following import KEYS, HeldOutFollowing, format_following
 from sppo_lightning.callbacks.win_rate import InitialPolicyWinRate, policy_sampler
-from sppo_lightning.datamodules.self_play import SelfPlayModule, Iteration, SelfPlayDataModule
+from sppo_lightning.contracts import EngineGenerator, Generator
+from sppo_lightning.datamodules.self_play import Iteration, SelfPlayDataModule, SelfPlayModule
 from sppo_lightning.distributed import DistContext
 from sppo_lightning.errors import ConfigError
+from sppo_lightning.module import PreferenceModule
 from sppo_lightning.outputs import written
 from sppo_lightning.pipeline.generators import HFGenerator
 from sppo_lightning.report import PLOTS, log_images, write_report
@@ -82,7 +84,7 @@ class SelfPlay(L.Callback):
                               f"sppo_lightning.bond.BondModule), not {type(pl_module).__name__}")
         datamodule.connect(pl_module, DistContext.from_trainer(trainer))
         method = datamodule.method
-        if getattr(pl_module, "reference_mode", None) == "copy" and getattr(method, "caches_reference", False):
+        if method.caches_reference and isinstance(pl_module, PreferenceModule) and pl_module.reference_mode == "copy":
             rank_zero_warn("self-play caches π_t's log-probs as the reference; set model.reference: cached "
                            "to free the frozen copy of the initial policy it now holds for nothing")
         self.datamodule, self.method, self.run_dir = datamodule, method, datamodule.run_dir
@@ -216,9 +218,8 @@ class SelfPlay(L.Callback):
         return where
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        generator = getattr(getattr(self, "method", None), "generator", None)
-        if self.active and callable(getattr(generator, "close", None)):
-            generator.close()  # a live engine: the run is over (a killed run's engine exits with its pipe)
+        if self.active and isinstance(self.method.generator, EngineGenerator):
+            self.method.generator.close()  # a live engine: the run is over (a killed run's engine exits with its pipe)
         if not self.active and trainer.is_global_zero and hasattr(pl_module, "hparams"):
             # A pair run: its loss, settings and last metrics in <root>/summary.json, and one line.
             from sppo_lightning.pair_summary import pair_summary, write_pair_summary
@@ -236,11 +237,11 @@ class SelfPlay(L.Callback):
             rank_zero_info(f"Report: {self.run_dir / 'report.md'}\nPlots: {plots}{where}")
 
 
-def evaluation_generator(generator):
+def evaluation_generator(generator: Generator) -> Generator:
     """The generator the win rate samples the policy in memory with: the run's own (a live vLLM
     engine included), or, for an engine on per-iteration exports (``live: false``), Hugging Face
     ``generate`` with the engine's sampling settings."""
-    if not getattr(generator, "wants_export", False):
+    if not isinstance(generator, EngineGenerator) or generator.live:
         return generator
     return HFGenerator(generator.temperature, generator.top_p, generator.max_new_tokens, generator.batch_size)
 

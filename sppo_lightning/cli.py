@@ -73,7 +73,7 @@ def help_cache_path(loop: str) -> "Path":
     from pathlib import Path
 
     here = Path(__file__).resolve().parent
-    parts = [sys.executable, str(shutil.get_terminal_size().columns)]
+    parts = [sys.prefix, os.path.realpath(sys.executable), str(shutil.get_terminal_size().columns)]
     for package in ("sppo-lightning", "lightning", "jsonargparse"):
         try:
             parts.append(f"{package} {metadata.version(package)}")

@@ -24,11 +24,12 @@ from typing import Any
 import yaml
 
 from sppo_lightning.artifacts import atomic_write_bytes
+from sppo_lightning.contracts import QuestionJudge, Ranker, lacking
 from sppo_lightning.data.rows import load_records
 from sppo_lightning.errors import ConfigError, DataError
 
 
-def build_ranker(spec: str):
+def build_ranker(spec: str) -> Ranker:
     """A ranker from a ``{class_path, init_args}`` block: YAML/JSON text, or the path of a file holding it."""
     text = Path(spec).read_text() if Path(spec).is_file() else spec
     try:
@@ -44,9 +45,14 @@ def build_ranker(spec: str):
     except (ImportError, AttributeError, ValueError) as err:
         raise ConfigError(f"--ranker: cannot import {block['class_path']!r}: {err}") from None
     try:
-        return cls(**(block.get("init_args") or {}))
+        ranker = cls(**(block.get("init_args") or {}))
     except TypeError as err:
         raise ConfigError(f"--ranker: {block['class_path']}: {err}") from None
+    missing = lacking(ranker, Ranker)
+    if missing:
+        raise ConfigError(f"--ranker: {block['class_path']} lacks {', '.join(missing)}: a ranker has "
+                          f"pairwise_logits(), fingerprint() and prompt_view")
+    return ranker
 
 
 def _answers(path: str, questions: dict[int, str]) -> dict[Any, tuple[str, str]]:
@@ -103,7 +109,7 @@ def judge_main(argv: list[str]) -> None:
                 raise DataError(f"{args.questions}: row {i + 1}: column 'turns': expected a list of questions")
             questions[q.get("question_id")] = "\n\n".join(str(t) for t in q["turns"])
     ranker = build_ranker(args.ranker)
-    if args.cache_dir and hasattr(ranker, "use_cache"):
+    if args.cache_dir and isinstance(ranker, QuestionJudge):
         from sppo_lightning.ranking.cache import JudgmentCache
 
         ranker.use_cache(JudgmentCache(args.cache_dir))
@@ -113,7 +119,9 @@ def judge_main(argv: list[str]) -> None:
     if args.out:
         atomic_write_bytes(Path(args.out), json.dumps({"win_rate_a": rate, "items": rows}, indent=2,
                                                       ensure_ascii=False).encode())
-    asked = f", {ranker.calls} judge questions asked" if hasattr(ranker, "calls") else ""
-    hits = f", {ranker.cache.hits} from the cache" if getattr(ranker, "cache", None) is not None else ""
+    asked = hits = ""
+    if isinstance(ranker, QuestionJudge):
+        asked = f", {ranker.counts()['calls']} judge questions asked"
+        hits = f", {ranker.cache.hits} from the cache" if ranker.cache is not None else ""
     print(f"A ({args.a}) against B ({args.b}): win rate {rate:.3f} over {len(rows)} items "
           f"(ties {ties}){asked}{hits}")

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from sppo_lightning.data.prompts import load_prompts
 from sppo_lightning.data.tokenize import collate_pairs
-from sppo_lightning.errors import DataError
+from sppo_lightning.errors import ConfigError, DataError
 from sppo_lightning.logprobs import model_logprobs
 from sppo_lightning.methods import SPPO
 from sppo_lightning.policies import Policies
@@ -93,6 +93,11 @@ def test_rank_stage_pair_logits_and_prompt_view(tokenizer):
 
 
 class RaisingRanker:
+    prompt_view = "raw"
+
+    def fingerprint(self):
+        return {"class": "RaisingRanker"}
+
     def pairwise_logits(self, prompts, candidates):
         raise RuntimeError("out of luck")
 
@@ -193,14 +198,17 @@ def test_fingerprints_change_with_what_changes_the_scores(tmp_path, tiny_llama):
 
 
 class NoFingerprint:
-    def __init__(self):
-        self.temperature = 2.0
+    prompt_view = "raw"
 
     def pairwise_logits(self, prompts, candidates):
         return torch.zeros(len(prompts), len(candidates[0]), len(candidates[0]))
 
 
-def test_a_ranker_without_fingerprint_is_warned_about_and_keyed_by_its_settings():
-    with pytest.warns(UserWarning, match="has no fingerprint"):
-        fingerprint = fingerprint_of(NoFingerprint())
-    assert fingerprint == {"class": f"{__name__}.NoFingerprint", "settings": {"temperature": 2.0}}
+def test_a_ranker_without_fingerprint_is_refused_in_one_line_naming_what_it_lacks():
+    # a resumed run could not tell a changed ranker from the one that made the rankings on disk
+    with pytest.raises(ConfigError, match=r"SPPO: the ranker NoFingerprint lacks fingerprint; a ranker has "
+                                          r"pairwise_logits\(\), fingerprint\(\) and prompt_view"):
+        SPPO(NoFingerprint())
+    with pytest.raises(ConfigError, match=r"the generator object lacks batch_size, fingerprint, max_new_tokens, "
+                                          r"sample, temperature, top_p"):
+        SPPO(FunctionJudge("sppo_lightning.ranking.judges:shorter"), generator=object())

@@ -207,6 +207,11 @@ def test_all_ties_is_a_clear_error(tmp_path, tiny_llama):
 class NaNRanker:
     """NaN for the last prompt (index 5, row 6) only."""
 
+    prompt_view = "raw"
+
+    def fingerprint(self):
+        return {"class": "NaNRanker"}
+
     def pairwise_logits(self, prompts, candidates):
         m = torch.zeros(len(prompts), len(candidates[0]), len(candidates[0]))
         for n, prompt in enumerate(prompts):

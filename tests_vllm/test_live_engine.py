@@ -76,7 +76,7 @@ def test_the_live_engine_samples_what_an_engine_on_the_export_samples(tmp_path, 
     policy = policy_of(llama, "full")
     live = VLLMGenerator(max_new_tokens=16, batch_size=2, temperature=1.0, top_p=1.0, **GENERATOR)
     exported = VLLMGenerator(max_new_tokens=16, batch_size=2, temperature=1.0, top_p=1.0, live=False, **GENERATOR)
-    assert not live.wants_export and exported.wants_export and not live.exports_policy(policy)
+    assert live.live and not exported.live and not live.exports_policy(policy) and exported.exports_policy(policy)
     try:
         for iteration in range(2):
             mine = live.sample(policy, tokenizer, prompts, 3, 1234 + iteration, DistContext())

@@ -28,7 +28,7 @@ from sppo_lightning.data.tokenize import collate_pairs
 from sppo_lightning.errors import ConfigError, SettingsMismatch
 from sppo_lightning.distributed import DistContext
 from sppo_lightning.iteration import iteration_number
-from sppo_lightning.methods.protocol import SelfPlayMethod
+from sppo_lightning.contracts import SelfPlayMethod
 from sppo_lightning.policies import Policies
 from sppo_lightning.models import load_tokenizer
 
@@ -212,7 +212,7 @@ class SelfPlayDataModule(L.LightningDataModule):
     @property
     def max_length(self) -> int:
         """The longest training row: prompt plus response, for the memory estimate."""
-        return self.max_prompt_length + getattr(self.method.generator, "max_new_tokens", 1024)
+        return self.max_prompt_length + self.method.generator.max_new_tokens
 
     def connect(self, source: SelfPlayModule, ctx: DistContext) -> None:
         """What ``train_dataloader`` builds iterations from: the training module's policies (asked

@@ -33,17 +33,19 @@ import torch
 
 from sppo_lightning import seeds
 from sppo_lightning.artifacts import IterationArtifacts, memory_mapped_on_ranks, run_sharded_stage
+from sppo_lightning.contracts import EngineGenerator, Generator, IterationData
 from sppo_lightning.data.prompts import Prompt, prompts_fingerprint
 from sppo_lightning.data.tokenize import collate_responses
 from sppo_lightning.distributed import DistContext
 from sppo_lightning.errors import ConfigError
 from sppo_lightning.logprobs import model_logprobs
 from sppo_lightning.losses import best_of_n_kl, bond_reward, jbond_reward
-from sppo_lightning.methods.protocol import IterationData, on_policy_prompts
-from sppo_lightning.policies import Policies
+from sppo_lightning.methods.on_policy import on_policy_prompts
+from sppo_lightning.methods.plugins import check_plugins
 from sppo_lightning.models import evaluating
 from sppo_lightning.pipeline import stages
-from sppo_lightning.pipeline.generators import Generator, HFGenerator
+from sppo_lightning.pipeline.generators import HFGenerator
+from sppo_lightning.policies import Policies
 from sppo_lightning.ranking import Ranker
 from sppo_lightning.ranking.cache import attach_judgment_cache, counted
 from sppo_lightning.ranking.estimate import scores_from_pairwise
@@ -105,6 +107,7 @@ class JBOND:
     run_folder = "bond"
     log_prefix = "bond"
     restarts_optimizer = False  # J-BOND is online: the paper does not restart Adam
+    caches_reference = False  # its loss needs no reference log-probs
 
     def __init__(
         self,
@@ -130,7 +133,8 @@ class JBOND:
             raise ConfigError(f"tie_rule must be one of {', '.join(TIE_RULES)}, got {tie_rule!r}")
         if generation_shard_size < 1:
             raise ConfigError(f"generation_shard_size must be at least 1, got {generation_shard_size}")
-        if getattr(self.generator, "wants_export", False):
+        check_plugins("JBOND", self.generator, self.ranker)
+        if isinstance(self.generator, EngineGenerator) and not self.generator.live:
             raise ConfigError(f"{type(self.generator).__name__} with live: false samples from an export made once "
                               f"per iteration; J-BOND samples the policy and its anchor at every step: use live: true "
                               f"(the engine follows the weights in memory), HFGenerator or LinearAlignmentGenerator")

@@ -22,14 +22,16 @@ from typing import Any, Literal, Optional, Sequence
 
 from sppo_lightning import seeds
 from sppo_lightning.artifacts import IterationArtifacts, memory_mapped_on_ranks, run_sharded_stage
+from sppo_lightning.contracts import EngineGenerator, Generator, IterationData
 from sppo_lightning.data.prompts import Prompt, prompts_fingerprint
 from sppo_lightning.distributed import DistContext
 from sppo_lightning.errors import ConfigError
-from sppo_lightning.methods.protocol import IterationData, on_policy_prompts
-from sppo_lightning.policies import Policies
+from sppo_lightning.methods.on_policy import on_policy_prompts
+from sppo_lightning.methods.plugins import check_plugins
 from sppo_lightning.methods.sppo import rank_in_shards, sample_in_shards
 from sppo_lightning.pipeline import stages
-from sppo_lightning.pipeline.generators import Generator, HFGenerator
+from sppo_lightning.pipeline.generators import HFGenerator
+from sppo_lightning.policies import Policies
 from sppo_lightning.ranking import Ranker
 
 PAIR_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "chosen_probs", "chosen_probs_win", "chosen_probs_lose"]
@@ -79,7 +81,8 @@ class OnlinePairs:
             raise ConfigError(f"reference must be module or iteration, got {reference!r}")
         if reference_batch_size < 1 or generation_shard_size < 1:
             raise ConfigError("reference_batch_size and generation_shard_size must be at least 1")
-        if getattr(self.generator, "wants_export", False):
+        check_plugins("OnlinePairs", self.generator, self.ranker)
+        if isinstance(self.generator, EngineGenerator) and not self.generator.live:
             raise ConfigError(f"{type(self.generator).__name__} with live: false samples from an export made once per "
                               f"iteration; online pairs sample at every step: use live: true (the engine follows "
                               f"the weights in memory), HFGenerator or LinearAlignmentGenerator")

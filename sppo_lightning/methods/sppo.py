@@ -21,14 +21,15 @@ from typing import Any, Optional, Sequence
 
 from sppo_lightning import seeds
 from sppo_lightning.artifacts import IterationArtifacts, atomic_write_bytes, memory_mapped_on_ranks, run_sharded_stage
+from sppo_lightning.contracts import EngineGenerator, Generator, IterationData
 from sppo_lightning.data.prompts import Prompt, prompts_fingerprint
 from sppo_lightning.distributed import DistContext
 from sppo_lightning.errors import ConfigError
-from sppo_lightning.methods.protocol import IterationData
-from sppo_lightning.policies import Policies
+from sppo_lightning.methods.plugins import check_plugins
 from sppo_lightning.pipeline import stages
-from sppo_lightning.pipeline.generators import Generator, HFGenerator
+from sppo_lightning.pipeline.generators import HFGenerator
 from sppo_lightning.pipeline.policy_export import export_policy, offloaded, prune_exports
+from sppo_lightning.policies import Policies
 from sppo_lightning.ranking import Ranker
 from sppo_lightning.ranking.cache import attach_judgment_cache, counted
 from sppo_lightning.ranking.protocol import fingerprint_hash, fingerprint_of
@@ -38,11 +39,10 @@ TRAINING_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "chosen_probs", 
                     "chosen_probs_lose", "reference_chosen_logps", "reference_rejected_logps"]
 
 
-def exports_policy(generator, policy) -> bool:
+def exports_policy(generator: Generator, policy) -> bool:
     """Whether ``generator`` samples π_t from a per-iteration export (a vLLM engine that is not live,
     or cannot take this policy in memory) rather than from the module."""
-    decide = getattr(generator, "exports_policy", None)
-    return decide(policy) if callable(decide) else bool(getattr(generator, "wants_export", False))
+    return isinstance(generator, EngineGenerator) and generator.exports_policy(policy)
 
 
 def sample_in_shards(ctx: DistContext, artifacts: IterationArtifacts, generator, model, tokenizer,
@@ -130,12 +130,11 @@ class SPPO:
             (self.num_samples >= 2, f"num_samples (K) must be at least 2 to form a pair, got {self.num_samples}"),
             (self.shard_size >= 1, f"generation_shard_size must be at least 1, got {self.shard_size}"),
             (self.reference_batch_size >= 1, "batch sizes must be at least 1"),
-            (hasattr(self.ranker, "pairwise_logits"), "ranker must have pairwise_logits(prompts, candidates)"),
-            (hasattr(self.generator, "sample"), "generator must have sample(model, tokenizer, prompts, ...)"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        check_plugins("SPPO", self.generator, self.ranker)
 
     def prompts_per_iteration(self, per_step: int, configured: Optional[int], epochs_per_iteration: int,
                               total: int) -> Optional[int]:
@@ -168,7 +167,8 @@ class SPPO:
             self._generate_from_export(artifacts, run_dir, policy, tokenizer, ctx, generations, drawn_from)
         else:
             generations(policy, drawn_from)
-            if getattr(self.generator, "keep_policy_exports", 0):  # a live engine: π_t saved for the user
+            if isinstance(self.generator, EngineGenerator) and self.generator.keep_policy_exports:
+                # a live engine: π_t saved for the user
                 export_policy(policy, tokenizer, artifacts.dir / "policy", ctx)
                 self._prune_exports(run_dir, ctx)
         source = rank_in_shards(ctx, artifacts, self.ranker, tokenizer, run_dir)
@@ -184,23 +184,26 @@ class SPPO:
 
     def _generate_from_export(self, artifacts: IterationArtifacts, run_dir: Path, policy, tokenizer,
                               ctx: DistContext, generations, drawn_from: dict[str, Any]) -> None:
+        generator = self.generator
+        assert isinstance(generator, EngineGenerator)  # exports_policy() said so
         """For an engine generator (vLLM): π_t exported to ``iteration_<t>/policy``, sampled by the
         engine with the training policy offloaded, the engine released, old exports pruned. π_t's
         fingerprint and the export's checksum are the generations' recorded input: shards sampled
         from other weights are redone."""
         export = export_policy(policy, tokenizer, artifacts.dir / "policy", ctx,
-                               lora=getattr(self.generator, "lora", "auto"))
+                               lora=generator.lora)
         try:
-            with offloaded(policy, getattr(self.generator, "offload_policy", False)):
+            with offloaded(policy, generator.offload_policy):
                 generations(export, {**drawn_from, "export": export.checksum})
         finally:
-            self.generator.release()
+            generator.release()
         self._prune_exports(run_dir, ctx)
 
     def _prune_exports(self, run_dir: Path, ctx: DistContext) -> None:
         """Keep the newest ``keep_policy_exports`` exports of π_t (rank 0 removes, every rank waits)."""
         if ctx.is_global_zero:
-            prune_exports(run_dir, getattr(self.generator, "keep_policy_exports", -1))
+            keep = self.generator.keep_policy_exports if isinstance(self.generator, EngineGenerator) else -1
+            prune_exports(run_dir, keep)
         ctx.barrier("prune_exports")
 
     def _pairs(self, artifacts: IterationArtifacts, shard: int, iteration: int, policies: Policies, tokenizer,

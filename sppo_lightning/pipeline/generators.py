@@ -1,16 +1,15 @@
-"""The ``Generator`` protocol: how the policy π_t samples K responses per prompt.
+"""``HFGenerator``: π_t samples K responses per prompt with Hugging Face ``generate``.
 
-A generator is chosen in the config by ``class_path`` (``SelfPlay(generator=...)``); the pipeline
-calls ``sample`` and stores token ids, so every generator must return ids, not text. Its
+A generator (``sppo_lightning.contracts.Generator``) is chosen in the config by ``class_path``;
+the pipeline calls ``sample`` and stores token ids, so every generator returns ids, not text. Its
 ``fingerprint()`` goes into the iteration's settings: a run dir made with another generator is
-refused on resume rather than mixed. Implementations: :class:`HFGenerator` (Hugging Face
-``generate``, here), ``VLLMGenerator`` (``vllm_generator.py``) and
+refused on resume rather than mixed. The others: ``VLLMGenerator`` (``vllm_generator.py``) and
 ``sppo_lightning.decoding.LinearAlignmentGenerator``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Sequence
 
 from torch import nn
 
@@ -18,26 +17,6 @@ from sppo_lightning.data.prompts import Prompt
 from sppo_lightning.errors import ConfigError
 from sppo_lightning.generation import sample_on_ranks
 from sppo_lightning.distributed import DistContext
-
-
-@runtime_checkable
-class Generator(Protocol):
-    batch_size: int  # prompts per batch: seeds are per batch, and shards are cut at batch boundaries
-
-    def sample(self, model: Any, tokenizer, prompts: Sequence[Prompt], num_samples: int, seed: int,
-               ctx: DistContext, batch_offset: int = 0, desc: str = "sampling") -> list[list[list[int]]]:
-        """``[N][num_samples]`` response token ids (EOS kept where the model stopped), the same on
-        every rank. ``model``: the policy module; for a generator with ``wants_export`` true (or an
-        ``exports_policy(policy)`` that says so: ``VLLMGenerator`` with ``live: false``, or a policy its
-        live engine cannot take), the ``PolicyExport`` of π_t that the pipeline writes each
-        iteration, and the pipeline calls its ``release()`` after sampling. ``seed`` with the global
-        batch index ``batch_offset + b`` fixes batch b's samples, so a prompt's samples do not depend
-        on the shard or rank that draws it. ``desc`` labels the progress bar (training samples, or
-        the evaluation's)."""
-        ...
-
-    def fingerprint(self) -> dict[str, Any]:
-        ...
 
 
 class HFGenerator:

@@ -138,11 +138,6 @@ class VLLMGenerator:
         self._said: set[str] = set()
         self._close_at_exit = False
 
-    @property
-    def wants_export(self) -> bool:
-        """Whether the pipeline must hand ``sample`` an export of π_t (not the module)."""
-        return not self.live
-
     def exports_policy(self, policy) -> bool:
         """Whether ``policy`` reaches the engine through a per-iteration export (``live: false``),
         said once in one line."""

@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+from sppo_lightning.contracts import QuestionJudge, Ranker
+
 
 def judgment_key(judge: str, prompt: str, a: str, b: str) -> str:
     return hashlib.sha256(json.dumps([judge, prompt, a, b]).encode()).hexdigest()[:32]
@@ -72,29 +74,25 @@ class JudgmentCache:
         self.stored += len(values)
 
 
-# What a judge with a cache counts, recorded with each rankings shard (and summed over shards).
-COUNTERS = ("calls", "by_logprobs", "by_verdict")
-
-
-def attach_judgment_cache(ranker, run_dir: str | os.PathLike) -> None:
-    """Give a judge that keeps judgments (``use_cache``) the run dir's cache, once."""
-    if hasattr(ranker, "use_cache") and getattr(ranker, "cache", None) is None:
+def attach_judgment_cache(ranker: Ranker, run_dir: str | os.PathLike) -> None:
+    """Give a judge that asks questions (``QuestionJudge``) the run dir's cache of answers, once."""
+    if isinstance(ranker, QuestionJudge) and ranker.cache is None:
         ranker.use_cache(JudgmentCache(Path(run_dir) / "judgments"))
 
 
-def counted(ranker, rank) -> tuple[list, dict]:
+def counted(ranker: Ranker, rank) -> tuple[list, dict]:
     """``rank()``'s rows, and how many questions the judge asked and how many the cache answered
     meanwhile (``judge_calls``, ``cache_hits``, ``judged_by_logprobs``/``_verdict``); {} for a ranker
-    that counts nothing."""
-    cache = getattr(ranker, "cache", None)
-    before = {name: getattr(ranker, name, 0) for name in COUNTERS}
-    hits = cache.hits if cache is not None else 0
+    that asks no questions."""
+    if not isinstance(ranker, QuestionJudge):
+        return rank(), {}
+    cache = ranker.cache
+    before, hits = ranker.counts(), cache.hits if cache is not None else 0
     rows = rank()
-    if not hasattr(ranker, "calls"):
-        return rows, {}
-    info = {"judge_calls": ranker.calls - before["calls"],
+    after = ranker.counts()
+    info = {"judge_calls": after["calls"] - before["calls"],
             "cache_hits": (cache.hits - hits) if cache is not None else 0}
     for name in ("by_logprobs", "by_verdict"):
-        if hasattr(ranker, name):
-            info[f"judged_{name}"] = getattr(ranker, name) - before[name]
+        if name in after:
+            info[f"judged_{name}"] = after[name] - before[name]
     return rows, info

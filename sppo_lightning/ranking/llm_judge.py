@@ -71,6 +71,10 @@ class LLMJudge:
     def use_cache(self, cache: Optional[JudgmentCache]) -> None:
         self.cache = cache
 
+    def counts(self) -> dict[str, int]:
+        """Questions asked so far (``contracts.QuestionJudge``)."""
+        return {"calls": self.calls}
+
     # ------------------------------------------------------------------------------ loading
     def load(self) -> "LLMJudge":
         if self.model is None:

@@ -83,6 +83,10 @@ class OpenAIJudge:
     def use_cache(self, cache: Optional[JudgmentCache]) -> None:
         self.cache = cache
 
+    def counts(self) -> dict[str, int]:
+        """Questions asked so far (``contracts.QuestionJudge``)."""
+        return {"calls": self.calls, "by_logprobs": self.by_logprobs, "by_verdict": self.by_verdict}
+
     def pairwise_logits(self, prompts: list[str], candidates: list[list[str]]) -> Tensor:
         return pairwise_matrix(prompts, candidates, self.both_orders, self.margins)
 

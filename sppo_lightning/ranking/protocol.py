@@ -1,4 +1,4 @@
-"""The ``Ranker`` protocol, and a ranker's identity: what its scores depend on.
+"""A ranker's identity: what its scores depend on (the ``Ranker`` contract is in ``contracts.py``).
 
 A ranker's ``fingerprint()`` goes into the rankings stage's recorded input (``artifacts.py``): a
 resumed run whose ranker fingerprints differently (another checkpoint, new weights in the same
@@ -11,32 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import warnings
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any
 
-from torch import Tensor
+from sppo_lightning.contracts import PROMPT_VIEWS, PromptView, Ranker
 
-# What a ranker is shown of the prompt: the raw text of the user's prompt (the default), the
-# policy's chat-templated prompt string, as the official SPPO ``rank.py`` passes it to PairRM, or
-# the prompt row as a JSON object (its text under "prompt", and an IFEval-format file's
-# instructions: ``instruction_id_list``, ``kwargs``, ``key``) for rankers that check instructions.
-PromptView = Literal["raw", "chat", "record"]
-PROMPT_VIEWS = ("raw", "chat", "record")
+__all__ = ["PROMPT_VIEWS", "PromptView", "Ranker", "fingerprint_hash", "fingerprint_of", "prompt_view_of",
+           "weights_fingerprint"]
 
 # Files whose bytes make a model's scores: weights, configs, tokenizers.
 _MODEL_FILES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".model", ".txt", ".tiktoken")
-
-
-@runtime_checkable
-class Ranker(Protocol):
-    def pairwise_logits(self, prompts: list[str], candidates: list[list[str]]) -> Tensor:
-        """``[N, K, K]`` float tensor; ``M[n, i, j] > 0`` means candidate i beats j for prompt n."""
-        ...
-
-    def fingerprint(self) -> dict[str, Any]:
-        """JSON-able description of everything that changes the scores (class, weights, settings)."""
-        ...
 
 
 def weights_fingerprint(path: str) -> dict[str, Any]:
@@ -64,17 +48,9 @@ def weights_fingerprint(path: str) -> dict[str, Any]:
     return {"folder": str(folder.resolve()), "files": files}
 
 
-def fingerprint_of(ranker: Any) -> dict[str, Any]:
-    """``ranker.fingerprint()``, or for a ranker that has none (a user's class) its class and its
-    plain public settings, with a warning that other changes go unnoticed."""
-    if hasattr(ranker, "fingerprint"):
-        return json.loads(json.dumps(ranker.fingerprint(), sort_keys=True, default=str))
-    cls = type(ranker)
-    settings = {k: v for k, v in vars(ranker).items()
-                if not k.startswith("_") and isinstance(v, (str, int, float, bool, type(None)))}
-    warnings.warn(f"ranker {cls.__qualname__} has no fingerprint(): a resumed run notices a change of its class "
-                  f"or plain settings only; add fingerprint() to say what its scores depend on")
-    return {"class": f"{cls.__module__}.{cls.__qualname__}", "settings": settings}
+def fingerprint_of(ranker: Ranker) -> dict[str, Any]:
+    """``ranker.fingerprint()`` as JSON would give it back (keys sorted, other values as strings)."""
+    return json.loads(json.dumps(ranker.fingerprint(), sort_keys=True, default=str))
 
 
 def fingerprint_hash(fingerprint: dict[str, Any]) -> str:
@@ -82,10 +58,11 @@ def fingerprint_hash(fingerprint: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def prompt_view_of(ranker: Any) -> str:
-    view = getattr(ranker, "prompt_view", "raw")
-    if view not in PROMPT_VIEWS:
+def prompt_view_of(ranker: Ranker) -> str:
+    """The ranker's ``prompt_view``, checked: one of ``PROMPT_VIEWS``."""
+    if ranker.prompt_view not in PROMPT_VIEWS:
         from sppo_lightning.errors import ConfigError
 
-        raise ConfigError(f"ranker {type(ranker).__name__}: prompt_view must be raw, chat or record, got {view!r}")
-    return view
+        raise ConfigError(f"ranker {type(ranker).__name__}: prompt_view must be raw, chat or record, "
+                          f"got {ranker.prompt_view!r}")
+    return ranker.prompt_view
