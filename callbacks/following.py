@@ -77,10 +77,3 @@ class HeldOutFollowing:
                                   f"start a fresh run (a new --trainer.default_root_dir)")
             self._initial = answers
         return self._initial
-
-
-def format_following(row: dict[str, Any]) -> str:
-    """The instruction-following numbers of a summary row, on one line."""
-    return (f"IF prompt loose {row['if_prompt_loose']:.3f} / strict {row['if_prompt_strict']:.3f}, instruction "
-            f"loose {row['if_instruction_loose']:.3f} / strict {row['if_instruction_strict']:.3f}, "
-            f"{row['if_words']:.0f} words")

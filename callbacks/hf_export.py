@@ -22,7 +22,7 @@ class HFExport(L.Callback):
     Args:
         dirpath: output folder; default ``<trainer.default_root_dir>/hf_model``: one place per run,
             also after a resume (the logger's ``version_<n>`` folders are not). Written beside its
-            name and renamed (``artifacts.folder_whole``): an earlier export stays until the new one
+            name and renamed (``files.folder_whole``): an earlier export stays until the new one
             is complete. The result loads with ``AutoModelForCausalLM.from_pretrained`` or vLLM.
     """
 

@@ -19,9 +19,7 @@ The CLI adds it to every run (its settings: ``--self_play.eval_samples``, ``--se
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -30,17 +28,18 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from sppo_lightning import seeds
-from sppo_lightning.artifacts import RunSummary, atomic_write_bytes
-from sppo_lightning.callbacks.following import KEYS, HeldOutFollowing, format_following
+from sppo_lightning.callbacks.following import KEYS, HeldOutFollowing
 from sppo_lightning.callbacks.win_rate import InitialPolicyWinRate, policy_sampler
 from sppo_lightning.contracts import EngineGenerator, Generator
 from sppo_lightning.datamodules.self_play import Iteration, SelfPlayDataModule, SelfPlayModule
 from sppo_lightning.distributed import DistContext
 from sppo_lightning.errors import ConfigError
+from sppo_lightning.loss_record import append_loss, keep_steps_up_to
 from sppo_lightning.module import PreferenceModule
 from sppo_lightning.outputs import written
 from sppo_lightning.pipeline.generators import HFGenerator
-from sppo_lightning.report import PLOTS, log_images, write_report
+from sppo_lightning.report import PLOTS, format_following, format_row, log_images, write_report
+from sppo_lightning.run_summary import RunSummary
 
 
 class SelfPlay(L.Callback):
@@ -142,10 +141,7 @@ class SelfPlay(L.Callback):
         gap = trainer.callback_metrics.get("train/target_gap")  # SPPO's gap to its targets, in nats
         if gap is not None:
             row["gap"] = float(gap)
-        # for loss.png; survives restarts. Never through a symlink (O_NOFOLLOW): start-up replaced any.
-        fd = os.open(self.run_dir / "losses.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
-        with os.fdopen(fd, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_loss(self.run_dir / "losses.jsonl", row)  # for loss.png; survives restarts
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.active:
@@ -246,59 +242,7 @@ def evaluation_generator(generator: Generator) -> Generator:
     return HFGenerator(generator.temperature, generator.top_p, generator.max_new_tokens, generator.batch_size)
 
 
-def keep_steps_up_to(path: Path, step: int) -> None:
-    """Rewrite the per-step record ``path`` without rows after ``step`` (each step once after resumes).
-
-    The record is appended to, so a crash or a full disk can cut its last line: unreadable lines are
-    dropped with a warning, never blocking a resume. A symlink there (to a file outside the run, say)
-    is not followed: it is removed, named in one warning, and the record starts afresh."""
-    if path.is_symlink():
-        rank_zero_warn(f"{path} is a symbolic link (to {os.readlink(path)}), not this run's own file; removed, "
-                       f"and the loss record starts afresh (nothing is written through it)")
-        path.unlink()
-        return
-    if not path.exists():
-        return
-    lines = path.read_text(errors="replace").splitlines()
-    kept, torn = [], 0
-    for line in lines:
-        try:
-            if int(json.loads(line)["step"]) <= step:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            torn += line.strip() != ""
-    if torn:
-        rank_zero_warn(f"{path}: dropped {torn} unreadable line(s) (a write cut by a crash or a full disk)")
-    if len(kept) != len(lines):
-        atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
-
-
 def written_checkpoints(folder: str) -> bool:
     """Whether ``folder`` holds a checkpoint on disk: a resume hint never points at nothing."""
     path = Path(folder)
     return path.is_dir() and any(written(p) for p in path.glob("*.ckpt"))
-
-
-def format_row(row: dict[str, Any]) -> str:
-    """One console line of a summary row (any method's: the keys it has)."""
-    parts = [f"iteration {row['iteration']}"]
-    if row.get("win_rate_vs_initial") is not None:
-        parts.append(f"win rate vs initial {row['win_rate_vs_initial']:.3f}")
-    if row.get("if_prompt_loose") is not None:
-        parts.append(format_following(row))
-    if "chosen_p_win" in row:
-        parts.append(f"p_win chosen {row['chosen_p_win']:.3f} / rejected {row['rejected_p_win']:.3f}")
-    if "pairs" in row:
-        truncated = f", prompts truncated {row['prompts_truncated']}" if row.get("prompts_truncated") else ""
-        parts.append(f"pairs {row['pairs']} (ties dropped {row.get('ties_dropped', 0)}{truncated})")
-    if row.get("reward") is not None:
-        parts.append(f"reward {row['reward']:.4g}")
-    if "ties" in row:
-        parts.append(f"ties {row['ties']} (broken by coin {row.get('ties_broken', 0)})")
-    if row.get("kl_to_initial") is not None:
-        parts.append(f"KL to initial {row['kl_to_initial']:.4g}")
-    if row.get("final_loss") is not None:
-        parts.append(f"final loss {row['final_loss']:.4g}")
-    seconds = row.get("seconds", {})
-    parts.append("time " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
-    return " | ".join(parts)

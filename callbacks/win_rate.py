@@ -8,7 +8,7 @@ from typing import Callable
 
 import lightning as L
 
-from sppo_lightning.artifacts import atomic_write_json
+from sppo_lightning.files import atomic_write_json
 from sppo_lightning.data.prompts import Prompt
 from sppo_lightning.pipeline.stages import prompt_fields, ranker_prompts
 from sppo_lightning.ranking import Ranker
@@ -41,7 +41,7 @@ class InitialPolicyWinRate:
         self.samples_per_prompt, self.seed = samples_per_prompt, seed
 
     def initial(self, trainer: L.Trainer, prompts: list[Prompt]) -> list[list[list[int]]]:
-        if trainer.strategy.broadcast(self.path.exists()):  # rank 0 decides (see artifacts.run_stage)
+        if trainer.strategy.broadcast(self.path.exists()):  # rank 0 decides (see stage_runner.run_stage)
             return json.loads(self.path.read_text())
         responses = self.sample(prompts, self.samples_per_prompt, self.seed)
         if trainer.is_global_zero:

@@ -20,119 +20,23 @@ checksum matches; a file that does not match is redone, with a warning. Each fil
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
-import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Optional
+from typing import Any, BinaryIO, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sppo_lightning import files
 from sppo_lightning.errors import SettingsMismatch
+from sppo_lightning.files import sha256_file
 from sppo_lightning.iteration import iteration_dir
 
 # The stage names this code writes: a stage, or one shard of it. Names read back from a manifest
 # are accepted only in this form (a run folder is input: it may come from someone else).
 STAGE_NAME = re.compile(r"[a-z][a-z_]*(\.shard_\d{5})?")
-
-
-def file_mode() -> int:
-    """The mode a new file gets under the process's umask (0644 under 0022), as ``open`` gives it."""
-    return 0o666 & ~_umask()
-
-
-def readable_as_umask_says(*paths: str | Path) -> None:
-    """Give files written through a private temporary (``mkstemp``'s 0600, or a library's) the mode
-    the umask gives new files, so that colleagues on a shared machine read a run as they read HF's files."""
-    mode = file_mode()
-    for path in paths:
-        path = Path(path)
-        for file in ([path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]):
-            os.chmod(file, mode)
-
-
-def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Call ``write(f)`` on a temporary file next to ``path``, then rename it into place: a crash
-    leaves the old file or the new one, never half of one. ``write`` may stream (no whole copy in memory)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fchmod(f.fileno(), file_mode())  # mkstemp makes it 0600
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-            import shutil
-
-            from sppo_lightning.errors import TrainingError
-
-            free = shutil.disk_usage(path.parent).free / 2**20
-            raise TrainingError(f"no space left in {path.parent} to write {path.name} ({free:.1f} MiB free); "
-                                f"what was finished before is kept: free space, then resume with --ckpt_path "
-                                f"last to redo only this file") from None
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    atomic_write(path, lambda f: f.write(data))
-
-
-def atomic_write_json(path: Path, value: Any) -> None:
-    atomic_write_bytes(path, json.dumps(value, indent=2, sort_keys=True).encode())
-
-
-def folder_whole(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(folder)`` on a temporary folder next to ``path``, then put it in ``path``'s place
-    (an earlier folder there is replaced only once the new one is complete): a crash or a full disk
-    leaves the old folder or the new one, never a mix. A full disk is one line."""
-    import shutil
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial"))
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-    except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not path.exists():
-            os.replace(old, path)  # the earlier folder back in place
-        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-            from sppo_lightning.errors import TrainingError
-
-            free = shutil.disk_usage(path.parent).free / 2**20
-            raise TrainingError(f"no space left in {path.parent} to write {path.name}/ ({free:.1f} MiB free); "
-                                f"what was there before is kept: free space and export again") from None
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class IterationArtifacts:
@@ -208,7 +112,7 @@ class IterationArtifacts:
             warnings.warn(f"{path} was made from other input ({', '.join(differs)} differ: another shard size, or "
                           f"a redone earlier stage); redoing {stage}")
             return False
-        if _sha256(path) != entry["sha256"]:
+        if sha256_file(path) != entry["sha256"]:
             warnings.warn(f"{path} does not match its manifest checksum (truncated or edited); redoing {stage}")
             return False
         rows = pq.read_metadata(path).num_rows
@@ -253,7 +157,7 @@ class IterationArtifacts:
                     table = pq.read_table(path)
                     writer.write_table(table.select(schema.names).cast(schema), row_group_size=table.num_rows)
 
-        atomic_write(self.path(stage), write)
+        files.atomic_write(self.path(stage), write)
         totals: dict[str, Any] = {}
         for entry in entries:
             for key, value in entry.items():
@@ -283,7 +187,7 @@ class IterationArtifacts:
                     for group in range(source.num_row_groups):
                         writer.write_table(source.read_row_group(group, columns=columns))
 
-            atomic_write(target, write)
+            files.atomic_write(target, write)
             for old in self.dir.glob(f"{stage}.*.arrow"):
                 if old != target:
                     old.unlink(missing_ok=True)  # made from an earlier, redone version of the stage
@@ -293,14 +197,14 @@ class IterationArtifacts:
         """Write the stage's rows atomically, then record it in the manifest (also atomically)."""
         sink = pa.BufferOutputStream()
         pq.write_table(pa.Table.from_pylist(rows), sink)
-        atomic_write_bytes(self.path(stage), sink.getvalue().to_pybytes())
+        files.atomic_write_bytes(self.path(stage), sink.getvalue().to_pybytes())
         self._record(stage, len(rows), **info)
 
     def _record(self, stage: str, rows: int, **info: Any) -> None:
         manifest = self._read_manifest()
         manifest["settings"] = self.settings
-        manifest.setdefault("stages", {})[stage] = {"rows": rows, "sha256": _sha256(self.path(stage)), **info}
-        atomic_write_json(self.manifest_path, manifest)
+        manifest.setdefault("stages", {})[stage] = {"rows": rows, "sha256": sha256_file(self.path(stage)), **info}
+        files.atomic_write_json(self.manifest_path, manifest)
 
     def stages(self, prefix: str = "") -> list[str]:
         """Names of the finished stages recorded in the manifest, optionally by prefix."""
@@ -314,7 +218,7 @@ class IterationArtifacts:
         if any(stage in recorded for stage in stages):
             for stage in stages:
                 recorded.pop(stage, None)
-            atomic_write_json(self.manifest_path, manifest)
+            files.atomic_write_json(self.manifest_path, manifest)
         for stage in stages:
             self.path(stage).unlink(missing_ok=True)
 
@@ -327,102 +231,4 @@ class IterationArtifacts:
         manifest = self._read_manifest()
         manifest["settings"] = self.settings
         manifest["stats"] = stats
-        atomic_write_json(self.manifest_path, manifest)
-
-
-def run_stage(ctx, artifacts: IterationArtifacts, stage: str, compute, on_every_rank: bool = False,
-              expect: Optional[dict[str, Any]] = None) -> None:
-    """Make a stage unless it is finished: ``compute()`` returns ``(rows, info)`` and rank 0 writes.
-
-    ``on_every_rank``: every rank computes (generation: each samples its share, then all gather);
-    otherwise rank 0 alone computes (ranking, reference log-probs) and the others read its file.
-    Rank 0 decides whether the stage is finished and every rank follows: a rank that looked for
-    itself could see the file rank 0 has just written and skip a collective the others are in.
-    ``expect``: manifest entries the stage must have to count as finished; they are recorded with it.
-    ``ctx``: the processes (``pipeline.DistContext``: ``is_global_zero``, ``broadcast``, ``barrier``).
-    """
-    import time
-
-    done = artifacts.finished(stage, expect) if ctx.is_global_zero else False
-    if ctx.broadcast(done):  # rank 0 has just checked the file: every rank reuses it
-        _reused(ctx, artifacts, stage)
-        return
-    if on_every_rank or ctx.is_global_zero:
-        start = time.perf_counter()
-        rows, info = compute()
-        if ctx.is_global_zero:
-            artifacts.save(stage, rows, seconds=time.perf_counter() - start, **info,
-                           **({"input": expect} if expect else {}))
-    ctx.barrier(f"stage_{stage}")  # the others read what rank 0 wrote when they need it
-
-
-def memory_mapped_on_ranks(ctx, artifacts: IterationArtifacts, stage: str, columns: list[str]):
-    """``artifacts.memory_mapped`` on every rank: rank 0 writes the Arrow file, the others open it
-    after a barrier (two ranks writing the same file would race)."""
-    if ctx.is_global_zero:
-        data = artifacts.memory_mapped(stage, columns)
-    ctx.barrier(f"arrow_{stage}")
-    return data if ctx.is_global_zero else artifacts.memory_mapped(stage, columns)
-
-
-def _reused(ctx, artifacts: IterationArtifacts, stage: str) -> None:
-    """One line per stage or shard a resumed run takes from disk (a redone one is warned with its reason)."""
-    if ctx.is_global_zero:
-        from lightning.pytorch.utilities import rank_zero_info
-
-        rank_zero_info(f"{artifacts.dir.name}: reusing {stage} ({artifacts.info(stage).get('rows', 0)} rows, "
-                       f"finished earlier)")
-
-
-def run_sharded_stage(ctx, artifacts: IterationArtifacts, stage: str, shards: int,
-                      compute_shard: Callable[[int], tuple[list[dict], dict]], on_every_rank: bool = False,
-                      source: Optional[dict[str, Any]] = None,
-                      expect: Optional[Callable[[int], dict[str, Any]]] = None) -> None:
-    """Make ``stage`` shard by shard, so that no more than one shard's rows are in memory.
-
-    ``compute_shard(k)`` returns shard k's ``(rows, info)``; each shard is written as it finishes
-    (stage ``<stage>.shard_<k>``), so a killed run redoes only the shard it was in. When all are
-    written, rank 0 merges them into ``<stage>.parquet`` (one row group per shard, read back with
-    ``read_shard``) and removes them. ``source``: what the stage is made from (checksums of earlier
-    stages), recorded with it and with every shard: one made from anything else is redone.
-    ``expect(k)``: what else shard k's entry must record (which prompts it holds).
-    """
-    source = source or {}
-    done = artifacts.finished(stage, source) if ctx.is_global_zero else False
-    if ctx.broadcast(done):
-        _reused(ctx, artifacts, stage)
-        if ctx.is_global_zero:  # shards left behind by a run killed between merging and removing
-            artifacts.remove(*artifacts.stages(prefix=f"{stage}.shard_"))
-        return
-    parts = [f"{stage}.shard_{k:05d}" for k in range(shards)]
-    for k, part in enumerate(parts):
-        run_stage(ctx, artifacts, part, lambda k=k: compute_shard(k), on_every_rank,
-                  expect={**source, **(expect(k) if expect else {})} or None)
-    if ctx.is_global_zero:
-        artifacts.merge(stage, parts, shards=shards, **({"input": source} if source else {}))
-    ctx.barrier(f"merge_{stage}")
-
-
-class RunSummary:
-    """``<run_dir>/summary.json``: one row per finished iteration; a resumed run keeps earlier rows."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        saved = json.loads(self.path.read_text()) if self.path.exists() else {}
-        self.rows: list[dict[str, Any]] = saved.get("iterations", [])
-        # What was measured of the initial policy before its first step (instruction following).
-        self.initial: dict[str, Any] = saved.get("initial", {})
-
-    def record(self, row: dict[str, Any], write: bool = True) -> None:
-        """Add (or replace) the row of ``row["iteration"]``; ``write`` on rank 0 only."""
-        self.rows = [r for r in self.rows if r["iteration"] != row["iteration"]] + [row]
-        if write:
-            self._write()
-
-    def record_initial(self, values: dict[str, Any], write: bool = True) -> None:
-        self.initial = dict(values)
-        if write:
-            self._write()
-
-    def _write(self) -> None:
-        atomic_write_json(self.path, {"iterations": self.rows, **({"initial": self.initial} if self.initial else {})})
+        files.atomic_write_json(self.manifest_path, manifest)

@@ -137,7 +137,9 @@ def main(args: Optional[list[str]] = None) -> None:
         return
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    from sppo_lightning.lightning_cli import config_error_line, export_main, run_cli
+    from sppo_lightning.config_errors import config_error_line
+    from sppo_lightning.export import export_main
+    from sppo_lightning.lightning_cli import run_cli
 
     try:
         if argv and argv[0] == "export":

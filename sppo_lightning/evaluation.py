@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from sppo_lightning.artifacts import atomic_write_bytes
+from sppo_lightning.files import atomic_write_bytes
 from sppo_lightning.data.rows import load_records
 from sppo_lightning.data.tokenize import encode_prompt, keep_end
 from sppo_lightning.errors import ConfigError, DataError

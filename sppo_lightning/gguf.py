@@ -106,7 +106,7 @@ def convert(path: Path, folder: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sppo_lightning.artifacts import folder_whole
+    from sppo_lightning.files import folder_whole
 
     start = time.perf_counter()
     print(f"Converting {path.name} ({path.stat().st_size / 2**20:.0f} MiB, GGUF) into a Hugging Face folder, once: "

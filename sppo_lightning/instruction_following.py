@@ -108,7 +108,7 @@ class InstructionFollowing:
 
 def write_evaluation(out_dir: Path, prompts: Sequence[Prompt], evaluation: Evaluation, model: str) -> None:
     """``responses.jsonl`` (IFEval's response format) and ``scores.json`` in ``out_dir``."""
-    from sppo_lightning.artifacts import atomic_write_bytes, atomic_write_json
+    from sppo_lightning.files import atomic_write_bytes, atomic_write_json
 
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps({"prompt": p.text, "response": r}, ensure_ascii=False) + "\n"

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from sppo_lightning.artifacts import atomic_write_bytes
+from sppo_lightning.files import atomic_write_bytes
 from sppo_lightning.contracts import QuestionJudge, Ranker, lacking
 from sppo_lightning.data.rows import load_records
 from sppo_lightning.errors import ConfigError, DataError

@@ -1,10 +1,10 @@
-"""The LightningCLI behind ``sppo-lightning``: one-line config errors, output checks before fit, the
-verified ``Trainer``, and the ``export`` command. ``sppo_lightning/cli.py`` is the light entry point
-that imports this only when a command needs it (so ``sppo-lightning --help`` is fast)."""
+"""The LightningCLI behind ``sppo-lightning``: output checks before fit, the verified ``Trainer``,
+nulls where a setting takes none named, the self-play boundary's flags. ``sppo_lightning/cli.py``
+is the light entry point that imports this only when a command needs it (so ``sppo-lightning
+--help`` is fast); the one-line config errors are ``config_errors.py``, ``export`` is ``export.py``."""
 
 from __future__ import annotations
 
-import argparse
 import os
 from typing import Optional
 
@@ -12,8 +12,7 @@ import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
 from sppo_lightning.errors import ConfigError, SPPOLightningError
-from sppo_lightning.models import export_hf, load_tokenizer
-from sppo_lightning.module import PreferenceModule
+from sppo_lightning.config_errors import condense
 from sppo_lightning.outputs import Trainer, check_output_locations, output_locations
 
 # Shown at the top of `sppo-lightning fit --help` (and the other loops'): Lightning's own help lists
@@ -172,201 +171,6 @@ def _allows_none(hint) -> bool:
     if hint is type(None) or hint is typing.Any:
         return True
     return typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
-
-
-def export_main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="sppo-lightning export",
-        description="Save a checkpoint's policy in Hugging Face format (LoRA merged, safetensors).",
-    )
-    parser.add_argument("checkpoint", help="a .ckpt written by `sppo-lightning fit`, or a sharded checkpoint "
-                                           "folder of the fsdp footprint")
-    parser.add_argument("out_dir", help="folder for config.json, model.safetensors and the tokenizer")
-    parser.add_argument("--anchor", action="store_true",
-                        help="a J-BOND checkpoint: export the EMA anchor instead of the policy")
-    args = parser.parse_args(argv)
-    from pathlib import Path
-
-    if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
-        raise ConfigError(f"{args.out_dir} is a file, not a folder: give export a folder to write the model into")
-    module = _load_for_export(args.checkpoint)
-    tokenizer = load_tokenizer(module.hparams.model_name_or_path, module.hparams.trust_remote_code)
-    from sppo_lightning.bond import ANCHOR, BondModule
-
-    if args.anchor and not isinstance(module, BondModule):
-        raise ConfigError(f"{args.checkpoint} is a {type(module).__name__} checkpoint: --anchor exports the EMA "
-                          f"anchor of a J-BOND (BondModule) checkpoint")
-    what = "policy"
-    if args.anchor and module.lora is not None:  # the anchor is the second adapter on the policy's base
-        out, what = export_hf(module.policy, tokenizer, args.out_dir, adapter=ANCHOR), "J-BOND anchor"
-    elif args.anchor:
-        out, what = export_hf(module.anchor, tokenizer, args.out_dir), "J-BOND anchor"
-    else:
-        out = export_hf(module.policy, tokenizer, args.out_dir)
-    print(f"Exported the {what} in Hugging Face format to {out}")
-
-
-def _load_for_export(checkpoint: str) -> L.LightningModule:
-    """The module of a ``.ckpt`` file (``PreferenceModule`` or J-BOND's ``BondModule``), or of a sharded
-    checkpoint folder (footprint ``fsdp``), unsharded on CPU and without a reference model (export
-    does not need one). A file that is not a checkpoint is one line."""
-    import pickle
-    from pathlib import Path
-
-    import torch
-
-    from sppo_lightning.checkpoints import verified
-
-    path = Path(checkpoint)
-    if not path.exists():
-        raise ConfigError(f"no checkpoint at {checkpoint}")
-    if path.is_file() and not verified(path):
-        raise ConfigError(f"{checkpoint} is not a checkpoint (not a whole torch archive: torn, or another kind of "
-                          f"file); export takes a .ckpt written by `sppo-lightning fit` or a sharded checkpoint folder")
-    if path.is_dir():
-        from lightning.fabric.utilities.load import _load_distributed_checkpoint
-
-        from sppo_lightning.checkpoints import check_dcp_metadata
-
-        check_dcp_metadata(path)  # before torch's reader unpickles it
-        full = _load_distributed_checkpoint(path)
-        hparams = dict(full["hyper_parameters"])
-        hparams["reference"] = _export_reference(hparams)
-        hparams["footprint"] = "lora" if hparams.get("lora") else "full"
-        module = PreferenceModule(**hparams)
-        module.configure_model()
-        state = {k: v for k, v in full["state_dict"].items() if not k.startswith("reference.")}
-        module.load_state_dict(state, strict=True)  # a sharded checkpoint holds every weight
-        return module
-    try:
-        hparams = torch.load(checkpoint, map_location="cpu", weights_only=True).get("hyper_parameters")
-    except (pickle.UnpicklingError, RuntimeError, KeyError, AttributeError, EOFError) as err:
-        raise ConfigError(f"{checkpoint} cannot be read as a checkpoint ({' '.join(str(err).split())[:200]})") from None
-    if not isinstance(hparams, dict):
-        raise ConfigError(f"{checkpoint} holds no hyper_parameters: not a checkpoint written by `sppo-lightning fit`")
-    if hparams.get("_class_path") == "sppo_lightning.bond.BondModule" or "jeffreys_beta" in hparams:
-        from sppo_lightning.bond import BondModule
-
-        return BondModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
-    reference = _export_reference(hparams)
-    return PreferenceModule.load_from_checkpoint(checkpoint, map_location="cpu", reference=reference, weights_only=True)
-
-
-def _export_reference(hparams: dict) -> str:
-    """Export needs no reference model: none for reference-free losses, else cached (never loaded)."""
-    from sppo_lightning.loss_table import needs_reference
-
-    return "cached" if needs_reference(hparams.get("loss", "sppo")) else "none"
-
-
-# Lines of jsonargparse's nested Union reports that say nothing about the actual mistake.
-_NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value type:",
-          "Given value:", "Expected a <class 'NoneType'>", "Problem with given class_path",
-          "Not a valid subclass of", "Subclass types expect one of", "a class path", "a dict with", "a class name")
-
-
-def condense(message: str) -> str:
-    """jsonargparse's multi-line report of a bad config as one line: the key path and the reason,
-    e.g. ``model.eta: Expected a <class 'float'>. Got value: abc``."""
-    import re
-
-    keys = re.findall(r'Parser key "([^"]+)"', message)
-    lines = [line.strip().lstrip("- ").strip() for line in message.splitlines()]
-    reasons = [line for line in lines if line and not line.startswith(_NOISE) and not line.startswith("Parser key")]
-    reason = "; ".join(dict.fromkeys(reasons)) or message.strip().splitlines()[0]
-    where = ".".join(keys)
-    return f"{where + ': ' if where else ''}{' '.join(reason.split())}"
-
-
-def config_error_line(message: str, argv: list[str]) -> str:
-    """``condense`` plus where to look up the keys, the config file a YAML error is in, and, for an
-    unknown key, where it was given and the closest key the class takes."""
-    import re
-
-    command = argv[0] if argv and not argv[0].startswith("-") else "fit"
-    line = condense(message)
-    configs = _config_files(argv)
-    empty = _empty(configs)
-    if empty and line.startswith("Unexpected config"):  # jsonargparse's whole report for an empty file
-        return (f"{empty} is empty (or only comments): a config sets at least model: and data: "
-                f"(see configs/quickstart.yaml, or `sppo-lightning {command} --help`)")
-    if '"<unicode string>"' in line:  # a YAML syntax error: name the file it is in
-        line = line.replace('"<unicode string>"', _unparsable(configs) or "a --config file")
-    unknown = re.match(r"^([\w.]+): Option '(\w+)' is not accepted", line)
-    if unknown:
-        line += _unknown_key_hint(unknown.group(1), unknown.group(2), configs)
-    return f"{line} (see `sppo-lightning {command} --help`)"
-
-
-def _config_files(argv: list[str]) -> list[str]:
-    files = []
-    for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv):
-            files.append(argv[i + 1])
-        elif arg.startswith("--config="):
-            files.append(arg.split("=", 1)[1])
-    return files
-
-
-def _empty(configs: list[str]) -> Optional[str]:
-    import yaml
-
-    for path in configs:
-        try:
-            if yaml.safe_load(open(path, encoding="utf-8")) is None:
-                return path
-        except (OSError, yaml.YAMLError):
-            continue
-    return None
-
-
-def _unparsable(configs: list[str]) -> Optional[str]:
-    import yaml
-
-    for path in configs:
-        try:
-            yaml.safe_load(open(path, encoding="utf-8"))
-        except (OSError, yaml.YAMLError):
-            return path
-    return None
-
-
-def _section(data, dotted: str):
-    """The ``init_args`` node of ``dotted`` (``model``, ``data.method``) in a loaded config, or None."""
-    node = data
-    for name in dotted.split("."):
-        node = node.get(name) if isinstance(node, dict) else None
-        if isinstance(node, dict) and isinstance(node.get("init_args"), dict) and "class_path" in node:
-            node = {"class_path": node["class_path"], **node["init_args"]}
-    return node if isinstance(node, dict) else None
-
-
-def _unknown_key_hint(section: str, key: str, configs: list[str]) -> str:
-    """``; in <file>`` (or on the command line) and ``; did you mean `x`?`` for an unknown key."""
-    import difflib
-    import inspect
-    from importlib import import_module
-
-    import yaml
-
-    where, class_path = "on the command line", None
-    for path in configs:
-        try:
-            node = _section(yaml.safe_load(open(path, encoding="utf-8")), section)
-        except (OSError, yaml.YAMLError):
-            continue
-        if node is not None:
-            class_path = node.get("class_path", class_path)
-            if key in node:
-                where = f"in {path}"
-    hint = f" ({where})"
-    try:
-        module, _, name = class_path.rpartition(".")
-        params = [p for p in inspect.signature(getattr(import_module(module), name)).parameters if p != "self"]
-    except (AttributeError, ImportError, ValueError, TypeError):
-        return hint
-    close = difflib.get_close_matches(key, params, n=1)
-    return hint + (f"; did you mean `{close[0]}`?" if close else "")
 
 
 def run_cli(args: Optional[list[str]] = None) -> SPPOLightningCLI:

@@ -227,7 +227,7 @@ def export_hf(
             return None
     out_dir = Path(out_dir)
     if adapter_dir is not None and is_peft(policy):
-        from sppo_lightning.artifacts import folder_whole
+        from sppo_lightning.files import folder_whole
 
         folder_whole(adapter_dir, lambda folder: policy.save_pretrained(folder, safe_serialization=True))
     model = policy
@@ -244,7 +244,7 @@ def export_hf(
         model = model.merge_and_unload(adapter_names=[adapter])
     elif is_quantized(policy):
         model = dequantized_model(policy, merged_dtype)
-    from sppo_lightning.artifacts import folder_whole, readable_as_umask_says
+    from sppo_lightning.files import folder_whole, readable_as_umask_says
 
     def write(folder: Path) -> None:
         model.save_pretrained(folder, safe_serialization=True)

@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from sppo_lightning.artifacts import atomic_write_json
+from sppo_lightning.files import atomic_write_json
 
 
 def pair_summary(hparams: dict[str, Any], metrics: dict[str, Any], steps: int, epochs: int) -> dict[str, Any]:

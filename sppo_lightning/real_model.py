@@ -50,7 +50,7 @@ def split_prompts(rows: list[dict], checkable: list[int]) -> tuple[list[dict], l
 
 
 def prepare(out: Path) -> dict[str, str]:
-    from sppo_lightning.artifacts import atomic_write_bytes
+    from sppo_lightning.files import atomic_write_bytes
     from sppo_lightning.data.prompts import instruction_meta
     from sppo_lightning.gguf import hf_folder, shipped_path
     from sppo_lightning.ranking.instructions import InstructionChecks

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from sppo_lightning.artifacts import atomic_write_bytes
+from sppo_lightning.files import atomic_write_bytes
 
 PLOTS = ("win_rate.png", "p_win.png", "loss.png")
 
@@ -236,3 +236,35 @@ def log_images(loggers: list, paths: dict[str, Path], step: int) -> None:
 
                 image = matplotlib.image.imread(str(paths[name]))
                 logger.experiment.add_image(f"self_play/{name}", image, step, dataformats="HWC")
+
+
+def format_row(row: dict[str, Any]) -> str:
+    """One console line of a summary row (any method's: the keys it has)."""
+    parts = [f"iteration {row['iteration']}"]
+    if row.get("win_rate_vs_initial") is not None:
+        parts.append(f"win rate vs initial {row['win_rate_vs_initial']:.3f}")
+    if row.get("if_prompt_loose") is not None:
+        parts.append(format_following(row))
+    if "chosen_p_win" in row:
+        parts.append(f"p_win chosen {row['chosen_p_win']:.3f} / rejected {row['rejected_p_win']:.3f}")
+    if "pairs" in row:
+        truncated = f", prompts truncated {row['prompts_truncated']}" if row.get("prompts_truncated") else ""
+        parts.append(f"pairs {row['pairs']} (ties dropped {row.get('ties_dropped', 0)}{truncated})")
+    if row.get("reward") is not None:
+        parts.append(f"reward {row['reward']:.4g}")
+    if "ties" in row:
+        parts.append(f"ties {row['ties']} (broken by coin {row.get('ties_broken', 0)})")
+    if row.get("kl_to_initial") is not None:
+        parts.append(f"KL to initial {row['kl_to_initial']:.4g}")
+    if row.get("final_loss") is not None:
+        parts.append(f"final loss {row['final_loss']:.4g}")
+    seconds = row.get("seconds", {})
+    parts.append("time " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
+    return " | ".join(parts)
+
+
+def format_following(row: dict[str, Any]) -> str:
+    """The instruction-following numbers of a summary row, on one line."""
+    return (f"IF prompt loose {row['if_prompt_loose']:.3f} / strict {row['if_prompt_strict']:.3f}, instruction "
+            f"loose {row['if_instruction_loose']:.3f} / strict {row['if_instruction_strict']:.3f}, "
+            f"{row['if_words']:.0f} words")

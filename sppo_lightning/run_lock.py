@@ -43,7 +43,7 @@ def lock_folders(folders: Iterable[str | os.PathLike]) -> None:
     another live process holds raises ``ConfigError`` naming it and that process."""
     import fcntl
 
-    from sppo_lightning.artifacts import file_mode
+    from sppo_lightning.files import file_mode
 
     for folder in dict.fromkeys(str(Path(f).expanduser().resolve()) for f in folders):
         if folder in _held:

@@ -80,10 +80,10 @@ class KillWhileWriting(L.Callback):
         self.marker, self.mode, self.iteration, self.stage = marker, mode, iteration, stage
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        import sppo_lightning.artifacts as artifacts
+        import sppo_lightning.files as files
 
         target = _self_play_run_dir(trainer) / f"iteration_{self.iteration + 1}" / f"{self.stage}.parquet"
-        original = artifacts.atomic_write
+        original = files.atomic_write
 
         def write(path, writer):
             if Path(path) != target or Path(self.marker).exists():
@@ -97,7 +97,7 @@ class KillWhileWriting(L.Callback):
                 original(path, writer)
             _kill_once(self.marker)
 
-        artifacts.atomic_write = write
+        files.atomic_write = write
 
 
 class KillInEngineSampling(L.Callback):

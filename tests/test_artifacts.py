@@ -100,7 +100,7 @@ def test_files_we_write_get_the_mode_the_umask_gives(tmp_path, tiny_llama, umask
 
     from transformers import AutoModelForCausalLM
 
-    from sppo_lightning.artifacts import atomic_write_json
+    from sppo_lightning.files import atomic_write_json
     from sppo_lightning.models import export_hf
 
     previous = os.umask(umask)
@@ -118,7 +118,7 @@ def test_files_we_write_get_the_mode_the_umask_gives(tmp_path, tiny_llama, umask
 def test_a_full_disk_mid_stage_is_one_line_and_keeps_what_was_finished(tmp_path):
     import errno
 
-    from sppo_lightning.artifacts import atomic_write
+    from sppo_lightning.files import atomic_write
     from sppo_lightning.errors import TrainingError
 
     art = IterationArtifacts(tmp_path, 0, {})
@@ -138,7 +138,7 @@ def test_a_full_disk_mid_stage_is_one_line_and_keeps_what_was_finished(tmp_path)
 
 
 def test_an_export_folder_is_replaced_whole_or_kept_on_a_full_disk(tmp_path, tiny_llama):
-    """export_hf writes beside its name and renames (artifacts.folder_whole): an earlier export stays until
+    """export_hf writes beside its name and renames (files.folder_whole): an earlier export stays until
     the new one is complete, and a disk that fills mid-export is one line that keeps it."""
     import errno
 
@@ -177,7 +177,7 @@ def test_a_crafted_stage_name_in_the_manifest_touches_nothing_outside(tmp_path):
     'generations.shard_/../../../<dir>/victim' (with an empty folder 'generations.shard_' beside it,
     so that the path would resolve); reusing the merged stage removes its shards by name. The
     victim outside the run folder survives, and the name is dropped with one warning."""
-    from sppo_lightning.artifacts import run_sharded_stage
+    from sppo_lightning.stage_runner import run_sharded_stage
     from sppo_lightning.distributed import DistContext
 
     outside = tmp_path / "outside"

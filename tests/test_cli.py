@@ -81,7 +81,7 @@ def test_lora_fit_exports_merged_weights(tmp_path, tiny_llama):
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf_model").eval()
     assert not any("lora" in k for k in merged.state_dict())
 
-    from sppo_lightning.lightning_cli import _load_for_export
+    from sppo_lightning.export import _load_for_export
 
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     module = _load_for_export(str(ckpt))

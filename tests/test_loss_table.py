@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sppo_lightning import loss_table
-from sppo_lightning.lightning_cli import _export_reference
+from sppo_lightning.export import _export_reference
 from sppo_lightning.errors import ConfigError
 from sppo_lightning.logprobs import SequenceLogps
 from sppo_lightning.module import LossName, PreferenceModule

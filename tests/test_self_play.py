@@ -291,7 +291,7 @@ def test_the_memory_estimate_uses_the_runs_own_lengths_and_batch(tmp_path):
 
 def test_a_torn_last_loss_line_never_blocks_a_resume(tmp_path):
     """losses.jsonl is appended to: a crash mid-write leaves a cut last line, dropped with a warning."""
-    from sppo_lightning.callbacks.self_play import keep_steps_up_to
+    from sppo_lightning.loss_record import keep_steps_up_to
 
     path = tmp_path / "losses.jsonl"
     path.write_text('{"step": 1, "iteration": 1, "loss": 0.5}\n{"step": 2, "iteration": 1, "loss": 0.4}\n{"step": 3, "it')
@@ -301,7 +301,7 @@ def test_a_torn_last_loss_line_never_blocks_a_resume(tmp_path):
 
 
 def test_a_loss_record_that_links_outside_is_never_written_through(tmp_path):
-    from sppo_lightning.callbacks.self_play import keep_steps_up_to
+    from sppo_lightning.loss_record import keep_steps_up_to
 
     outside = tmp_path / "outside.txt"
     outside.write_text("not yours\n")

@@ -19,7 +19,7 @@ index, the iteration's prompts, a ``Policies`` handle on the models it may sampl
 (``sppo_lightning/policies.py``), a ``DistContext`` and its run folder. It never sees the Trainer
 or the LightningModule, so it runs (and is tested) in a plain script. It is built from the shared
 stages (``pipeline/stages.py``: ``generate``, ``rank``, ``estimate_pairs``, ``reference_logps``)
-and the artifacts runner (``artifacts.run_sharded_stage``), and returns its rows and statistics
+and the artifacts runner (``stage_runner.run_sharded_stage``), and returns its rows and statistics
 (``IterationData``; the statistics also go in the iteration's manifest, for resume and for people
 reading the run folder).
 

@@ -1,5 +1,5 @@
 """``JBOND``: each iteration's J-BOND / BOND rows, a self-play method built from the same stages as
-SPPO (``stages.generate``-style sampling with a ``Generator``, ``stages.rank``, ``artifacts.run_sharded_stage``).
+SPPO (``stages.generate``-style sampling with a ``Generator``, ``stages.rank``, ``stage_runner.run_sharded_stage``).
 
 Per prompt (BOND, arXiv 2407.14622, Algorithm 2 and eq. 17):
 
@@ -32,7 +32,8 @@ import pyarrow.parquet as pq
 import torch
 
 from sppo_lightning import seeds
-from sppo_lightning.artifacts import IterationArtifacts, memory_mapped_on_ranks, run_sharded_stage
+from sppo_lightning.artifacts import IterationArtifacts
+from sppo_lightning.stage_runner import memory_mapped_on_ranks, run_sharded_stage
 from sppo_lightning.contracts import EngineGenerator, Generator, IterationData
 from sppo_lightning.data.prompts import Prompt, prompts_fingerprint
 from sppo_lightning.data.tokenize import collate_responses

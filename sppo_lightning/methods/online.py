@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
 from sppo_lightning import seeds
-from sppo_lightning.artifacts import IterationArtifacts, memory_mapped_on_ranks, run_sharded_stage
+from sppo_lightning.artifacts import IterationArtifacts
+from sppo_lightning.stage_runner import memory_mapped_on_ranks, run_sharded_stage
 from sppo_lightning.contracts import EngineGenerator, Generator, IterationData
 from sppo_lightning.data.prompts import Prompt, prompts_fingerprint
 from sppo_lightning.distributed import DistContext

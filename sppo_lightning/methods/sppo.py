@@ -20,7 +20,9 @@ from typing import Any, Optional, Sequence
 
 
 from sppo_lightning import seeds
-from sppo_lightning.artifacts import IterationArtifacts, atomic_write_bytes, memory_mapped_on_ranks, run_sharded_stage
+from sppo_lightning.artifacts import IterationArtifacts
+from sppo_lightning.files import atomic_write_bytes
+from sppo_lightning.stage_runner import memory_mapped_on_ranks, run_sharded_stage
 from sppo_lightning.contracts import EngineGenerator, Generator, IterationData
 from sppo_lightning.data.prompts import Prompt, prompts_fingerprint
 from sppo_lightning.distributed import DistContext

@@ -1,0 +1,48 @@
+"""``<run_dir>/losses.jsonl``: each optimizer step's loss (and SPPO's target gap), for the report's
+plot. Appended as training goes; a resumed run first drops the rows after its checkpoint's step."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.utilities import rank_zero_warn
+
+from sppo_lightning.files import atomic_write_bytes
+
+
+def append_loss(path: Path, row: dict[str, Any]) -> None:
+    """One JSON line. Never through a symlink (``O_NOFOLLOW``): ``keep_steps_up_to`` at start-up
+    replaced any."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    with os.fdopen(fd, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def keep_steps_up_to(path: Path, step: int) -> None:
+    """Rewrite the per-step record ``path`` without rows after ``step`` (each step once after resumes).
+
+    The record is appended to, so a crash or a full disk can cut its last line: unreadable lines are
+    dropped with a warning, never blocking a resume. A symlink there (to a file outside the run, say)
+    is not followed: it is removed, named in one warning, and the record starts afresh."""
+    if path.is_symlink():
+        rank_zero_warn(f"{path} is a symbolic link (to {os.readlink(path)}), not this run's own file; removed, "
+                       f"and the loss record starts afresh (nothing is written through it)")
+        path.unlink()
+        return
+    if not path.exists():
+        return
+    lines = path.read_text(errors="replace").splitlines()
+    kept, torn = [], 0
+    for line in lines:
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            torn += line.strip() != ""
+    if torn:
+        rank_zero_warn(f"{path}: dropped {torn} unreadable line(s) (a write cut by a crash or a full disk)")
+    if len(kept) != len(lines):
+        atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
