@@ -2,7 +2,9 @@
 engine generator, a ranker and a judge that asks questions must have.
 
 Code that holds one of these checks it with ``isinstance`` (all are ``runtime_checkable``) and uses
-its members directly: nothing probes a plug-in with ``getattr``. A plug-in of yours is a class with
+its members directly: nothing probes a plug-in with ``getattr``. Settings are read-only properties
+here, so a plain attribute of a narrower type (a ``Literal``) meets them; mypy checks conformance
+(``.ci/run``). A plug-in of yours is a class with
 these members (no base class to inherit), named by ``class_path`` in a config. This module imports
 nothing of ours at run time (the annotations' types are the lowest layers), so every layer can use it.
 
@@ -46,10 +48,17 @@ class Generator(Protocol):
     evaluation of an export-only engine samples in memory with them; ``max_new_tokens`` bounds the
     training rows' length)."""
 
-    batch_size: int
-    temperature: float
-    top_p: float
-    max_new_tokens: int
+    @property
+    def batch_size(self) -> int: ...
+
+    @property
+    def temperature(self) -> float: ...
+
+    @property
+    def top_p(self) -> float: ...
+
+    @property
+    def max_new_tokens(self) -> int: ...
 
     def sample(self, model: Any, tokenizer: Any, prompts: Sequence[Prompt], num_samples: int, seed: int,
                ctx: DistContext, batch_offset: int = 0, desc: str = "sampling") -> list[list[list[int]]]:
@@ -76,10 +85,17 @@ class EngineGenerator(Generator, Protocol):
     ``keep_policy_exports``: how many per-iteration exports of π_t to keep (-1: all, 0: none).
     ``offload_policy``: move the training policy to the CPU while the engine samples."""
 
-    live: bool
-    lora: str
-    keep_policy_exports: int
-    offload_policy: bool
+    @property
+    def live(self) -> bool: ...
+
+    @property
+    def lora(self) -> str: ...
+
+    @property
+    def keep_policy_exports(self) -> int: ...
+
+    @property
+    def offload_policy(self) -> bool: ...
 
     def exports_policy(self, policy: Any) -> bool:
         """Whether ``policy`` reaches the engine through a per-iteration export (``live: false``,
@@ -99,7 +115,8 @@ class EngineGenerator(Generator, Protocol):
 class Ranker(Protocol):
     """The preference oracle. ``prompt_view``: what it is shown of each prompt (:data:`PromptView`)."""
 
-    prompt_view: str
+    @property
+    def prompt_view(self) -> str: ...
 
     def pairwise_logits(self, prompts: list[str], candidates: list[list[str]]) -> Tensor:
         """``[N, K, K]`` float tensor; ``M[n, i, j] > 0`` means candidate i beats j for prompt n."""
@@ -118,7 +135,8 @@ class QuestionJudge(Ranker, Protocol):
     many questions it has asked so far: ``calls`` (asked of the model), and where the judge says,
     ``by_logprobs`` / ``by_verdict`` (how each answer was read)."""
 
-    cache: Any
+    @property
+    def cache(self) -> Any: ...
 
     def use_cache(self, cache: Any) -> None: ...
 
@@ -153,13 +171,26 @@ class SelfPlayMethod(Protocol):
             the initial policy in the module is then held for nothing: warned).
     """
 
-    generator: Generator
-    ranker: Ranker
-    seed: int
-    run_folder: str
-    log_prefix: str
-    restarts_optimizer: bool
-    caches_reference: bool
+    @property
+    def generator(self) -> Generator: ...
+
+    @property
+    def ranker(self) -> Ranker: ...
+
+    @property
+    def seed(self) -> int: ...
+
+    @property
+    def run_folder(self) -> str: ...
+
+    @property
+    def log_prefix(self) -> str: ...
+
+    @property
+    def restarts_optimizer(self) -> bool: ...
+
+    @property
+    def caches_reference(self) -> bool: ...
 
     def prompts_per_iteration(self, per_step: int, configured: Optional[int], epochs_per_iteration: int,
                               total: int) -> Optional[int]:
@@ -187,5 +218,6 @@ def lacking(plugin: Any, contract: type) -> list[str]:
         if cls is Protocol or not getattr(cls, "_is_protocol", False):
             continue
         names.update(cls.__dict__.get("__annotations__", {}))
-        names.update(k for k, v in cls.__dict__.items() if callable(v) and not k.startswith("_"))
+        names.update(k for k, v in cls.__dict__.items()
+                     if (callable(v) or isinstance(v, property)) and not k.startswith("_"))
     return sorted(name for name in names if not hasattr(plugin, name))

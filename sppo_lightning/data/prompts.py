@@ -9,7 +9,7 @@ the generations and to a ranker that reads them (``prompt_view: record``, e.g.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
@@ -122,7 +122,7 @@ def _messages(value: Any) -> list[dict[str, str]]:
     return messages
 
 
-def prompts_fingerprint(prompts: list[Prompt]) -> str:
+def prompts_fingerprint(prompts: Sequence[Prompt]) -> str:
     """A short hash of the prompts' token ids: artifacts made from other prompts are refused."""
     import hashlib
     import json

@@ -164,7 +164,7 @@ class SelfPlayDataModule(L.LightningDataModule):
             raise ConfigError(f"data.prompts_per_iteration must be at least 1, got {self.prompts_per_iteration}")
         trainer = self.trainer
         if trainer is not None:
-            if trainer.reload_dataloaders_every_n_epochs != 1:
+            if trainer.reload_dataloaders_every_n_epochs != 1:  # type: ignore[attr-defined]  # a Trainer property
                 raise ConfigError("SelfPlayDataModule makes new rows every iteration: set "
                                   "trainer.reload_dataloaders_every_n_epochs to 1 (the CLI's default)")
             self.run_dir = Path(self.run_dir_setting or Path(trainer.default_root_dir) / self.method.run_folder)

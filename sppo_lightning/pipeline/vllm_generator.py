@@ -294,7 +294,7 @@ class VLLMGenerator:
                     }))
         return out
 
-    def sample(self, model: PolicyExport, tokenizer, prompts: Sequence[Prompt], num_samples: int, seed: int,
+    def sample(self, model: Any, tokenizer, prompts: Sequence[Prompt], num_samples: int, seed: int,
                ctx: DistContext, batch_offset: int = 0, desc: str = "sampling") -> list[list[list[int]]]:
         """``[N][num_samples]`` response ids on every rank (see ``Generator.sample``). ``model``: the
         module (live: synced into the run's engine first if its weights changed), or π_t's

@@ -110,7 +110,8 @@ class InstructionChecks:
     def screen(self, records: Sequence[tuple[str, dict[str, Any]]]) -> tuple[list[int], list[str]]:
         """Which prompts can be checked in full here: their indices, and one line per instruction
         that cannot, naming it, why, and how many of these prompts it drops."""
-        keep, drops = [], {}
+        keep: list[int] = []
+        drops: dict[str, int] = {}
         for n, (prompt, meta) in enumerate(records):
             bad = [i for i, k in zip(meta["instruction_id_list"], meta["kwargs"]) if not self.usable(i, k, prompt)]
             if bad:

@@ -57,8 +57,8 @@ class LLMJudge:
         self.batch_size, self.max_length, self.show_progress = batch_size, max_length, show_progress
         self.prompt_view = prompt_view
         prompt_view_of(self)
-        self.model = None
-        self.tokenizer = None
+        self.model: Any = None  # loaded on first use (load)
+        self.tokenizer: Any = None
         self.cache: Optional[JudgmentCache] = None
         self.calls = 0  # questions the model answered (cache hits excluded)
 
@@ -83,7 +83,7 @@ class LLMJudge:
             self.tokenizer = load_tokenizer(self.path)
             model = load_causal_lm(self.path, self.torch_dtype, quantize_4bit=self.quantize_4bit,
                                    device=torch.device(self.device))
-            self.model = (model if self.quantize_4bit else model.to(self.device)).eval()
+            self.model = (model if self.quantize_4bit else model.to(torch.device(self.device))).eval()  # type: ignore[arg-type]
             self.answer_ids = self._answer_ids()
         return self
 

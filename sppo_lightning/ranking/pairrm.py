@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -98,7 +98,8 @@ class PairRMRanker:
         self.max_lengths = (source_max_length, candidate_max_length)  # as configured (load fills None)
         self.source_max_length, self.candidate_max_length = source_max_length, candidate_max_length
         self.torch_dtype, self.show_progress = torch_dtype, show_progress
-        self.model: Optional[nn.Module] = None
+        self.model: Any = None  # DebertaV2PairRM, loaded on first use (load)
+        self.tokenizer: Any = None
 
     @classmethod
     def from_pretrained(cls, path: str, device: str = "cpu", **kwargs) -> "PairRMRanker":
@@ -124,7 +125,7 @@ class PairRMRanker:
         sep = self.tokenizer.sep_token
         if sep is None or len(self.tokenizer(sep)["input_ids"]) < 3:
             raise ConfigError(f"{self.path}: the PairRM tokenizer must add [CLS] ... [SEP] around each text")
-        self.model.to(device=self.device, dtype=DTYPES[self.torch_dtype]).eval()
+        self.model.to(device=self.device, dtype=DTYPES[self.torch_dtype]).eval()  # type: ignore[attr-defined]  # set by _load_*
         return self
 
     def _local_folder(self) -> Path:
@@ -182,7 +183,7 @@ class PairRMRanker:
 
     # ------------------------------------------------------------------------------- scoring
     def _token_id(self, token: str) -> int:
-        return self.tokenizer.convert_tokens_to_ids(token)
+        return int(self.tokenizer.convert_tokens_to_ids(token))
 
     def encode(self, prompt: str, candidates: list[str]) -> tuple[list[int], list[list[int]]]:
         """Token ids of ``[CLS] <|source|> prompt [SEP]`` and of each ``[CLS] <|candidate|> c [SEP]``,

@@ -28,7 +28,7 @@ DEFAULT_TEMPLATE = (
 Question = tuple[str, str, str]  # (prompt, answer A, answer B)
 
 
-def check_question_settings(owner: str, template: str, answers: tuple[str, str]) -> None:
+def check_question_settings(owner: str, template: str, answers: tuple[str, ...]) -> None:
     for field in ("{prompt}", "{a}", "{b}"):
         if field not in template:
             raise ConfigError(f"{owner}: template must contain {field}")

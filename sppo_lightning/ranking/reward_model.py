@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -42,8 +42,8 @@ class RewardModelRanker:
         self.prompt_view, self.show_progress = prompt_view, show_progress
         prompt_view_of(self)
         self.torch_dtype, self.trust_remote_code = torch_dtype, trust_remote_code
-        self.model: Optional[torch.nn.Module] = None
-        self.tokenizer = None
+        self.model: Any = None  # loaded on first use (load)
+        self.tokenizer: Any = None
 
     def fingerprint(self) -> dict[str, Any]:
         return {"class": "RewardModelRanker", "weights": weights_fingerprint(self.path), "device": self.device,
