@@ -13,7 +13,7 @@ from sppo_lightning.methods import JBOND
 from sppo_lightning.models import LoraSettings
 from sppo_lightning.ranking import FunctionJudge
 from tests import self_play_setup
-from tests.test_quickstart import REPO, run_fit
+from tests.helpers import REPO, CountingJudge, run_fit
 
 
 def bond_run(ranker, prompts, tokenizer, batch_size, callbacks=(), prompts_per_iteration=None, **settings):
@@ -236,7 +236,6 @@ def test_bond_non_finite_loss_skips_or_stops(tmp_path, tiny_llama, mode):
 
 
 # ---------------------------------------------------------------- on-policy draws, shards, resume
-from tests.test_self_play import CountingJudge  # noqa: E402  (the shorter judge, counting prompts per call)
 
 
 def fit_bond(tmp_path, tiny_llama, ranker, run_dir, epochs=1, batch_size=2, prompts_per_iteration=None, **options):
@@ -338,7 +337,7 @@ def test_export_writes_a_lora_jbond_checkpoints_policy_or_its_anchor(tiny_llama,
     the anchor's (the two adapters on one base); a PreferenceModule-only flag on it is one line."""
     from transformers import AutoModelForCausalLM
 
-    from tests.test_cli import run
+    from tests.helpers import run_cli as run
 
     module = BondModule(tiny_llama, lora=LoraSettings(r=4, alpha=8))
     module.configure_model()

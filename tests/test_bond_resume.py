@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_quickstart import REPO, run_fit
-from tests.test_resume import assert_same_run, uninterrupted
+from tests.helpers import REPO, assert_same_run, run_fit, uninterrupted
 
 
 def jbond_config(tmp_path: Path) -> Path:
@@ -50,8 +49,8 @@ def test_export_of_a_jbond_run_checkpoint_gives_its_policy_and_on_request_its_an
     import torch
     from safetensors.torch import load_file
 
-    from tests.test_cli import run
-    from tests.test_resume import final_weights
+    from tests.helpers import run_cli as run
+    from tests.helpers import final_weights
 
     checkpoint = baseline / "checkpoints" / "last.ckpt"
     run("export", checkpoint, tmp_path / "policy")

@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from sppo_lightning.checkpoints import resolve_last, save_whole, verified
 from sppo_lightning.errors import TrainingError
-from tests.test_cli import REPO, fit
+from tests.helpers import REPO, fit_pairs as fit
 
 
 def write_checkpoint(path, value=1.0):
@@ -160,7 +160,7 @@ def test_sharded_checkpoint_metadata_is_data_not_code(tmp_path, tiny_llama):
 
     from sppo_lightning.checkpoints import check_dcp_metadata
     from sppo_lightning.errors import ConfigError
-    from tests.test_cli import run
+    from tests.helpers import run_cli as run
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"

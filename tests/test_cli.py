@@ -1,7 +1,6 @@
 """End to end through the real `sppo-lightning` console script, on the tiny offline model."""
 
 import csv
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,30 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from tests.helpers import fit_pairs as fit, run_cli as run
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(sys.executable).with_name("sppo-lightning")
-
-
-def run(*args, check=True):
-    command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "sppo_lightning.cli"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    result = subprocess.run(
-        command + [str(a) for a in args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
-
-
-def fit(tmp_path, tiny_llama, *extra, check=True, subcommand="fit"):
-    return run(
-        subcommand, "--config", "configs/tiny_pairs.yaml",
-        "--model.model_name_or_path", tiny_llama,
-        "--trainer.default_root_dir", tmp_path,
-        *extra,
-        check=check,
-    )
 
 
 def test_fit_exports_a_model_that_transformers_loads(tmp_path, tiny_llama):

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from sppo_lightning.lightning_cli import run_cli
-from tests.test_quickstart import REPO
+from tests.helpers import REPO
 
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
 

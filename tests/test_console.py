@@ -9,8 +9,7 @@ import pytest
 
 from sppo_lightning.console import LOG_LINES
 from sppo_lightning.progress import epoch_description
-from tests.test_faults import quickstart
-from tests.test_quickstart import run_fit
+from tests.helpers import quickstart, run_fit
 
 NOISE = ["💡 Tip", "Failed to load CPU gemm_4bit_forward", "LeafSpec", "module(s) in eval mode",
          "does not have many workers", "Total length of", "Trying to infer the `batch_size`"]

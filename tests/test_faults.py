@@ -3,30 +3,9 @@
 import json
 from pathlib import Path
 
-import yaml
 from safetensors.torch import load_file
 
-from tests.test_quickstart import REPO, run_fit
-
-
-def quickstart(tmp_path: Path, epochs: int = 1, prompts: list[str] | None = None, judge: str | None = None,
-               **method) -> Path:
-    """configs/quickstart.yaml with fewer epochs, optionally other prompts, judge or SPPO settings."""
-    data = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
-    data["trainer"]["max_epochs"] = epochs
-    if "run_dir" in method:
-        data["data"]["init_args"]["run_dir"] = method.pop("run_dir")
-    settings = data["data"]["init_args"]["method"]["init_args"]
-    settings.update(method)
-    if judge:
-        settings["ranker"]["init_args"]["function"] = judge
-    if prompts is not None:
-        path = tmp_path / "prompts.jsonl"
-        path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-        data["data"]["init_args"]["prompts"] = str(path)
-    config = tmp_path / "source.yaml"
-    config.write_text(yaml.safe_dump(data))
-    return config
+from tests.helpers import quickstart, run_fit
 
 
 def one_line_error(result) -> str:
@@ -117,7 +96,7 @@ def test_all_ties_names_every_setting_that_can_cause_it(tiny_dir, tmp_path):
 def test_a_run_folder_made_with_other_settings_names_the_one_flag_for_a_fresh_run(tiny_dir, tmp_path):
     """The shipped quickstart run again with another K: refused in one line that ends with the flag to
     add, and that flag alone starts a fresh run (every output follows the root)."""
-    from tests.test_cli import run
+    from tests.helpers import run_cli as run
 
     root = tmp_path / "quickstart"
     args = ["fit", "--config", "configs/quickstart.yaml", "--model.model_name_or_path", tiny_dir / "llama",

@@ -18,7 +18,7 @@ from sppo_lightning.memory import GIB, LLAMA3_8B, MISTRAL_7B, ModelShape, estima
 from sppo_lightning.logprobs import model_logprobs
 from sppo_lightning.models import LoraSettings, export_hf, is_checkpointing, is_quantized, load_causal_lm, load_tokenizer
 from sppo_lightning.module import PreferenceModule
-from tests.test_module import batch_of
+from tests.helpers import batch_of
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

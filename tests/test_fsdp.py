@@ -2,29 +2,13 @@
 the same weights, the same self-play data; killed and resumed from its sharded checkpoint."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
-
-SCRIPT = Path(__file__).with_name("fsdp_run.py")
-
-
-def run(*args, expect_killed=False):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(SCRIPT.parent.parent))
-    for name in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
-        env.pop(name, None)  # a fresh rendezvous on a free port, whatever ran in this process before
-    result = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], env=env, capture_output=True,
-                            text=True, timeout=600)
-    if expect_killed:
-        assert result.returncode == -9, result.stderr[-3000:]
-    else:
-        assert result.returncode == 0, "\n".join(l for l in result.stderr.splitlines() if "Warning" not in l)[-6000:]
+from tests.helpers import run_fsdp as run
 
 
 def losses(out: Path, ranks: int) -> dict[int, float]:

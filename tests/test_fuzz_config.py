@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sppo_lightning.cli import main
-from tests.test_quickstart import REPO
+from tests.helpers import REPO
 
 EXAMPLES = 40  # recorded in the README
 

@@ -8,41 +8,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from if_verifiable.api import evaluate_output_for_sample
-from if_verifiable.ifbench.instructions_registry import INSTRUCTION_DICT as IFBENCH
-from if_verifiable.types import IFBenchSample, IFEvalSample
 
-from sppo_lightning.data.prompts import instruction_meta, load_prompts
+from sppo_lightning.data.prompts import load_prompts
 from sppo_lightning.errors import ConfigError, DataError
 from sppo_lightning.instruction_following import InstructionFollowing, accuracy
 from sppo_lightning.ranking.instructions import Checked
+from tests.helpers import ifeval_reference
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data" / "ifeval_prompts.jsonl"
 ROWS = [json.loads(line) for line in DATA.read_text().splitlines()]
 CHECKABLE = [r for r in ROWS if "ratio:stop_words" not in r["instruction_id_list"]]
-
-
-def ifeval_reference(rows, responses):
-    """IFEval's generate_report over if-verifiable's own per-instruction results: prompt-level =
-    prompts whose every instruction is followed; instruction-level = followed / all instructions,
-    an empty response failing each of its instructions."""
-    numbers = {}
-    for mode in ("strict", "loose"):
-        prompt_correct = instruction_total = instruction_correct = 0
-        for row, response in zip(rows, responses):
-            meta = instruction_meta(row)
-            ifbench = meta["instruction_id_list"][0] in IFBENCH
-            sample = (IFBenchSample if ifbench else IFEvalSample)(row["key"], row["prompt"],
-                                                                 meta["instruction_id_list"], meta["kwargs"])
-            results, _ = evaluate_output_for_sample("ifbench" if ifbench else "ifeval", sample, response)
-            follow = [getattr(r, f"{mode}_pass") for r in results] or [False] * len(meta["instruction_id_list"])
-            prompt_correct += all(follow)
-            instruction_total += len(follow)
-            instruction_correct += sum(follow)
-        numbers[f"prompt_{mode}"] = prompt_correct / len(rows)
-        numbers[f"instruction_{mode}"] = instruction_correct / instruction_total
-    return numbers
 
 
 def test_accuracy_by_hand():

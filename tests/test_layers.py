@@ -5,7 +5,7 @@ self-play methods. Read from the source with ``ast``, so a lazy import cannot hi
 import ast
 from pathlib import Path
 
-from tests.test_quickstart import REPO
+from tests.helpers import REPO
 
 # Where each package's files are: callbacks/ ships as sppo_lightning.callbacks.
 ROOTS = {"sppo_lightning": REPO / "sppo_lightning", "sppo_lightning.callbacks": REPO / "callbacks"}
@@ -118,3 +118,10 @@ def test_data_modules_and_methods_never_reach_for_the_trainer_s_module_or_callba
         for path in (REPO / folder).rglob("*.py"):
             text = path.read_text()
             assert "lightning_module" not in text and "trainer.callbacks" not in text, path
+
+
+def test_test_files_share_helpers_through_one_module_not_through_each_other():
+    for folder in ("tests", "tests_real", "tests_vllm"):
+        for path in (REPO / folder).glob("*.py"):
+            imports = [node for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.ImportFrom)]
+            assert not [n.module for n in imports if (n.module or "").startswith("tests.test_")], path

@@ -8,8 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from sppo_lightning.decoding import LinearAlignmentSettings, linear_alignment_generate, linear_alignment_step, nucleus_mask
 from sppo_lightning.decoding.linear_alignment import with_principle
-from tests.test_quickstart import REPO
-from tests.test_self_play import QUESTIONS, fit
+from tests.helpers import QUESTIONS, REPO, fit_self_play as fit
 
 PRINCIPLE = "Be positive, kind and helpful; say good things."
 

@@ -116,7 +116,7 @@ def test_bad_settings_are_one_line(tiny_llama):
 
 
 def test_a_self_play_iteration_judged_by_the_llm_judge(tmp_path, tiny_llama):
-    from tests.test_self_play import QUESTIONS, fit
+    from tests.helpers import QUESTIONS, fit_self_play as fit
 
     ranker = judge(tiny_llama)
     fit(tmp_path, tiny_llama, ranker=ranker)
@@ -160,7 +160,7 @@ def llm_judge_config(tiny_dir, out):
     """configs/llm_judge.yaml as shipped, the judge pointed at the tiny Llama of the test's models."""
     import yaml
 
-    from tests.test_quickstart import REPO
+    from tests.helpers import REPO
 
     data = yaml.safe_load((REPO / "configs" / "llm_judge.yaml").read_text())
     data["data"]["init_args"]["method"]["init_args"]["ranker"]["init_args"]["path"] = str(tiny_dir / "llama")
@@ -172,7 +172,7 @@ def llm_judge_config(tiny_dir, out):
 
 @pytest.fixture(scope="module")
 def judged_run(tiny_dir, tmp_path_factory):
-    from tests.test_quickstart import run_fit
+    from tests.helpers import run_fit
 
     out = tmp_path_factory.mktemp("llm_judge")
     run_fit(llm_judge_config(tiny_dir, out), tiny_dir, out)
@@ -194,8 +194,8 @@ def test_a_killed_llm_judge_run_resumes_to_the_same_result(tiny_dir, tmp_path, j
     (no checkpoint yet), the stages reused (no question asked again), and the uninterrupted run's result."""
     import signal
 
-    from tests.test_quickstart import run_fit
-    from tests.test_resume import assert_same_run
+    from tests.helpers import run_fit
+    from tests.helpers import assert_same_run
 
     config, marker = llm_judge_config(tiny_dir, tmp_path), tmp_path / "killed"
     first = run_fit(config, tiny_dir, tmp_path, "--trainer.callbacks+=tests.kill_switch.KillSwitch",

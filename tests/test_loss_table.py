@@ -10,7 +10,7 @@ from sppo_lightning.export import _export_reference
 from sppo_lightning.errors import ConfigError
 from sppo_lightning.logprobs import SequenceLogps
 from sppo_lightning.module import LossName, PreferenceModule
-from tests.test_module import batch_of
+from tests.helpers import batch_of
 
 
 def test_every_entry_is_a_module_loss_and_says_what_it_needs():

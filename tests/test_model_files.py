@@ -8,7 +8,7 @@ import pytest
 
 from sppo_lightning.errors import SPPOLightningError
 from sppo_lightning.models import load_causal_lm, load_tokenizer
-from tests.test_quickstart import REPO
+from tests.helpers import REPO
 
 
 def broken(tiny_llama, tmp_path, damage):

@@ -10,14 +10,7 @@ from sppo_lightning.datamodules import PreferenceDataModule
 from sppo_lightning.errors import ConfigError, DataError
 from sppo_lightning.models import LoraSettings
 from sppo_lightning.module import PreferenceModule
-
-
-def batch_of(pair_file, tiny_llama, batch_size=4):
-    dm = PreferenceDataModule(train_data=pair_file, tokenizer=tiny_llama, batch_size=batch_size)
-    dm.setup("fit")
-    return dm, next(iter(torch.utils.data.DataLoader(
-        dm.train_examples, batch_size=batch_size, collate_fn=dm.train_dataloader().collate_fn
-    )))
+from tests.helpers import batch_of
 
 
 def count_calls(model):

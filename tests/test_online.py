@@ -19,8 +19,7 @@ from sppo_lightning.methods import OnlinePairs
 from sppo_lightning.policies import Policies
 from sppo_lightning.pipeline import HFGenerator
 from sppo_lightning.ranking import FunctionJudge
-from tests.test_quickstart import REPO, run_fit
-from tests.test_resume import assert_same_run
+from tests.helpers import REPO, assert_same_run, run_fit
 
 QUESTIONS = ["Tell me about the moon.", "What is 2 plus 3?", "Why is the sky blue?", "Name a color."]
 

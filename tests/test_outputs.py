@@ -84,7 +84,7 @@ def test_the_quickstart_writes_everything_under_default_root_dir_and_resumes_the
 
     import yaml
 
-    from tests.test_quickstart import REPO, SCRIPT
+    from tests.helpers import REPO, SCRIPT
 
     config = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
     config["model"]["init_args"]["model_name_or_path"] = str(tiny_dir / "llama")

@@ -7,8 +7,7 @@ import torch
 import yaml
 
 from sppo_lightning.policy_identity import device_sums, weights_fingerprint
-from tests.test_quickstart import REPO, run_fit
-from tests.test_resume import assert_same_run
+from tests.helpers import REPO, assert_same_run, run_fit
 
 
 def on_threads(count, function, *args):

@@ -1,44 +1,9 @@
 """The README's main job, end to end through the real CLI: 3 SPPO iterations on the tiny models."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import yaml
-
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = Path(sys.executable).with_name("sppo-lightning")
-
-
-def tiny_config(config: Path, tiny_dir: Path, out_dir: Path) -> Path:
-    """The config with the tiny models and every output (logs, checkpoints, run dirs) under out_dir."""
-    data = yaml.safe_load(Path(config).read_text())
-    data["model"]["init_args"]["model_name_or_path"] = str(tiny_dir / "llama")
-    trainer = data["trainer"]
-    trainer["default_root_dir"] = str(out_dir)
-    if isinstance(trainer.get("logger"), dict):
-        trainer["logger"]["init_args"]["save_dir"] = str(out_dir)
-    for callback in trainer.get("callbacks", []):
-        if callback["class_path"].endswith("ModelCheckpoint"):
-            callback["init_args"]["dirpath"] = str(out_dir / "checkpoints")
-    path = out_dir / f"config_{Path(config).stem}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def run_fit(config, tiny_dir, out_dir, *extra, env=None, check=True):
-    """`sppo-lightning fit` on a config, with the tiny models and outputs redirected."""
-    command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "sppo_lightning.cli"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(REPO), **(env or {}))
-    result = subprocess.run(
-        command + ["fit", "--config", str(tiny_config(config, tiny_dir, out_dir)), *extra],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
-    )
-    if check:
-        assert result.returncode == 0, result.stderr[-4000:]
-    return result
+from tests.helpers import REPO, run_fit
 
 
 def test_quickstart_win_rate_rises_every_iteration(tiny_dir, tmp_path):

@@ -1,18 +1,15 @@
 """Kill the quickstart with SIGKILL mid-way, resume with the documented flag, and get the same run:
 the same per-step losses and the same final weights as an uninterrupted run with the same seeds."""
 
-import csv
 import json
 import signal
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import torch
 import yaml
-from safetensors.torch import load_file
 
-from tests.test_quickstart import REPO, run_fit
+from tests.helpers import REPO, assert_same_run, losses, run_fit, uninterrupted
 
 
 def config_with_killing_judge(tmp_path: Path) -> Path:
@@ -25,44 +22,6 @@ def config_with_killing_judge(tmp_path: Path) -> Path:
     path = tmp_path / "source.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
-
-
-def losses(out_dir: Path) -> dict[int, float]:
-    """train/loss by global step, over every logger version (a resumed run writes a new one)."""
-    steps = {}
-    for metrics in sorted(out_dir.glob("lightning_logs/version_*/metrics.csv")):
-        for row in csv.DictReader(metrics.open()):
-            if row.get("train/loss"):
-                steps[int(row["step"])] = float(row["train/loss"])
-    return steps
-
-
-def final_weights(out_dir: Path) -> dict[str, torch.Tensor]:
-    """The run's exported model (HFExport), or, for a recipe without one, its last checkpoint's weights."""
-    export = out_dir / "hf_model" / "model.safetensors"
-    if not export.exists():
-        return torch.load(out_dir / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")["state_dict"]
-    return load_file(export)
-
-
-def assert_same_run(baseline: Path, resumed: Path, steps: int | None = None) -> None:
-    """The resumed run logged the baseline's loss at every step and ended with its weights."""
-    expected, got = losses(baseline), losses(resumed)
-    assert set(got) == set(expected) and (steps is None or len(expected) == steps)
-    for step in expected:
-        assert got[step] == pytest.approx(expected[step], rel=1e-6), step
-    want, have = final_weights(baseline), final_weights(resumed)
-    for name in want:
-        torch.testing.assert_close(have[name], want[name], rtol=1e-5, atol=1e-6)
-
-
-def uninterrupted(config: Path, tiny_dir: Path, out: Path, *extra: str) -> Path:
-    """Run ``config`` (with the killing judge) to its end: its kill marker already exists, so the
-    judge never kills. The baseline a killed and resumed run is compared with."""
-    marker = out / "never"
-    marker.write_text("the baseline never dies")
-    run_fit(config, tiny_dir, out, *extra, env={"KILL_MARKER": str(marker)})
-    return out
 
 
 @pytest.fixture(scope="module")

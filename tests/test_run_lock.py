@@ -10,7 +10,7 @@ from pathlib import Path
 
 from sppo_lightning.errors import ConfigError
 from sppo_lightning.run_lock import LOCK_NAME, lock_folders, release_all
-from tests.test_cli import REPO, fit, run
+from tests.helpers import REPO, fit_pairs as fit, run_cli as run
 
 HOLD = ("import sys, time\nfrom sppo_lightning.run_lock import lock_folders\n"
         "lock_folders(sys.argv[1:])\nprint('held', flush=True)\ntime.sleep(600)\n")

@@ -19,33 +19,7 @@ from sppo_lightning.methods import SPPO
 from sppo_lightning.methods.sppo import TRAINING_COLUMNS
 from sppo_lightning.ranking import FunctionJudge
 from tests import self_play_setup
-
-QUESTIONS = ["Tell me about the moon.", "What is 2 plus 3?", "Why is the sky blue?", "Name a color.",
-             "What is 4 plus 4?", "Say something about the dog."]
-
-
-def write_prompts(path, questions):
-    path.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in questions))
-    return str(path)
-
-
-def fit(tmp_path, tiny_llama, ranker=None, max_epochs=1, epochs_per_iteration=1, run_dir=None,
-        callbacks=(), **options):
-    settings = dict(num_samples=3, max_new_tokens=8, generation_batch_size=4, show_progress=False,
-                    run_dir=str(run_dir or tmp_path / "self_play"))
-    settings.update(options)
-    method, callback, run_dir = self_play_setup.parts(
-        SPPO, ranker or FunctionJudge("sppo_lightning.ranking.judges:shorter"), **settings)
-    datamodule = SelfPlayDataModule(
-        method, prompts=write_prompts(tmp_path / "prompts.jsonl", QUESTIONS),
-        eval_prompts=write_prompts(tmp_path / "eval.jsonl", QUESTIONS[:3]),
-        tokenizer=tiny_llama, batch_size=4, max_prompt_length=32, epochs_per_iteration=epochs_per_iteration,
-        run_dir=run_dir,
-    )
-    module = PreferenceModule(tiny_llama, loss="sppo", eta=10.0, reference="cached", lr=1e-3, warmup_ratio=0.5)
-    trainer = self_play_setup.trainer(max_epochs=max_epochs, default_root_dir=tmp_path, callbacks=[callback, *callbacks])
-    trainer.fit(module, datamodule=datamodule)
-    return trainer, module, callback
+from tests.helpers import CountingJudge, QUESTIONS, fit_self_play as fit, write_prompts
 
 
 def test_two_iterations_write_official_schema_and_summary(tmp_path, tiny_llama):
@@ -137,18 +111,6 @@ def test_same_seed_same_data(tmp_path, tiny_llama):
     a = pq.read_table(tmp_path / "a" / "iteration_1" / "generations.parquet").to_pylist()
     b = pq.read_table(tmp_path / "b" / "iteration_1" / "generations.parquet").to_pylist()
     assert a == b
-
-
-class CountingJudge(FunctionJudge):
-    """The ``shorter`` judge, recording how many prompts each call ranks."""
-
-    def __init__(self):
-        super().__init__("sppo_lightning.ranking.judges:shorter")
-        self.sizes = []
-
-    def pairwise_logits(self, prompts, candidates):
-        self.sizes.append(len(prompts))
-        return super().pairwise_logits(prompts, candidates)
 
 
 def test_shards_change_no_stage_hold_one_shard_and_are_merged(tmp_path, tiny_llama):

@@ -22,9 +22,7 @@ import yaml
 from if_verifiable.api import evaluate_output_for_sample
 from if_verifiable.types import IFBenchSample
 
-from tests.test_instruction_following import ifeval_reference
-from tests.test_quickstart import REPO
-from tests.test_resume import assert_same_run
+from tests.helpers import REPO, assert_same_run, ifeval_reference
 
 
 @pytest.fixture(scope="module")

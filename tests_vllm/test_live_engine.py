@@ -184,7 +184,7 @@ def test_an_fsdp_policy_samples_on_every_ranks_engine_what_one_process_samples(t
     one for the win rate); no engine outlives the run."""
     import pyarrow.parquet as pq
 
-    from tests.test_fsdp import run
+    from tests.helpers import run_fsdp as run
 
     for name, devices in (("one", 1), ("two", 2)):
         run("self_play", llama, tmp_path / name, devices, "--generator", "vllm")

@@ -26,7 +26,7 @@ from sppo_lightning.pipeline.policy_export import export_policy
 from sppo_lightning.pipeline.vllm_engine import EngineProcess
 from sppo_lightning.ranking import FunctionJudge
 from sppo_lightning.testing import make_tiny_llama
-from tests.test_resume import assert_same_run, losses
+from tests.helpers import assert_same_run, losses
 
 REPO = Path(__file__).resolve().parents[1]
 ENGINE = {"dtype": "float32", "max_model_len": 256, "enforce_eager": True, "seed": 0,

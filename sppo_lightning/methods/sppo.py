@@ -97,7 +97,7 @@ class SPPO:
             stage runs shard by shard and writes each shard as it finishes: memory holds one shard's
             rows whatever the number of prompts, and a killed run resumes from the last written
             shard. Results do not depend on it.
-        reset_optimizer: a fresh optimizer and LR schedule every iteration, as the official
+        restarts_optimizer: a fresh optimizer and LR schedule every iteration, as the official
             pipeline (a new training job per iteration) does.
     """
 
@@ -115,14 +115,14 @@ class SPPO:
         log_samples: int = 3,
         show_progress: bool = True,
         generation_shard_size: int = 512,
-        reset_optimizer: bool = True,
+        restarts_optimizer: bool = True,
     ) -> None:
         self.ranker = ranker
         self.generator = generator if generator is not None else HFGenerator()
         self.num_samples, self.seed = num_samples, seed
         self.reference_batch_size, self.log_samples = reference_batch_size, log_samples
         self.show_progress, self.shard_size = show_progress, generation_shard_size
-        self.restarts_optimizer = reset_optimizer
+        self.restarts_optimizer = restarts_optimizer
         integers = {"num_samples": num_samples, "reference_batch_size": reference_batch_size,
                     "log_samples": log_samples, "seed": seed, "generation_shard_size": generation_shard_size}
         for name, value in integers.items():
