@@ -28,13 +28,16 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from sppo_lightning import seeds
+from sppo_lightning.artifacts import recorded_stats
 from sppo_lightning.callbacks.following import KEYS, HeldOutFollowing
 from sppo_lightning.callbacks.win_rate import InitialPolicyWinRate, policy_sampler
 from sppo_lightning.contracts import EngineGenerator, Generator
 from sppo_lightning.datamodules.self_play import Iteration, SelfPlayDataModule, SelfPlayModule
 from sppo_lightning.distributed import DistContext
 from sppo_lightning.errors import ConfigError
-from sppo_lightning.loss_record import append_loss, keep_steps_up_to
+from sppo_lightning.files import remove_outward_links
+from sppo_lightning.iteration import iteration_label, iteration_number
+from sppo_lightning.loss_record import append_loss, keep_steps_up_to, read_losses
 from sppo_lightning.module import PreferenceModule
 from sppo_lightning.outputs import written
 from sppo_lightning.pipeline.generators import HFGenerator
@@ -87,6 +90,10 @@ class SelfPlay(L.Callback):
             rank_zero_warn("self-play caches π_t's log-probs as the reference; set model.reference: cached "
                            "to free the frozen copy of the initial policy it now holds for nothing")
         self.datamodule, self.method, self.run_dir = datamodule, method, datamodule.run_dir
+        if trainer.is_global_zero:  # a run folder is input: links out of it are not followed, ever
+            for line in remove_outward_links(self.run_dir):
+                rank_zero_warn(line)
+        trainer.strategy.barrier("outward_links")
         # One evaluation stream for every measurement: paired samples against the initial policy.
         sampler = policy_sampler(evaluation_generator(method.generator), trainer, datamodule.tokenizer)
         self.win_rate = InitialPolicyWinRate(self.run_dir, method.ranker, sampler, self.eval_samples,
@@ -111,6 +118,7 @@ class SelfPlay(L.Callback):
             self._follow_initial(trainer, pl_module)
         if trainer.is_global_zero:  # a resumed run redoes the steps after its checkpoint: drop their rows
             keep_steps_up_to(self.run_dir / "losses.jsonl", trainer.global_step)
+        self._finish_interrupted(trainer, pl_module)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         # The first batch of an iteration, not on_train_epoch_start: Lightning skips that hook when a
@@ -151,14 +159,39 @@ class SelfPlay(L.Callback):
             return
         # training ends here: the evaluation below is timed on its own
         train_seconds = time.perf_counter() - self._train_start if self._train_start is not None else 0.0
-        number = current.number
-        stats = self.method.summary(current.stats)
-        row: dict[str, Any] = {"iteration": number, **{k: v for k, v in stats.items() if k != "seconds"}}
-        prefix = self.method.log_prefix
-        for key, value in row.items():
-            if key != "iteration" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                pl_module.log(f"{prefix}/{key}", float(value), on_epoch=True, on_step=False, batch_size=1)
+        # The iteration's checkpoint first (Lightning's own call after this hook then finds it saved
+        # at this step and skips): a kill during the evaluation redoes the evaluation alone.
+        for checkpoint in trainer.checkpoint_callbacks:
+            checkpoint.on_train_epoch_end(trainer, pl_module)
+        loss = trainer.callback_metrics.get("train/loss")
         last = trainer.current_epoch + 1 >= (trainer.max_epochs or 0)
+        self._finish(trainer, pl_module, current.number, current.stats, float(loss) if loss is not None else None,
+                     train_seconds, last, log=True)
+
+    def _finish_interrupted(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A run resumed from an iteration's end whose summary has no row for that iteration (killed
+        during its evaluation): the evaluation and the row now, with the weights of that checkpoint.
+        Its statistics come from the iteration's manifest, its last loss from ``losses.jsonl``."""
+        epochs = self.datamodule.epochs_per_iteration
+        if trainer.current_epoch == 0 or trainer.current_epoch % epochs:
+            return
+        index = trainer.current_epoch // epochs - 1
+        if any(row["iteration"] == iteration_number(index) for row in self.summary.rows):
+            return
+        stats = recorded_stats(self.run_dir, index)
+        losses = [row for row in read_losses(self.run_dir / "losses.jsonl") if row["iteration"] == iteration_number(index)]
+        rank_zero_info(f"{iteration_label(index)} ended before its evaluation finished: evaluating it now")
+        self._finish(trainer, pl_module, iteration_number(index), stats, losses[-1]["loss"] if losses else None,
+                     0.0, trainer.current_epoch >= (trainer.max_epochs or 0), log=False)
+
+    def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule, number: int, method_stats: dict[str, Any],
+                final_loss: Optional[float], train_seconds: float, last: bool, log: bool) -> None:
+        """An iteration's end: its statistics, the evaluation, the summary row, the report. ``log``:
+        through ``pl_module.log`` (at an epoch's end), else to the loggers directly."""
+        stats = self.method.summary(method_stats)
+        row: dict[str, Any] = {"iteration": number, **{k: v for k, v in stats.items() if k != "seconds"}}
+        metrics = {key: float(value) for key, value in row.items()
+                   if key != "iteration" and isinstance(value, (int, float)) and not isinstance(value, bool)}
         eval_seconds = 0.0
         if self.datamodule.eval_prompts and (number % self.eval_every == 0 or last):
             start = time.perf_counter()
@@ -167,15 +200,18 @@ class SelfPlay(L.Callback):
                                                                    self.datamodule.tokenizer)
             else:  # one set of greedy answers: IFEval's numbers, and the win rate against π_0's answers
                 row.update(self.following.measure(trainer, pl_module.policy, number))
-                for key in KEYS:
-                    pl_module.log(f"{prefix}/if_{key}", row[f"if_{key}"], on_epoch=True, on_step=False, batch_size=1)
-            pl_module.log(f"{prefix}/win_rate_vs_initial", row["win_rate_vs_initial"], on_epoch=True, on_step=False)
+                metrics.update({f"if_{key}": row[f"if_{key}"] for key in KEYS})
+            metrics["win_rate_vs_initial"] = row["win_rate_vs_initial"]
             eval_seconds = time.perf_counter() - start
-        loss = trainer.callback_metrics.get("train/loss")
-        row["final_loss"] = float(loss) if loss is not None else None
-        row["seconds"] = {**stats.get("seconds", {}),
-                          "train": train_seconds,
-                          "evaluate": eval_seconds}
+        prefix = self.method.log_prefix
+        if log:
+            for key, value in metrics.items():
+                pl_module.log(f"{prefix}/{key}", value, on_epoch=True, on_step=False, batch_size=1)
+        elif trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({f"{prefix}/{key}": value for key, value in metrics.items()}, step=trainer.global_step)
+        row["final_loss"] = final_loss
+        row["seconds"] = {**stats.get("seconds", {}), "train": train_seconds, "evaluate": eval_seconds}
         self.summary.record(row, write=trainer.is_global_zero)
         rank_zero_info(format_row(row))
         if trainer.is_global_zero:

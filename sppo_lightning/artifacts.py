@@ -39,6 +39,23 @@ from sppo_lightning.iteration import iteration_dir
 STAGE_NAME = re.compile(r"[a-z][a-z_]*(\.shard_\d{5})?")
 
 
+class StageRow(dict):
+    """A row read back from a stage file. The run folder is input (it may have been edited, or made
+    by other code, with checksums to match): a column the reader needs and the file lacks is one
+    line naming the file, the row and the column, never a ``KeyError``."""
+
+    def __init__(self, path: Path, number: int, row: dict[str, Any]) -> None:
+        super().__init__(row)
+        self.where = (path, number)
+
+    def __missing__(self, key: str) -> Any:
+        from sppo_lightning.errors import DataError
+
+        path, number = self.where
+        raise DataError(f"{path}: row {number} has no column {key!r}: not a stage file this code wrote (edited, or "
+                        f"from other code?); remove {path.parent} to redo the iteration")
+
+
 class IterationArtifacts:
     """Read and write the stages of one iteration.
 
@@ -122,16 +139,20 @@ class IterationArtifacts:
         return True
 
     def rows(self, stage: str) -> list[dict[str, Any]]:
-        """The stage's rows, unchecked: for a stage that ``finished`` has just verified."""
-        return pq.read_table(self.path(stage)).to_pylist()
+        """The stage's rows (``StageRow``s), for a stage that ``finished`` has just verified."""
+        path = self.path(stage)
+        return [StageRow(path, n, row) for n, row in enumerate(pq.read_table(path).to_pylist(), 1)]
 
     def num_shards(self, stage: str) -> int:
         """How many shards a merged stage holds (one parquet row group each, see ``merge``)."""
         return pq.ParquetFile(self.path(stage)).num_row_groups
 
     def read_shard(self, stage: str, shard: int) -> list[dict[str, Any]]:
-        """The rows of one shard of a merged stage: only that row group is read."""
-        return pq.ParquetFile(self.path(stage)).read_row_group(shard).to_pylist()
+        """The rows (``StageRow``s) of one shard of a merged stage: only that row group is read."""
+        path = self.path(stage)
+        first = self.shard_start(stage, shard)
+        rows = pq.ParquetFile(path).read_row_group(shard).to_pylist()
+        return [StageRow(path, first + n, row) for n, row in enumerate(rows, 1)]
 
     def shard_start(self, stage: str, shard: int) -> int:
         """The row number, in the whole merged stage, of the first row of ``shard``."""
@@ -177,10 +198,26 @@ class IterationArtifacts:
         from datasets import Dataset
 
         target = self.dir / f"{stage}.{self.checksum(stage)}.arrow"
+        if target.exists():  # derived, so checked: a damaged or foreign one is made again
+            rows = pq.ParquetFile(self.path(stage)).metadata.num_rows
+            try:
+                data = Dataset.from_file(str(target))
+                if data.column_names == list(columns) and len(data) == rows:
+                    return data
+                problem = f"holds other columns or rows than {self.path(stage).name}"
+            except (pa.ArrowInvalid, OSError, ValueError) as err:
+                problem = f"is damaged ({type(err).__name__})"
+            warnings.warn(f"{target} {problem}; made again from {self.path(stage).name}")
+            target.unlink()
         if not target.exists():
             source = pq.ParquetFile(self.path(stage))
-            schema = source.schema_arrow
-            schema = pa.schema([schema.field(c) for c in columns])
+            missing = [c for c in columns if c not in source.schema_arrow.names]
+            if missing:
+                from sppo_lightning.errors import DataError
+
+                raise DataError(f"{self.path(stage)} has no column {missing[0]!r}: not a stage file this code wrote "
+                                f"(edited, or from other code?); remove {self.dir} to redo the iteration")
+            schema = pa.schema([source.schema_arrow.field(c) for c in columns])
 
             def write(f: BinaryIO) -> None:
                 with pa.ipc.new_stream(f, schema) as writer:
@@ -232,3 +269,15 @@ class IterationArtifacts:
         manifest["settings"] = self.settings
         manifest["stats"] = stats
         files.atomic_write_json(self.manifest_path, manifest)
+
+
+def recorded_stats(root: str | Path, iteration: int) -> dict[str, Any]:
+    """The statistics ``record_stats`` wrote for the 0-based ``iteration`` ({} if none, or not an
+    object). Only for a run resumed after an iteration ended but before its summary row was written
+    (killed in its evaluation): a running iteration's statistics come from what ``build`` returned."""
+    try:
+        manifest = json.loads((iteration_dir(root, iteration) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    stats = manifest.get("stats") if isinstance(manifest, dict) else None
+    return stats if isinstance(stats, dict) else {}

@@ -151,3 +151,45 @@ def check_dcp_metadata(folder: str | os.PathLike) -> None:
         raise
     except Exception as err:  # not a pickle at all, or cut short
         raise ConfigError(f"{path} is not the metadata of a sharded checkpoint ({type(err).__name__}: {err})") from None
+
+
+def check_checkpoint(path: str | os.PathLike) -> None:
+    """A ``--ckpt_path`` checked before any model loads, in one line naming the path and what was
+    found: missing, empty, not a checkpoint, cut short, or a pickle that names a global outside
+    torch's ``weights_only`` allow-list (it is refused and never runs; the line never suggests
+    ``weights_only=False``). Unpickled by torch's own ``weights_only`` loader onto the meta device:
+    the rules are torch's, and no tensor's bytes are read. A folder is a sharded checkpoint
+    (``check_dcp_metadata``)."""
+    import pickle
+
+    import torch
+
+    from sppo_lightning.errors import ConfigError
+
+    target = Path(path)
+    where = f"--ckpt_path {target}"
+    if not target.exists():
+        raise ConfigError(f"{where}: no such file or folder")
+    if target.is_dir():
+        check_dcp_metadata(target)
+        return
+    size = target.stat().st_size
+    if size == 0:
+        raise ConfigError(f"{where}: the file is empty (0 bytes), not a checkpoint")
+    with target.open("rb") as f:
+        head = f.read(16)
+    if not verified(target):
+        if head.startswith(b"PK\x03\x04"):  # a zip's first entry, without its central directory
+            raise ConfigError(f"{where}: a damaged or cut-short checkpoint ({size} bytes); resume from another one")
+        raise ConfigError(f"{where}: not a checkpoint (torch.save writes a zip archive; this file begins {head!r})")
+    try:
+        loaded = torch.load(target, map_location="meta", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line or "global" in line),
+                     str(err).splitlines()[0] if str(err) else type(err).__name__)
+        raise ConfigError(f"{where}: refused, it is not a plain checkpoint: its pickle names what a checkpoint never "
+                          f"holds ({found[:200]}); it was not run. Where did this file come from?") from None
+    except Exception as err:  # a zip that is not torch's, or records cut short
+        raise ConfigError(f"{where}: not a readable checkpoint ({type(err).__name__}: {str(err)[:200]})") from None
+    if not isinstance(loaded, dict) or "state_dict" not in loaded:
+        raise ConfigError(f"{where}: a torch file but not a Lightning checkpoint (no state_dict in it)")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from typing import TYPE_CHECKING, Optional
 
@@ -121,12 +122,37 @@ def loop_help(loop: str) -> str:
     return text
 
 
+# A negative number as a value: argparse takes only -1 or -.5 for one, and reads -1e-3 as a flag.
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$")
+
+
+def join_negative_values(argv: list[str]) -> list[str]:
+    """``--key -1e-3`` → ``--key=-1e-3``: a negative number after a flag is that flag's value."""
+    out, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        if token.startswith("--") and "=" not in token and i + 1 < len(argv) and NEGATIVE_NUMBER.match(argv[i + 1]):
+            out.append(f"{token}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(token)
+            i += 1
+    return out
+
+
 def main(args: Optional[list[str]] = None) -> None:
     argv = sys.argv[1:] if args is None else args
     if "--verbose" in argv:  # every third-party line back (see sppo_lightning/console.py)
         argv = [a for a in argv if a != "--verbose"]
         if args is None:
             sys.argv = [sys.argv[0], *argv]  # LightningCLI reads sys.argv itself
+        else:
+            args = argv
+    joined = join_negative_values(argv)
+    if joined != argv:  # `--model.lr -1e-3` as users type it (argparse takes -1e-3 for a flag)
+        argv = joined
+        if args is None:
+            sys.argv = [sys.argv[0], *argv]
         else:
             args = argv
     if not argv or argv[0] in ("-h", "--help"):

@@ -112,3 +112,27 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def remove_outward_links(folder: Path) -> list[str]:
+    """Remove every symbolic link under ``folder`` that leads outside it (or nowhere), without
+    following any: what a run folder holds is its own, and nothing outside it is read or written
+    because a link there says so. The links go, their targets are never touched. Returns one line
+    per link removed (for a warning)."""
+    folder = Path(folder)
+    if not folder.is_dir() or folder.is_symlink():
+        return []
+    root = folder.resolve()
+    said = []
+    for parent, dirs, names in os.walk(folder):  # never descends into a linked folder
+        for name in [*dirs, *names]:
+            path = Path(parent) / name
+            if not path.is_symlink():
+                continue
+            target = Path(os.path.realpath(path))
+            if target == root or root in target.parents:
+                continue  # a link inside the run folder to its own file: harmless
+            path.unlink()
+            said.append(f"{path} was a symbolic link to {target}, outside the run folder: removed (its target is "
+                        f"untouched); what it stood for is made again")
+    return said

@@ -42,6 +42,15 @@ class SPPOLightningCLI(LightningCLI):
         parser.exit_on_error = False
         return parser
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads a checkpoint file's hyperparameters while it parses (a full torch.load):
+        # the path is checked first, in one line (checkpoints.check_checkpoint).
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path:
+            self._check_ckpt_path(ckpt_path)
+        super()._parse_ckpt_path()
+
     def before_instantiate_classes(self) -> None:
         # jsonargparse lets `key: null` through for typed init args of subclasses; our classes would
         # then fail deep inside with a TypeError. Refuse it here, naming the key.
@@ -78,10 +87,26 @@ class SPPOLightningCLI(LightningCLI):
         kwargs = self.config_init[self.subcommand]
         if kwargs.get("ckpt_path") == "last":  # a whole one, or a true line (not Lightning's hint)
             kwargs["ckpt_path"] = resume_point(self.trainer)
-        if kwargs.get("ckpt_path") and os.path.isdir(kwargs["ckpt_path"]):  # sharded: data, not code
-            from sppo_lightning.checkpoints import check_dcp_metadata
+        self._check_ckpt_path()
 
-            check_dcp_metadata(kwargs["ckpt_path"])
+    def _check_ckpt_path(self, ckpt_path: Optional[str] = None) -> None:
+        """A checkpoint path (by default the subcommand's, ``last`` resolved), checked before any model
+        loads (``checkpoints.check_checkpoint``)."""
+        if ckpt_path is None and self.subcommand in self.config_init:
+            ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
+            from sppo_lightning.checkpoints import check_checkpoint
+
+            check_checkpoint(ckpt_path)
+
+    def before_validate(self) -> None:
+        self._check_ckpt_path()
+
+    def before_test(self) -> None:
+        self._check_ckpt_path()
+
+    def before_predict(self) -> None:
+        self._check_ckpt_path()
 
     def _run_subcommand(self, subcommand: str) -> None:
         from sppo_lightning.run_lock import release_all

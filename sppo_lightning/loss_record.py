@@ -13,6 +13,20 @@ from lightning.pytorch.utilities import rank_zero_warn
 from sppo_lightning.files import atomic_write_bytes
 
 
+def read_losses(path: Path) -> list[dict[str, Any]]:
+    """The rows of the record (``step``, ``iteration``, ``loss``, ...); unreadable lines skipped."""
+    rows = []
+    if path.is_file() and not path.is_symlink():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("iteration"), int) and isinstance(row.get("loss"), (int, float)):
+                rows.append(row)
+    return rows
+
+
 def append_loss(path: Path, row: dict[str, Any]) -> None:
     """One JSON line. Never through a symlink (``O_NOFOLLOW``): ``keep_steps_up_to`` at start-up
     replaced any."""

@@ -122,3 +122,23 @@ class KillInEngineSampling(L.Callback):
             return original(*args, **kwargs)
 
         generator.sample = sample
+
+
+class KillInEvaluation(L.Callback):
+    """SIGKILL once as the win rate of epoch ``epoch``'s iteration starts to be measured (once)."""
+
+    def __init__(self, marker: str, epoch: int = 0) -> None:
+        self.marker, self.epoch = marker, epoch
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        from sppo_lightning.callbacks.self_play import SelfPlay
+
+        (boundary,) = [c for c in trainer.callbacks if isinstance(c, SelfPlay)]
+        original = boundary.win_rate.measure
+
+        def measure(*args, **kwargs):
+            if trainer.current_epoch == self.epoch:
+                _kill_once(self.marker)
+            return original(*args, **kwargs)
+
+        boundary.win_rate.measure = measure

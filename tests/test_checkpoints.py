@@ -181,3 +181,54 @@ def test_sharded_checkpoint_metadata_is_data_not_code(tmp_path, tiny_llama):
     (hostile / ".metadata").write_bytes(b"not a pickle")
     with pytest.raises(ConfigError, match="is not the metadata of a sharded checkpoint"):
         check_dcp_metadata(hostile)
+
+
+class RunsACommand:
+    """What a hostile checkpoint holds: unpickling it would run a shell command."""
+
+    def __init__(self, victim):
+        self.victim = str(victim)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.victim}",)
+
+
+def bad_checkpoints(tmp_path):
+    """(name, path, what the line says) for every kind of bad --ckpt_path."""
+    empty, text, torn, foreign, hostile = (tmp_path / n for n in ("empty.ckpt", "text.ckpt", "torn.ckpt",
+                                                                   "foreign.ckpt", "hostile.ckpt"))
+    empty.write_bytes(b"")
+    text.write_text("epoch=3\n")
+    write_checkpoint(torn)
+    tear(torn)
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    torch.save({"state_dict": {}, "hparams": RunsACommand(tmp_path / "victim")}, hostile)
+    return [("missing", tmp_path / "nowhere.ckpt", "no such file or folder"),
+            ("empty", empty, "the file is empty \\(0 bytes\\), not a checkpoint"),
+            ("text", text, "not a checkpoint \\(torch.save writes a zip archive; this file begins b'epoch=3"),
+            ("torn", torn, "a damaged or cut-short checkpoint"),
+            ("foreign", foreign, "a torch file but not a Lightning checkpoint"),
+            ("hostile", hostile, "refused, it is not a plain checkpoint: its pickle names what a checkpoint never "
+                                 "holds .*system.*; it was not run")]
+
+
+def test_every_bad_ckpt_path_is_one_line_before_any_model_loads(tmp_path, tiny_llama):
+    import re
+
+    for name, path, line in bad_checkpoints(tmp_path):
+        result = fit(tmp_path / name, tiny_llama, "--trainer.max_epochs", "1", "--ckpt_path", path, check=False)
+        assert result.returncode == 2, (name, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr and "weights_only=False" not in result.stderr, name
+        (error,) = [e for e in result.stderr.splitlines() if e.startswith("sppo-lightning: error:")]
+        assert re.search(f"--ckpt_path {re.escape(str(path))}: {line}", error), (name, error)
+        assert "Loading weights" not in result.stderr, name  # refused before the model loaded
+    assert not (tmp_path / "victim").exists()  # the hostile pickle never ran
+
+
+def test_a_hostile_last_ckpt_is_refused_on_resume_too(tmp_path, tiny_llama):
+    fit(tmp_path, tiny_llama, "--trainer.max_epochs", "1")
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    torch.save({"state_dict": {}, "hparams": RunsACommand(tmp_path / "victim")}, last)
+    result = fit(tmp_path, tiny_llama, "--trainer.max_epochs", "2", "--ckpt_path", "last", check=False)
+    assert result.returncode == 2 and f"--ckpt_path {last}: refused" in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "victim").exists()

@@ -258,3 +258,13 @@ def test_an_empty_config_is_named_and_config_errors_come_before_the_heavy_import
     out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert "model.eta: Expected a <class 'float'>" in out.stderr
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_negative_numbers_parse_as_users_type_them():
+    from sppo_lightning.cli import join_negative_values
+
+    assert join_negative_values(["fit", "--model.lr", "-1e-3", "--a", "-2", "--b", "-x", "--c=-1"]) == \
+        ["fit", "--model.lr=-1e-3", "--a=-2", "--b", "-x", "--c=-1"]
+    printed = run("fit", "--config", "configs/tiny_pairs.yaml", "--model.init_args.lr", "-1e-3",
+                  "--model.init_args.weight_decay", "-2.5E-1", "--print_config").stdout
+    assert "  lr: -0.001" in printed and "  weight_decay: -0.25" in printed

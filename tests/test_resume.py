@@ -1,6 +1,7 @@
 """Kill the quickstart with SIGKILL mid-way, resume with the documented flag, and get the same run:
 the same per-step losses and the same final weights as an uninterrupted run with the same seeds."""
 
+import csv
 import json
 import signal
 from pathlib import Path
@@ -69,6 +70,29 @@ def test_killed_run_resumes_to_the_same_result(tiny_dir, tmp_path, baseline, whe
         assert training_calls == [train[16:32], train[32:48], train[48:64]]  # shards 2-4, not shard 1
         assert not shard.exists()  # merged into generations.parquet, then removed
     assert generations.stat().st_mtime_ns == before  # the finished stage was reused, not redone
+    assert_same_run(baseline, tmp_path)
+
+
+def test_a_kill_during_the_evaluation_redoes_the_evaluation_alone(tiny_dir, tmp_path, baseline):
+    """Killed while iteration 1's win rate is measured: its checkpoint was written before the
+    evaluation, so the resumed run trains iteration 1 no more; it evaluates it, then goes on."""
+    config, marker = config_with_killing_judge(tmp_path), tmp_path / "killed"
+    (tmp_path / "never").write_text("the judge never kills here")
+    evaluation = ["--trainer.callbacks+=tests.kill_switch.KillInEvaluation", f"--trainer.callbacks.marker={marker}"]
+    first = run_fit(config, tiny_dir, tmp_path, *evaluation, env={"KILL_MARKER": str(tmp_path / "never")}, check=False)
+    assert first.returncode == -signal.SIGKILL and marker.exists()
+    resumed = run_fit(config, tiny_dir, tmp_path, "--ckpt_path", "last", *evaluation,
+                      env={"KILL_MARKER": str(tmp_path / "never")})
+    console = resumed.stdout + resumed.stderr
+    assert "iteration 1 ended before its evaluation finished: evaluating it now" in console
+    assert "Restored all states from the checkpoint" in console
+    steps_after_resume = {int(row["step"]) for row in csv.DictReader(
+        (tmp_path / "lightning_logs" / "version_1" / "metrics.csv").open()) if row.get("train/loss")}
+    assert steps_after_resume and min(steps_after_resume) > max(losses(baseline)) // 2  # iteration 2's steps only
+    summary = json.loads((tmp_path / "self_play" / "summary.json").read_text())["iterations"]
+    expected = json.loads((baseline / "self_play" / "summary.json").read_text())["iterations"]
+    assert [r["iteration"] for r in summary] == [1, 2]
+    assert [r["win_rate_vs_initial"] for r in summary] == [r["win_rate_vs_initial"] for r in expected]
     assert_same_run(baseline, tmp_path)
 
 

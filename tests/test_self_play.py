@@ -105,6 +105,22 @@ def test_a_restarted_run_reuses_finished_stages(tmp_path, tiny_llama, monkeypatc
     assert pq.read_table(folder / "train.parquet").to_pylist() == before
 
 
+def test_a_stage_file_without_a_column_it_needs_is_one_line_even_with_a_matching_checksum(tmp_path, tiny_llama):
+    import hashlib
+
+    fit(tmp_path, tiny_llama)
+    folder = tmp_path / "self_play" / "iteration_1"
+    rankings = folder / "rankings.parquet"
+    pq.write_table(pq.read_table(rankings).drop_columns(["rm_scores"]), rankings)  # crafted, or other code's
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["stages"]["rankings"]["sha256"] = hashlib.sha256(rankings.read_bytes()).hexdigest()
+    del manifest["stages"]["train"]  # the pairs are made again from the rankings
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=rf"{rankings}: row 1 has no column 'rm_scores': not a stage file this code "
+                                        rf"wrote \(edited, or from other code\?\); remove {folder} to redo"):
+        fit(tmp_path, tiny_llama)
+
+
 def test_same_seed_same_data(tmp_path, tiny_llama):
     fit(tmp_path, tiny_llama, run_dir=tmp_path / "a")
     fit(tmp_path, tiny_llama, run_dir=tmp_path / "b")
@@ -273,3 +289,26 @@ def test_a_loss_record_that_links_outside_is_never_written_through(tmp_path):
     with pytest.warns(UserWarning, match="is a symbolic link .* removed"):
         keep_steps_up_to(path, 0)
     assert not path.exists() and outside.read_text() == "not yours\n"
+
+
+def test_links_out_of_the_run_folder_are_removed_at_start_up_and_their_targets_untouched(tmp_path, tiny_llama):
+    fit(tmp_path, tiny_llama)
+    run_dir = tmp_path / "self_play"
+    generations = run_dir / "iteration_1" / "generations.parquet"
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "generations.parquet").write_bytes(generations.read_bytes())
+    (outside / "notes.txt").write_text("not yours\n")
+    generations.unlink()
+    generations.symlink_to(outside / "generations.parquet")
+    (run_dir / "losses.jsonl").unlink()
+    (run_dir / "losses.jsonl").symlink_to(outside / "notes.txt")
+    (run_dir / "iteration_1" / "inside.parquet").symlink_to(run_dir / "iteration_1" / "rankings.parquet")
+    before = {p.name: p.read_bytes() for p in outside.iterdir()}
+    with pytest.warns(UserWarning) as said:
+        fit(tmp_path, tiny_llama)
+    lines = [str(w.message) for w in said if "symbolic link" in str(w.message)]
+    assert len(lines) == 2 and all("outside the run folder: removed (its target is untouched)" in line for line in lines)
+    assert {p.name: p.read_bytes() for p in outside.iterdir()} == before  # nothing outside read into or written
+    assert not generations.is_symlink() and generations.exists()  # made again, the run's own
+    assert (run_dir / "iteration_1" / "inside.parquet").is_symlink()  # a link inside the folder is left alone
