@@ -153,11 +153,12 @@ def check_dcp_metadata(folder: str | os.PathLike) -> None:
         raise ConfigError(f"{path} is not the metadata of a sharded checkpoint ({type(err).__name__}: {err})") from None
 
 
-def check_checkpoint(path: str | os.PathLike) -> None:
+def check_checkpoint(path: str | os.PathLike, module_class: Optional[str] = None) -> None:
     """A ``--ckpt_path`` checked before any model loads, in one line naming the path and what was
     found: missing, empty, not a checkpoint, cut short, or a pickle that names a global outside
     torch's ``weights_only`` allow-list (it is refused and never runs; the line never suggests
-    ``weights_only=False``). Unpickled by torch's own ``weights_only`` loader onto the meta device:
+    ``weights_only=False``), or a checkpoint of another module than ``module_class`` (the run's
+    ``model.class_path``). Unpickled by torch's own ``weights_only`` loader onto the meta device:
     the rules are torch's, and no tensor's bytes are read. A folder is a sharded checkpoint
     (``check_dcp_metadata``)."""
     import pickle
@@ -193,3 +194,8 @@ def check_checkpoint(path: str | os.PathLike) -> None:
         raise ConfigError(f"{where}: not a readable checkpoint ({type(err).__name__}: {str(err)[:200]})") from None
     if not isinstance(loaded, dict) or "state_dict" not in loaded:
         raise ConfigError(f"{where}: a torch file but not a Lightning checkpoint (no state_dict in it)")
+    hparams = loaded.get("hyper_parameters")
+    made_by = hparams.get("_class_path") if isinstance(hparams, dict) else None
+    if module_class and isinstance(made_by, str) and made_by.rpartition(".")[2] != module_class.rpartition(".")[2]:
+        raise ConfigError(f"{where}: a checkpoint of {made_by}, but this run trains {module_class}; give the "
+                          f"model.class_path it was made with, or another checkpoint")

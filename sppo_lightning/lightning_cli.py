@@ -97,7 +97,16 @@ class SPPOLightningCLI(LightningCLI):
         if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
             from sppo_lightning.checkpoints import check_checkpoint
 
-            check_checkpoint(ckpt_path)
+            check_checkpoint(ckpt_path, self._model_class_path())
+
+    def _model_class_path(self) -> Optional[str]:
+        """The run's ``model.class_path`` as parsed, or None where it is not known yet."""
+        try:
+            subcommand = self.config.get("subcommand")
+            model = (self.config[subcommand] if subcommand else self.config).get("model")
+            return str(model.class_path) if model is not None and model.get("class_path") else None
+        except (AttributeError, KeyError, TypeError):
+            return None
 
     def before_validate(self) -> None:
         self._check_ckpt_path()

@@ -195,15 +195,18 @@ class RunsACommand:
 
 def bad_checkpoints(tmp_path):
     """(name, path, what the line says) for every kind of bad --ckpt_path."""
-    empty, text, torn, foreign, hostile = (tmp_path / n for n in ("empty.ckpt", "text.ckpt", "torn.ckpt",
-                                                                   "foreign.ckpt", "hostile.ckpt"))
+    empty, text, torn, foreign, hostile, bond = (tmp_path / n for n in ("empty.ckpt", "text.ckpt", "torn.ckpt",
+                                                                         "foreign.ckpt", "hostile.ckpt", "bond.ckpt"))
     empty.write_bytes(b"")
     text.write_text("epoch=3\n")
     write_checkpoint(torn)
     tear(torn)
     torch.save({"weights": torch.zeros(2)}, foreign)
     torch.save({"state_dict": {}, "hparams": RunsACommand(tmp_path / "victim")}, hostile)
-    return [("missing", tmp_path / "nowhere.ckpt", "no such file or folder"),
+    torch.save({"state_dict": {}, "hyper_parameters": {"_class_path": "sppo_lightning.bond.BondModule"}}, bond)
+    return [("another module", bond, "a checkpoint of sppo_lightning.bond.BondModule, but this run trains "
+                                     "sppo_lightning.module.PreferenceModule"),
+            ("missing", tmp_path / "nowhere.ckpt", "no such file or folder"),
             ("empty", empty, "the file is empty \\(0 bytes\\), not a checkpoint"),
             ("text", text, "not a checkpoint \\(torch.save writes a zip archive; this file begins b'epoch=3"),
             ("torn", torn, "a damaged or cut-short checkpoint"),
