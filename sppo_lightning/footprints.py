@@ -13,7 +13,7 @@ how the model is split over processes, and what a checkpoint holds:
 ==========  ==============================================================================
 
 The pieces live in files of their own: ``quantization.py`` (4-bit), ``sharding.py`` (FSDP2) and
-``memory.py`` (the estimate; ``python -m sppo_lightning.footprints`` prints the README's table).
+``memory.py`` (the estimate; ``python -m sppo_lightning.footprints`` prints the table of docs/footprints.md).
 This file resolves the footprint and checks it against the strategy.
 """
 

@@ -1,7 +1,7 @@
 """The memory each footprint needs per device: weights, gradients, optimizer, activations, generation.
 
-``python -m sppo_lightning.memory`` (or ``python -m sppo_lightning.footprints``) prints the README's
-table from ``estimate_memory``.
+``python -m sppo_lightning.memory`` (or ``python -m sppo_lightning.footprints``) prints the table of
+``docs/footprints.md`` from ``estimate_memory``.
 """
 
 from __future__ import annotations
@@ -168,11 +168,11 @@ def device_memory_gib(device: torch.device) -> Optional[float]:
         return None
 
 
-# ------------------------------------------------------------------------------------ README table
+# ------------------------------------------------------------------- the table of docs/footprints.md
 MISTRAL_7B = ModelShape(vocab=32000, hidden=4096, layers=32, intermediate=14336, heads=32, kv_heads=8)
 LLAMA3_8B = ModelShape(vocab=128256, hidden=4096, layers=32, intermediate=14336, heads=32, kv_heads=8)
 
-# (model, footprint, GPUs, settings): the README's rows; the settings mirror configs/*.yaml.
+# (model, footprint, GPUs, settings): the table's rows; the settings mirror configs/*.yaml.
 TABLE_ROWS = [
     ("Mistral-7B", MISTRAL_7B, "qlora", 1, dict(optimizer="paged_adamw_8bit")),
     ("Mistral-7B", MISTRAL_7B, "lora", 1, dict(optimizer="adamw")),
@@ -184,7 +184,7 @@ TABLE_SETTINGS = dict(pairs_per_device=1, seq_len=1024, generation_prompts=8, nu
 
 
 def memory_table() -> str:
-    """The README's markdown table: GiB per device for 7-8B models, from ``estimate_memory``."""
+    """The markdown table of docs/footprints.md: GiB per device for 7-8B models, from ``estimate_memory``."""
     lines = ["| model | footprint | GPUs | weights | gradients | optimizer | activations | generation | total per GPU |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, shape, footprint, gpus, settings in TABLE_ROWS:

@@ -20,7 +20,7 @@ from sppo_lightning.models import LoraSettings, export_hf, is_checkpointing, is_
 from sppo_lightning.module import PreferenceModule
 from tests.helpers import batch_of
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+FOOTPRINTS_DOC = Path(__file__).resolve().parent.parent / "docs" / "footprints.md"
 
 
 def fit(module, dm, epochs=6, **kwargs):
@@ -272,8 +272,8 @@ def test_memory_formula_by_hand():
     assert f.gradients * GIB == f.optimizer * GIB == 760 / 4 * 2
 
 
-def test_readme_memory_table_is_the_formulas_output():
-    text = README.read_text()
+def test_the_docs_memory_table_is_the_formulas_output():
+    text = FOOTPRINTS_DOC.read_text()
     assert memory_table() in text, "regenerate with: python -m sppo_lightning.footprints"
 
 
