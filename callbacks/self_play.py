@@ -36,7 +36,7 @@ from sppo_lightning.datamodules.self_play import Iteration, SelfPlayDataModule, 
 from sppo_lightning.distributed import DistContext
 from sppo_lightning.errors import ConfigError
 from sppo_lightning.files import remove_outward_links
-from sppo_lightning.iteration import iteration_label, iteration_number
+from sppo_lightning.iteration import iteration_dir, iteration_label, iteration_number
 from sppo_lightning.loss_record import append_loss, keep_steps_up_to, read_losses
 from sppo_lightning.module import PreferenceModule
 from sppo_lightning.outputs import written
@@ -99,6 +99,8 @@ class SelfPlay(L.Callback):
         self.win_rate = InitialPolicyWinRate(self.run_dir, method.ranker, sampler, self.eval_samples,
                                              seed=seeds.evaluation_stream(method.seed))
         self.summary = RunSummary(self.run_dir / "summary.json")
+        if self.summary.damaged:
+            self._rebuild_summary(trainer)
 
     # ------------------------------------------------------------------------------ hooks
     def _iteration(self, trainer: L.Trainer) -> tuple[Iteration, bool, bool]:
@@ -167,6 +169,21 @@ class SelfPlay(L.Callback):
         last = trainer.current_epoch + 1 >= (trainer.max_epochs or 0)
         self._finish(trainer, pl_module, current.number, current.stats, float(loss) if loss is not None else None,
                      train_seconds, last, log=True)
+
+    def _rebuild_summary(self, trainer: L.Trainer) -> None:
+        """The rows of a damaged ``summary.json`` (kept aside) made again from what is whole: each
+        finished iteration's statistics (its manifest) and last loss (``losses.jsonl``)."""
+        losses = read_losses(self.run_dir / "losses.jsonl")
+        index = 0
+        while iteration_dir(self.run_dir, index).is_dir():
+            stats = recorded_stats(self.run_dir, index)
+            if stats:
+                number = iteration_number(index)
+                mine = [row["loss"] for row in losses if row["iteration"] == number]
+                row = {"iteration": number, **{k: v for k, v in self.method.summary(stats).items() if k != "seconds"},
+                       "final_loss": mine[-1] if mine else None, "seconds": stats.get("seconds", {})}
+                self.summary.record(row, write=trainer.is_global_zero)
+            index += 1
 
     def _finish_interrupted(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """A run resumed from an iteration's end whose summary has no row for that iteration (killed

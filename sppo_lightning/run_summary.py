@@ -17,6 +17,7 @@ class RunSummary:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         saved = read_summary(self.path)
+        self.damaged = bool(saved.get("damaged"))  # kept aside: the caller rebuilds what it can
         self.rows: list[dict[str, Any]] = saved["iterations"]
         # What was measured of the initial policy before its first step (instruction following).
         self.initial: dict[str, Any] = saved["initial"]
@@ -41,8 +42,8 @@ def read_summary(path: Path) -> dict[str, Any]:
 
     The file is input (a run folder may have been edited, cut by a full disk, or come from someone
     else): one that is not such an object, or has a row without an integer ``iteration``, is kept
-    as ``summary.json.damaged`` with one warning, and the summary starts afresh: the run goes on
-    (every iteration's data is in its own folder) and nothing is lost."""
+    as ``summary.json.damaged`` with one warning, and ``damaged`` is set: the run goes on, rebuilding
+    the rows it can from each iteration's folder (``SelfPlay``), and nothing is lost."""
     empty: dict[str, Any] = {"iterations": [], "initial": {}}
     if not path.exists():
         return empty
@@ -55,9 +56,9 @@ def read_summary(path: Path) -> dict[str, Any]:
         return {"iterations": saved.get("iterations", []), "initial": saved.get("initial", {})}
     kept = path.with_name(path.name + ".damaged")
     os.replace(path, kept)
-    warnings.warn(f"{path}: {problem}; kept as {kept.name}, and the summary starts afresh (each iteration's "
-                  f"data is in its own folder)")
-    return empty
+    warnings.warn(f"{path}: {problem}; kept as {kept.name}, and the summary is rebuilt from the iterations' own "
+                  f"folders (their statistics and losses; win rates measured before are in {kept.name})")
+    return {**empty, "damaged": True}
 
 
 def _schema_problem(saved: Any) -> str | None:

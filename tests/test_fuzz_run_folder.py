@@ -137,3 +137,5 @@ def test_a_damaged_run_folder_is_rebuilt_or_one_line_and_nothing_outside_is_touc
     if outcome == "rebuilt or reused":
         summary = json.loads((run / "summary.json").read_text())["iterations"]
         assert [row["iteration"] for row in summary] == [1]
+        if damage is garbage_summary:  # rebuilt from the iteration's folder, then measured again
+            assert summary[0]["pairs"] > 0 and summary[0]["final_loss"] is not None

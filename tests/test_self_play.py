@@ -312,3 +312,17 @@ def test_links_out_of_the_run_folder_are_removed_at_start_up_and_their_targets_u
     assert {p.name: p.read_bytes() for p in outside.iterdir()} == before  # nothing outside read into or written
     assert not generations.is_symlink() and generations.exists()  # made again, the run's own
     assert (run_dir / "iteration_1" / "inside.parquet").is_symlink()  # a link inside the folder is left alone
+
+
+def test_a_damaged_summary_is_rebuilt_from_the_iterations_folders(tmp_path, tiny_llama):
+    fit(tmp_path, tiny_llama)
+    path = tmp_path / "self_play" / "summary.json"
+    (row,) = json.loads(path.read_text())["iterations"]
+    path.write_text('{"iterations": [{"iteration": 1, "pai')
+    with pytest.warns(UserWarning, match="kept as summary.json.damaged, and the summary is rebuilt"):
+        fit(tmp_path, tiny_llama, max_epochs=0)  # set-up alone: no iteration runs
+    (rebuilt,) = json.loads(path.read_text())["iterations"]
+    assert {k: rebuilt[k] for k in ("iteration", "pairs", "ties_dropped", "chosen_p_win", "final_loss")} == \
+        {k: row[k] for k in ("iteration", "pairs", "ties_dropped", "chosen_p_win", "final_loss")}
+    assert "win_rate_vs_initial" not in rebuilt  # measured before, kept in summary.json.damaged
+    assert (path.parent / "summary.json.damaged").read_text().startswith('{"iterations": [{"iteration": 1')
