@@ -30,8 +30,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from sppo_lightning import seeds
 from sppo_lightning.artifacts import recorded_stats
 from sppo_lightning.callbacks.following import KEYS, HeldOutFollowing
-from sppo_lightning.callbacks.win_rate import InitialPolicyWinRate, policy_sampler
-from sppo_lightning.contracts import EngineGenerator, Generator
+from sppo_lightning.callbacks.win_rate import InitialPolicyWinRate, evaluation_generator, policy_sampler
+from sppo_lightning.contracts import EngineGenerator
 from sppo_lightning.datamodules.self_play import Iteration, SelfPlayDataModule, SelfPlayModule
 from sppo_lightning.distributed import DistContext
 from sppo_lightning.errors import ConfigError
@@ -40,7 +40,6 @@ from sppo_lightning.iteration import iteration_dir, iteration_label, iteration_n
 from sppo_lightning.loss_record import append_loss, keep_steps_up_to, read_losses
 from sppo_lightning.module import PreferenceModule
 from sppo_lightning.outputs import written
-from sppo_lightning.pipeline.generators import HFGenerator
 from sppo_lightning.report import PLOTS, format_following, format_row, log_images, write_report
 from sppo_lightning.run_summary import RunSummary
 
@@ -284,15 +283,6 @@ class SelfPlay(L.Callback):
             plots = ", ".join(str(self.run_dir / name) for name in PLOTS)
             where = "".join(f"\n{what}: {place}" for what, place in self._where(trainer).items())
             rank_zero_info(f"Report: {self.run_dir / 'report.md'}\nPlots: {plots}{where}")
-
-
-def evaluation_generator(generator: Generator) -> Generator:
-    """The generator the win rate samples the policy in memory with: the run's own (a live vLLM
-    engine included), or, for an engine on per-iteration exports (``live: false``), Hugging Face
-    ``generate`` with the engine's sampling settings."""
-    if not isinstance(generator, EngineGenerator) or generator.live:
-        return generator
-    return HFGenerator(generator.temperature, generator.top_p, generator.max_new_tokens, generator.batch_size)
 
 
 def written_checkpoints(folder: str) -> bool:

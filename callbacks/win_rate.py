@@ -8,8 +8,10 @@ from typing import Callable
 
 import lightning as L
 
-from sppo_lightning.files import atomic_write_json
+from sppo_lightning.contracts import EngineGenerator, Generator
 from sppo_lightning.data.prompts import Prompt
+from sppo_lightning.files import atomic_write_json
+from sppo_lightning.pipeline.generators import HFGenerator
 from sppo_lightning.pipeline.stages import prompt_fields, ranker_prompts
 from sppo_lightning.ranking import Ranker
 
@@ -72,3 +74,12 @@ def paired_win_rate(ranker: Ranker, shown: list[str], candidates: list[list[str]
     m = ranker.pairwise_logits(shown, candidates)
     margin = (m[:, 0, 1] - m[:, 1, 0]).double()
     return float(((margin > 0).double() + 0.5 * (margin == 0).double()).mean())
+
+
+def evaluation_generator(generator: Generator) -> Generator:
+    """The generator the win rate samples the policy in memory with: the run's own (a live vLLM
+    engine included), or, for an engine on per-iteration exports (``live: false``), Hugging Face
+    ``generate`` with the engine's sampling settings."""
+    if not isinstance(generator, EngineGenerator) or generator.live:
+        return generator
+    return HFGenerator(generator.temperature, generator.top_p, generator.max_new_tokens, generator.batch_size)

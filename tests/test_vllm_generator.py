@@ -169,7 +169,7 @@ def test_per_step_methods_take_the_live_engine_and_refuse_the_per_iteration_one(
 
 
 def test_the_win_rate_of_a_vllm_run_samples_with_the_engines_settings():
-    from sppo_lightning.callbacks.self_play import evaluation_generator
+    from sppo_lightning.callbacks.win_rate import evaluation_generator
 
     live = VLLMGenerator()
     assert evaluation_generator(live) is live  # a live engine samples the win rate too
