@@ -68,3 +68,11 @@ def pair_file(tmp_path):
             }
             f.write(json.dumps(row) + "\n")
     return str(path)
+
+
+def pytest_xdist_auto_num_workers(config):
+    """One test file asked for (``pytest -q tests/test_x.py``): run it in this process; ``-n auto``
+    would only start workers for one file (``--dist loadfile`` gives each file to one worker)."""
+    if len(config.args) == 1 and config.args[0].split("::")[0].endswith(".py"):
+        return 0
+    return None

@@ -13,7 +13,7 @@ JUDGE = FunctionJudge("sppo_lightning.ranking.judges:shorter")
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"num_samples": 1}, "num_samples \\(K\\) must be at least 2 to form a pair, got 1"),
+    ({"num_samples": 1}, "data.method.num_samples \\(K\\) must be at least 2 to form a pair, got 1"),
     ({"generation_shard_size": 0}, "generation_shard_size must be at least 1, got 0"),
     ({"reference_batch_size": 0}, "batch sizes must be at least 1"),
     ({"num_samples": 2.5}, "num_samples must be an integer, got 2.5"),

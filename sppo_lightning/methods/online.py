@@ -77,7 +77,8 @@ class OnlinePairs:
         self.num_samples, self.seed, self.on_policy, self.reference = num_samples, seed, on_policy, reference
         self.reference_batch_size, self.shard_size = reference_batch_size, generation_shard_size
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
-            raise ConfigError(f"num_samples (K) must be an integer of at least 2 to form a pair, got {num_samples!r}")
+            raise ConfigError(f"data.method.num_samples (K) must be an integer of at least 2 to form a pair, "
+                              f"got {num_samples!r}")
         if reference not in ("module", "iteration"):
             raise ConfigError(f"reference must be module or iteration, got {reference!r}")
         if reference_batch_size < 1 or generation_shard_size < 1:

@@ -129,7 +129,7 @@ class SPPO:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"{name} must be an integer, got {value!r}")
         checks = [
-            (self.num_samples >= 2, f"num_samples (K) must be at least 2 to form a pair, got {self.num_samples}"),
+            (self.num_samples >= 2, f"data.method.num_samples (K) must be at least 2 to form a pair, got {self.num_samples}"),
             (self.shard_size >= 1, f"generation_shard_size must be at least 1, got {self.shard_size}"),
             (self.reference_batch_size >= 1, "batch sizes must be at least 1"),
         ]
