@@ -1,7 +1,10 @@
-"""Write docs/config-reference.md from the classes' signatures and docstrings: every key of every
-class a config names, its default and what it does. Run before the docs build (`.ci/run` does):
+"""Write the docs' generated pages; run before the docs build (`.ci/run` does):
 
-    python docs/gen_config_reference.py
+    python docs/generate.py
+
+- ``docs/index.md``: the README, its links made relative to the site (one text, never a copy that drifts);
+- ``docs/config-reference.md``: from the classes' signatures and docstrings, every key of every class a
+  config names, its default and what it does.
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ def default_of(parameter: inspect.Parameter) -> str:
 
 def main() -> None:
     out = ["# Config reference", "",
-           "Generated from the classes' signatures and docstrings by `docs/gen_config_reference.py`: every key",
+           "Generated from the classes' signatures and docstrings by `docs/generate.py`: every key",
            "of every class a config names. In YAML a key sits under the class's `init_args`; on the command",
            "line it is a flag, e.g. `--data.method.num_samples 3` or `--model.lr 1e-6`.", ""]
     for where, path in CLASSES:
@@ -93,6 +96,17 @@ def main() -> None:
     target = Path(__file__).with_name("config-reference.md")
     target.write_text("\n".join(out))
     print(f"wrote {target}")
+    index = Path(__file__).with_name("index.md")
+    index.write_text(site_index(Path(__file__).parents[1] / "README.md"))
+    print(f"wrote {index}")
+
+
+def site_index(readme: Path) -> str:
+    """The README as the site's home page: links into docs/ made relative, the rest named as files."""
+    text = readme.read_text().replace("](docs/", "](")
+    text = text.replace("[bench/README.md](bench/README.md)", "`bench/README.md` in the repository")
+    return text.replace("the generated config reference and the API reference (on the site)",
+                        "[the generated config reference](config-reference.md), [the API reference](api.md)")
 
 
 if __name__ == "__main__":
