@@ -37,7 +37,7 @@ from sppo_lightning.distributed import DistContext
 from sppo_lightning.errors import ConfigError
 from sppo_lightning.files import remove_outward_links
 from sppo_lightning.iteration import iteration_dir, iteration_label, iteration_number
-from sppo_lightning.loss_record import append_loss, keep_steps_up_to, read_losses
+from sppo_lightning.loss_record import append_loss, keep_steps_up_to, last_loss, read_losses
 from sppo_lightning.module import PreferenceModule
 from sppo_lightning.outputs import written
 from sppo_lightning.report import PLOTS, format_following, format_row, log_images, write_report
@@ -178,9 +178,8 @@ class SelfPlay(L.Callback):
             stats = recorded_stats(self.run_dir, index)
             if stats:
                 number = iteration_number(index)
-                mine = [row["loss"] for row in losses if row["iteration"] == number]
-                row = {"iteration": number, **{k: v for k, v in self.method.summary(stats).items() if k != "seconds"},
-                       "final_loss": mine[-1] if mine else None, "seconds": stats.get("seconds", {})}
+                row, seconds = self._stats_row(number, stats)
+                row.update(final_loss=last_loss(losses, number), seconds=seconds)
                 self.summary.record(row, write=trainer.is_global_zero)
             index += 1
 
@@ -192,20 +191,24 @@ class SelfPlay(L.Callback):
         if trainer.current_epoch == 0 or trainer.current_epoch % epochs:
             return
         index = trainer.current_epoch // epochs - 1
-        if any(row["iteration"] == iteration_number(index) for row in self.summary.rows):
+        number = iteration_number(index)
+        if any(row["iteration"] == number for row in self.summary.rows):
             return
-        stats = recorded_stats(self.run_dir, index)
-        losses = [row for row in read_losses(self.run_dir / "losses.jsonl") if row["iteration"] == iteration_number(index)]
         rank_zero_info(f"{iteration_label(index)} ended before its evaluation finished: evaluating it now")
-        self._finish(trainer, pl_module, iteration_number(index), stats, losses[-1]["loss"] if losses else None,
-                     0.0, trainer.current_epoch >= (trainer.max_epochs or 0), log=False)
+        self._finish(trainer, pl_module, number, recorded_stats(self.run_dir, index),
+                     last_loss(read_losses(self.run_dir / "losses.jsonl"), number), 0.0,
+                     trainer.current_epoch >= (trainer.max_epochs or 0), log=False)
+
+    def _stats_row(self, number: int, method_stats: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
+        """A summary row's start (the iteration and the method's statistics) and its stages' seconds."""
+        stats = self.method.summary(method_stats)
+        return {"iteration": number, **{k: v for k, v in stats.items() if k != "seconds"}}, dict(stats.get("seconds", {}))
 
     def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule, number: int, method_stats: dict[str, Any],
                 final_loss: Optional[float], train_seconds: float, last: bool, log: bool) -> None:
         """An iteration's end: its statistics, the evaluation, the summary row, the report. ``log``:
         through ``pl_module.log`` (at an epoch's end), else to the loggers directly."""
-        stats = self.method.summary(method_stats)
-        row: dict[str, Any] = {"iteration": number, **{k: v for k, v in stats.items() if k != "seconds"}}
+        row, seconds = self._stats_row(number, method_stats)
         metrics = {key: float(value) for key, value in row.items()
                    if key != "iteration" and isinstance(value, (int, float)) and not isinstance(value, bool)}
         eval_seconds = 0.0
@@ -227,7 +230,7 @@ class SelfPlay(L.Callback):
             for logger in trainer.loggers:
                 logger.log_metrics({f"{prefix}/{key}": value for key, value in metrics.items()}, step=trainer.global_step)
         row["final_loss"] = final_loss
-        row["seconds"] = {**stats.get("seconds", {}), "train": train_seconds, "evaluate": eval_seconds}
+        row["seconds"] = {**seconds, "train": train_seconds, "evaluate": eval_seconds}
         self.summary.record(row, write=trainer.is_global_zero)
         rank_zero_info(format_row(row))
         if trainer.is_global_zero:

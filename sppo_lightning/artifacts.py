@@ -49,11 +49,17 @@ class StageRow(dict):
         self.where = (path, number)
 
     def __missing__(self, key: str) -> Any:
-        from sppo_lightning.errors import DataError
-
         path, number = self.where
-        raise DataError(f"{path}: row {number} has no column {key!r}: not a stage file this code wrote (edited, or "
-                        f"from other code?); remove {path.parent} to redo the iteration")
+        raise not_written_here(path, key, number)
+
+
+def not_written_here(path: Path, column: str, row: Optional[int] = None) -> Exception:
+    """The one line for a stage file without a column this code writes (``row``: where it was missed)."""
+    from sppo_lightning.errors import DataError
+
+    at = f"row {row} has" if row is not None else "has"
+    return DataError(f"{path}: {at} no column {column!r}: not a stage file this code wrote (edited, or from other "
+                     f"code?); remove {path.parent} to redo the iteration")
 
 
 class IterationArtifacts:
@@ -209,25 +215,21 @@ class IterationArtifacts:
                 problem = f"is damaged ({type(err).__name__})"
             warnings.warn(f"{target} {problem}; made again from {self.path(stage).name}")
             target.unlink()
-        if not target.exists():
-            source = pq.ParquetFile(self.path(stage))
-            missing = [c for c in columns if c not in source.schema_arrow.names]
-            if missing:
-                from sppo_lightning.errors import DataError
+        source = pq.ParquetFile(self.path(stage))
+        missing = [c for c in columns if c not in source.schema_arrow.names]
+        if missing:
+            raise not_written_here(self.path(stage), missing[0])
+        schema = pa.schema([source.schema_arrow.field(c) for c in columns])
 
-                raise DataError(f"{self.path(stage)} has no column {missing[0]!r}: not a stage file this code wrote "
-                                f"(edited, or from other code?); remove {self.dir} to redo the iteration")
-            schema = pa.schema([source.schema_arrow.field(c) for c in columns])
+        def write(f: BinaryIO) -> None:
+            with pa.ipc.new_stream(f, schema) as writer:
+                for group in range(source.num_row_groups):
+                    writer.write_table(source.read_row_group(group, columns=columns))
 
-            def write(f: BinaryIO) -> None:
-                with pa.ipc.new_stream(f, schema) as writer:
-                    for group in range(source.num_row_groups):
-                        writer.write_table(source.read_row_group(group, columns=columns))
-
-            files.atomic_write(target, write)
-            for old in self.dir.glob(f"{stage}.*.arrow"):
-                if old != target:
-                    old.unlink(missing_ok=True)  # made from an earlier, redone version of the stage
+        files.atomic_write(target, write)
+        for old in self.dir.glob(f"{stage}.*.arrow"):
+            if old != target:
+                old.unlink(missing_ok=True)  # made from an earlier, redone version of the stage
         return Dataset.from_file(str(target))
 
     def save(self, stage: str, rows: list[dict[str, Any]], **info: Any) -> None:

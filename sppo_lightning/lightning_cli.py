@@ -43,12 +43,12 @@ class SPPOLightningCLI(LightningCLI):
         return parser
 
     def _parse_ckpt_path(self) -> None:
-        # Lightning reads a checkpoint file's hyperparameters while it parses (a full torch.load):
-        # the path is checked first, in one line (checkpoints.check_checkpoint).
+        # Lightning reads a checkpoint file's hyperparameters while it parses (a full torch.load), for
+        # every subcommand: a given path is checked first, in one line (checkpoints.check_checkpoint).
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path:
-            self._check_ckpt_path(ckpt_path)
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
+            self._check_checkpoint(ckpt_path)
         super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
@@ -87,17 +87,14 @@ class SPPOLightningCLI(LightningCLI):
         kwargs = self.config_init[self.subcommand]
         if kwargs.get("ckpt_path") == "last":  # a whole one, or a true line (not Lightning's hint)
             kwargs["ckpt_path"] = resume_point(self.trainer)
-        self._check_ckpt_path()
+            if kwargs["ckpt_path"]:  # checked as a given path is (_parse_ckpt_path)
+                self._check_checkpoint(kwargs["ckpt_path"])
 
-    def _check_ckpt_path(self, ckpt_path: Optional[str] = None) -> None:
-        """A checkpoint path (by default the subcommand's, ``last`` resolved), checked before any model
-        loads (``checkpoints.check_checkpoint``)."""
-        if ckpt_path is None and self.subcommand in self.config_init:
-            ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
-        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
-            from sppo_lightning.checkpoints import check_checkpoint
+    def _check_checkpoint(self, path: str) -> None:
+        """Before any model loads: one line for a bad checkpoint (``checkpoints.check_checkpoint``)."""
+        from sppo_lightning.checkpoints import check_checkpoint
 
-            check_checkpoint(ckpt_path, self._model_class_path())
+        check_checkpoint(path, self._model_class_path())
 
     def _model_class_path(self) -> Optional[str]:
         """The run's ``model.class_path`` as parsed, or None where it is not known yet."""
@@ -107,15 +104,6 @@ class SPPOLightningCLI(LightningCLI):
             return str(model.class_path) if model is not None and model.get("class_path") else None
         except (AttributeError, KeyError, TypeError):
             return None
-
-    def before_validate(self) -> None:
-        self._check_ckpt_path()
-
-    def before_test(self) -> None:
-        self._check_ckpt_path()
-
-    def before_predict(self) -> None:
-        self._check_ckpt_path()
 
     def _run_subcommand(self, subcommand: str) -> None:
         from sppo_lightning.run_lock import release_all

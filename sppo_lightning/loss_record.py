@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -25,6 +25,12 @@ def read_losses(path: Path) -> list[dict[str, Any]]:
             if isinstance(row, dict) and isinstance(row.get("iteration"), int) and isinstance(row.get("loss"), (int, float)):
                 rows.append(row)
     return rows
+
+
+def last_loss(rows: list[dict[str, Any]], iteration: int) -> Optional[float]:
+    """The last step's loss of the 1-based ``iteration`` in ``read_losses``' rows (None: no step)."""
+    losses = [row["loss"] for row in rows if row["iteration"] == iteration]
+    return float(losses[-1]) if losses else None
 
 
 def append_loss(path: Path, row: dict[str, Any]) -> None:
