@@ -23,10 +23,10 @@ from typing import Any
 
 import yaml
 
-from sppo_lightning.files import atomic_write_bytes
 from sppo_lightning.contracts import QuestionJudge, Ranker, lacking
 from sppo_lightning.data.rows import load_records
 from sppo_lightning.errors import ConfigError, DataError
+from sppo_lightning.files import atomic_write_bytes
 
 
 def build_ranker(spec: str) -> Ranker:

@@ -22,15 +22,15 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from sppo_lightning.data.prompts import Prompt, load_prompts
-from sppo_lightning.datamodules.shuffle import epoch_sampler
-from sppo_lightning.data.tokenize import collate_pairs
-from sppo_lightning.errors import ConfigError, SettingsMismatch
-from sppo_lightning.distributed import DistContext
-from sppo_lightning.iteration import iteration_number
 from sppo_lightning.contracts import SelfPlayMethod
-from sppo_lightning.policies import Policies
+from sppo_lightning.data.prompts import Prompt, load_prompts
+from sppo_lightning.data.tokenize import collate_pairs
+from sppo_lightning.datamodules.shuffle import epoch_sampler
+from sppo_lightning.distributed import DistContext
+from sppo_lightning.errors import ConfigError, SettingsMismatch
+from sppo_lightning.iteration import iteration_number
 from sppo_lightning.models import load_tokenizer
+from sppo_lightning.policies import Policies
 
 
 @dataclasses.dataclass(frozen=True)

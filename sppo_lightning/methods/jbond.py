@@ -33,7 +33,6 @@ import torch
 
 from sppo_lightning import seeds
 from sppo_lightning.artifacts import IterationArtifacts
-from sppo_lightning.stage_runner import memory_mapped_on_ranks, run_sharded_stage
 from sppo_lightning.contracts import EngineGenerator, Generator, IterationData
 from sppo_lightning.data.prompts import Prompt, prompts_fingerprint
 from sppo_lightning.data.tokenize import collate_responses
@@ -51,6 +50,7 @@ from sppo_lightning.ranking import Ranker
 from sppo_lightning.ranking.cache import attach_judgment_cache, counted
 from sppo_lightning.ranking.estimate import scores_from_pairwise
 from sppo_lightning.ranking.protocol import fingerprint_hash, fingerprint_of
+from sppo_lightning.stage_runner import memory_mapped_on_ranks, run_sharded_stage
 
 TRAINING_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "reward"]
 TIE_RULES = ("strict", "le", "coin")

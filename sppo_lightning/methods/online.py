@@ -22,7 +22,6 @@ from typing import Any, Literal, Optional, Sequence
 
 from sppo_lightning import seeds
 from sppo_lightning.artifacts import IterationArtifacts
-from sppo_lightning.stage_runner import memory_mapped_on_ranks, run_sharded_stage
 from sppo_lightning.contracts import EngineGenerator, Generator, IterationData
 from sppo_lightning.data.prompts import Prompt, prompts_fingerprint
 from sppo_lightning.distributed import DistContext
@@ -34,6 +33,7 @@ from sppo_lightning.pipeline import stages
 from sppo_lightning.pipeline.generators import HFGenerator
 from sppo_lightning.policies import Policies
 from sppo_lightning.ranking import Ranker
+from sppo_lightning.stage_runner import memory_mapped_on_ranks, run_sharded_stage
 
 PAIR_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "chosen_probs", "chosen_probs_win", "chosen_probs_lose"]
 REFERENCE_COLUMNS = ["reference_chosen_logps", "reference_rejected_logps"]

@@ -21,12 +21,11 @@ from typing import Any, Optional, Sequence
 
 from sppo_lightning import seeds
 from sppo_lightning.artifacts import IterationArtifacts
-from sppo_lightning.files import atomic_write_bytes
-from sppo_lightning.stage_runner import memory_mapped_on_ranks, run_sharded_stage
 from sppo_lightning.contracts import EngineGenerator, Generator, IterationData
 from sppo_lightning.data.prompts import Prompt, prompts_fingerprint
 from sppo_lightning.distributed import DistContext
 from sppo_lightning.errors import ConfigError
+from sppo_lightning.files import atomic_write_bytes
 from sppo_lightning.methods.plugins import check_plugins
 from sppo_lightning.pipeline import stages
 from sppo_lightning.pipeline.generators import HFGenerator
@@ -35,6 +34,7 @@ from sppo_lightning.policies import Policies
 from sppo_lightning.ranking import Ranker
 from sppo_lightning.ranking.cache import attach_judgment_cache, counted
 from sppo_lightning.ranking.protocol import fingerprint_hash, fingerprint_of
+from sppo_lightning.stage_runner import memory_mapped_on_ranks, run_sharded_stage
 
 # What training reads of train.parquet (the other columns are for people and the official format).
 TRAINING_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "chosen_probs", "chosen_probs_win",
