@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from sppo_lightning import loss_table
 from sppo_lightning.errors import ConfigError, DataError
 from sppo_lightning.footprints import Footprint, check_strategy, resolve_footprint
+from sppo_lightning.labels import NO_PAIR
 from sppo_lightning.logprobs import SequenceLogps, model_logprobs
 from sppo_lightning.models import DTYPES, LoraSettings
 from sppo_lightning.policies import Policies
@@ -206,6 +207,8 @@ class PreferenceModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------- loops
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Optional[Tensor]:
+        if NO_PAIR in batch:  # a per-step draw whose prompts all tied: no pair, no update
+            return None
         per_pair, metrics = self.step(batch)
         loss = per_pair.mean()
         if not torch.isfinite(loss):

@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from sppo_lightning.data.prompts import load_prompts
@@ -108,3 +109,21 @@ def test_a_killed_online_run_resumes_to_the_same_result(tiny_dir, tmp_path):
     rows = json.loads((killed / "online" / "summary.json").read_text())["iterations"]
     assert [r["iteration"] for r in rows] == [1, 2, 3, 4, 5, 6]
 
+
+
+def test_a_step_whose_prompts_all_tie_trains_on_nothing_and_the_run_goes_on(tiny_dir, tmp_path):
+    """A real-model step of 8 IFBench prompts whose 4 answers all follow the same instructions tied
+    throughout and stopped the run; like GRPO's all-equal groups, such a step has no pair and no update."""
+    config = short_online_config(tmp_path)
+    data = yaml.safe_load(config.read_text())
+    data["data"]["init_args"]["method"]["init_args"]["ranker"]["init_args"]["function"] = "sppo_lightning.ranking.judges:no_preference"
+    data["trainer"]["max_epochs"] = 2
+    data["self_play"]["eval_every"] = 2
+    config.write_text(yaml.safe_dump(data))
+    result = run_fit(config, tiny_dir, tmp_path)
+    assert "iteration 1: all 4 prompts tied (their 4 responses scored the same): this step trains on nothing" in \
+        result.stderr
+    rows = json.loads((tmp_path / "online" / "summary.json").read_text())["iterations"]
+    assert [(r["iteration"], r["pairs"], r["ties_dropped"]) for r in rows] == [(1, 0, 4), (2, 0, 4)]
+    trained, initial = (load_file(folder / "model.safetensors") for folder in (tmp_path / "hf_model", tiny_dir / "llama"))
+    assert trained.keys() == initial.keys() and all(torch.equal(trained[k], initial[k]) for k in initial)

@@ -26,6 +26,7 @@ from sppo_lightning.contracts import EngineGenerator, Generator, IterationData
 from sppo_lightning.data.prompts import Prompt, prompts_fingerprint
 from sppo_lightning.distributed import DistContext
 from sppo_lightning.errors import ConfigError
+from sppo_lightning.labels import NO_PAIR
 from sppo_lightning.methods.on_policy import on_policy_prompts
 from sppo_lightning.methods.plugins import check_plugins
 from sppo_lightning.methods.sppo import rank_in_shards, sample_in_shards
@@ -116,11 +117,25 @@ class OnlinePairs:
         run_sharded_stage(ctx, artifacts, "train", artifacts.num_shards("generations"),
                           lambda k: self._pairs(artifacts, k, iteration, policies, tokenizer, ctx),
                           on_every_rank=self.reference == "iteration", source=source)
-        stats = stages.pair_statistics(artifacts, prompts, iteration, self.num_samples)
+        stats = stages.pair_statistics(artifacts, prompts, iteration, self.num_samples, allow_empty=True)
         if ctx.is_global_zero:
             artifacts.record_stats(stats)
         columns = PAIR_COLUMNS + (REFERENCE_COLUMNS if self.reference == "iteration" else [])
+        if stats["pairs"] == 0:  # every prompt of the step tied: the step trains on nothing
+            return IterationData(self._no_pair(artifacts, columns), stats)
         return IterationData(memory_mapped_on_ranks(ctx, artifacts, "train", columns), stats)
+
+    @staticmethod
+    def _no_pair(artifacts: IterationArtifacts, columns: list[str]):
+        """One placeholder row marked ``NO_PAIR``: the step's batch, which the module skips (an
+        epoch without a batch would end Lightning's fit)."""
+        from datasets import Dataset
+
+        first = artifacts.read_shard("generations", 0)[0]
+        row: dict[str, Any] = {c: 0.5 if c.startswith("chosen_probs") else 0.0 for c in columns}
+        row.update(prompt_ids=first["prompt_ids"], chosen_ids=first["response_ids"][0],
+                   rejected_ids=first["response_ids"][0], **{NO_PAIR: 1.0})
+        return Dataset.from_list([row])
 
     def _pairs(self, artifacts: IterationArtifacts, shard: int, iteration: int, policies: Policies, tokenizer,
                ctx: DistContext) -> tuple[list[dict], dict]:

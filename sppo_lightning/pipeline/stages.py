@@ -146,14 +146,24 @@ def reference_logps(policy: nn.Module, pairs: list[dict[str, Any]], pad_token_id
             pair["reference_rejected_logps"] = logps[len(chunk) + k]
 
 
-def pair_statistics(artifacts, prompts: Sequence[Prompt], iteration: int, num_samples: int) -> dict[str, Any]:
+def pair_statistics(artifacts, prompts: Sequence[Prompt], iteration: int, num_samples: int,
+                    allow_empty: bool = False) -> dict[str, Any]:
     """The statistics of an iteration's best/worst pairs (``train``, ``rankings`` and ``generations``
     of ``artifacts``): counts, mean P(win) of chosen and rejected, seconds per stage, an LLM judge's
-    counts. No pair at all (every prompt tied) is a ``DataError`` naming what can cause it."""
+    counts. No pair at all (every prompt tied) is a ``DataError`` naming what can cause it, unless
+    ``allow_empty`` (a per-step draw: one step of a few prompts can tie throughout, as GRPO's
+    all-equal groups do; that step trains on nothing and the run goes on)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     info = artifacts.info("train")
+    seconds = {s: artifacts.info(n).get("seconds", 0.0) for s, n in
+               (("generate", "generations"), ("rank", "rankings"), ("reference", "train"))}
+    if info["rows"] == 0 and allow_empty:
+        rank_zero_info(f"{iteration_label(iteration)}: all {len(prompts)} prompts tied (their {num_samples} "
+                       f"responses scored the same): this step trains on nothing")
+        return {"pairs": 0, "ties_dropped": info.get("ties_dropped", 0),
+                "prompts_truncated": sum(p.truncated for p in prompts), "seconds": seconds}
     if info["rows"] == 0:
         raise DataError(f"{iteration_label(iteration)}: all {len(prompts)} prompts tied (their {num_samples} "
                         f"responses scored the same); nothing to train on. Raise the generator's temperature or "
@@ -165,8 +175,7 @@ def pair_statistics(artifacts, prompts: Sequence[Prompt], iteration: int, num_sa
         "prompts_truncated": sum(p.truncated for p in prompts),
         "chosen_p_win": pc.mean(means.column("chosen_probs_win")).as_py(),
         "rejected_p_win": pc.mean(means.column("chosen_probs_lose")).as_py(),
-        "seconds": {s: artifacts.info(n).get("seconds", 0.0) for s, n in
-                    (("generate", "generations"), ("rank", "rankings"), ("reference", "train"))},
+        "seconds": seconds,
     }
     judge = {k: v for k, v in artifacts.info("rankings").items()
              if k in ("judge_calls", "cache_hits", "judged_by_logprobs", "judged_by_verdict")}

@@ -41,3 +41,8 @@ def positive_words(prompt: str, response: str) -> float:
 def shorter(prompt: str, response: str) -> float:
     """Prefers shorter responses (by characters)."""
     return -float(len(response))
+
+
+def no_preference(prompt: str, response: str) -> float:
+    """Ties every response (every prompt's pair is dropped): for runs where nothing should train."""
+    return 0.0
