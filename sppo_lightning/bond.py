@@ -26,7 +26,7 @@ from sppo_lightning.policies import Policies
 from sppo_lightning.models import LoraSettings
 from sppo_lightning.optim import make_optimizer
 from sppo_lightning.packing import record_resolved, resolve_packing
-from sppo_lightning.policy import load_base, non_finite_loss, restore_checkpoint, trim_checkpoint, wrap_policy
+from sppo_lightning.policy import TrainingRows, load_base, non_finite_loss, restore_checkpoint, trim_checkpoint, wrap_policy
 
 ANCHOR = "anchor"
 
@@ -99,6 +99,7 @@ class BondModule(L.LightningModule):
         self.initial: Optional[nn.Module] = None  # keep_initial_copy, for KL monitoring
         self.skipped_non_finite = 0
         self.pack_budget: Optional[int] = None  # the resolved packed-row budget (configure_model); None: padded
+        self.training_rows: Optional[TrainingRows] = None  # the batches, for the memory check (the CLI's)
         # LoRA checkpoints hold the adapters only; the check over them replaces the strict one.
         self.strict_loading = footprint not in ("lora", "qlora")
 
@@ -106,7 +107,7 @@ class BondModule(L.LightningModule):
         if self.policy is not None:
             return
         hp = self.hparams
-        base = load_base(self, reference_copy=self.lora is None)  # full fine-tuning: the anchor is a copy
+        base = load_base(self, rows=self.training_rows, reference_copy=self.lora is None)  # full fine-tuning: the anchor is a copy
         if self.lora is None:
             self.anchor = copy.deepcopy(base).eval().requires_grad_(False)
             if hp.keep_initial_copy:

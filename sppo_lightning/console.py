@@ -20,6 +20,8 @@ WARNINGS = [
      "a hint to raise num_workers; our loaders read memory-mapped Arrow files"),
     ("lightning.pytorch.utilities.data", r"Total length of .* across ranks is zero",
      "Lightning's check on an iteration's loader before its pairs exist"),
+    ("lightning.pytorch.loops.optimization.automatic", r"`training_step` returned `None`",
+     "a batch skipped on purpose (a per-step draw whose prompts all tied, on_non_finite: skip), said by our line"),
 ]
 
 # (logger, message start, source)

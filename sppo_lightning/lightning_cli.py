@@ -84,6 +84,11 @@ class SPPOLightningCLI(LightningCLI):
         if first_process():
             lock_folders(path for path, key in output_locations(self.trainer, self.datamodule)
                          if key in ("trainer.default_root_dir", "data.init_args.run_dir"))
+        # The memory check sizes the data module's batches; the module is told, never probes it.
+        from sppo_lightning.policy import SizedByRows, rows_of
+
+        if isinstance(self.model, SizedByRows):
+            self.model.training_rows = rows_of(self.datamodule)
         kwargs = self.config_init[self.subcommand]
         if kwargs.get("ckpt_path") == "last":  # a whole one, or a true line (not Lightning's hint)
             kwargs["ckpt_path"] = resume_point(self.trainer)

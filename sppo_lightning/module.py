@@ -19,7 +19,7 @@ from sppo_lightning.models import DTYPES, LoraSettings
 from sppo_lightning.policies import Policies
 from sppo_lightning.optim import make_optimizer
 from sppo_lightning.packing import record_resolved, resolve_packing
-from sppo_lightning.policy import load_base, non_finite_loss, restore_checkpoint, trim_checkpoint, wrap_policy
+from sppo_lightning.policy import TrainingRows, load_base, non_finite_loss, restore_checkpoint, trim_checkpoint, wrap_policy
 from sppo_lightning.sharding import shard_model
 
 # Every loss of the table, as a type the CLI validates and lists in --help.
@@ -133,6 +133,7 @@ class PreferenceModule(L.LightningModule):
         self.reference: Optional[nn.Module] = None
         self.skipped_non_finite = 0
         self.pack_budget: Optional[int] = None  # the resolved budget (configure_model); None: padded
+        self.training_rows: Optional[TrainingRows] = None  # the batches, for the memory check (the CLI's)
 
     # ----------------------------------------------------------------------------- models
     def loss_hyperparameters(self) -> dict[str, Any]:
@@ -146,7 +147,7 @@ class PreferenceModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.policy is not None:
             return
-        base = load_base(self, reference_copy=self.reference_mode == "copy")
+        base = load_base(self, rows=self.training_rows, reference_copy=self.reference_mode == "copy")
         if self.reference_mode == "copy":
             self.reference = copy.deepcopy(base).eval().requires_grad_(False)
         self.policy = wrap_policy(self, base, self.lora)

@@ -9,8 +9,9 @@ footprints and the non-finite-loss guard are here too, so both modules behave th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Protocol, runtime_checkable
 
 import lightning as L
 import torch
@@ -23,20 +24,55 @@ from sppo_lightning.models import DTYPES, LoraSettings, add_lora, disable_dropou
 from sppo_lightning.sharding import shard_model
 
 
-def load_base(module: L.LightningModule, *, reference_copy: bool = False) -> nn.Module:
+@dataclass(frozen=True)
+class TrainingRows:
+    """What a training batch holds, for the memory estimate: ``rows`` (pairs, or prompts) per
+    device and ``tokens`` per row at most. The CLI gives it to the module before fit
+    (``rows_of``); without it, 1 row of 1024 tokens."""
+
+    rows: int = 1
+    tokens: int = 1024
+
+
+@runtime_checkable
+class BatchedData(Protocol):
+    """A data module whose batches the memory estimate can size (both training data modules)."""
+
+    batch_size: int
+
+    @property
+    def max_length(self) -> int: ...
+
+
+@runtime_checkable
+class SizedByRows(Protocol):
+    """A training module whose memory check is given its batches (both training modules)."""
+
+    training_rows: Optional[TrainingRows]
+
+
+def rows_of(datamodule: object) -> Optional[TrainingRows]:
+    """The training rows of ``datamodule`` (None: a data module that does not declare them)."""
+    if isinstance(datamodule, BatchedData):
+        return TrainingRows(datamodule.batch_size, datamodule.max_length)
+    return None
+
+
+def load_base(module: L.LightningModule, *, reference_copy: bool = False,
+              rows: Optional[TrainingRows] = None) -> nn.Module:
     """The causal LM of ``module.hparams`` loaded for ``module.footprint`` (4-bit for ``qlora``,
     straight onto the strategy's device), with dropout off and its memory estimate checked.
 
     ``module.hparams`` holds ``model_name_or_path``, ``torch_dtype``, ``trust_remote_code``,
     ``optimizer``, ``gradient_checkpointing`` and ``memory_budget_gib``; ``reference_copy``: the
-    module will hold a second full copy (counted in the estimate).
+    module will hold a second full copy (counted in the estimate); ``rows``: its batches.
     """
     hp = module.hparams
     device = module.trainer.strategy.root_device if module._trainer is not None else None
     model = load_causal_lm(hp.model_name_or_path, hp.torch_dtype, hp.trust_remote_code,
                            quantize_4bit=module.footprint == "qlora", device=device)
     disable_dropout(model)
-    check_memory(module, model, device, reference_copy)
+    check_memory(module, model, device, reference_copy, rows or TrainingRows())
     return model
 
 
@@ -55,9 +91,9 @@ def wrap_policy(module: L.LightningModule, model: nn.Module, lora: Optional[Lora
 
 
 def check_memory(module: L.LightningModule, model: nn.Module, device: Optional[torch.device],
-                 reference_copy: bool) -> None:
-    """Warn, with the numbers, when the footprint's estimate exceeds ``memory_budget_gib`` (default:
-    the device's memory)."""
+                 reference_copy: bool, rows: TrainingRows) -> None:
+    """Warn, with the numbers, when the footprint's estimate for batches of ``rows`` exceeds
+    ``memory_budget_gib`` (default: the device's memory)."""
     hp = module.hparams
     budget = hp.get("memory_budget_gib")
     if budget is None and device is not None:
@@ -65,13 +101,11 @@ def check_memory(module: L.LightningModule, model: nn.Module, device: Optional[t
     if budget is None or not hasattr(model.config, "intermediate_size"):
         return
     trainer = module._trainer
-    datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
     lora = getattr(module, "lora", None)
     estimate = estimate_memory(
         ModelShape.from_config(model.config), module.footprint,
         world_size=trainer.world_size if trainer is not None else 1,
-        pairs_per_device=getattr(datamodule, "batch_size", 1),
-        seq_len=getattr(datamodule, "max_length", 1024),
+        pairs_per_device=rows.rows, seq_len=rows.tokens,
         lora_r=lora.r if lora is not None else 16, optimizer=hp.optimizer,
         gradient_checkpointing=hp.gradient_checkpointing or module.footprint == "qlora",
         reference_copy=reference_copy, dtype_bytes=DTYPES[hp.torch_dtype].itemsize,

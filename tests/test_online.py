@@ -123,6 +123,7 @@ def test_a_step_whose_prompts_all_tie_trains_on_nothing_and_the_run_goes_on(tiny
     result = run_fit(config, tiny_dir, tmp_path)
     assert "iteration 1: all 4 prompts tied (their 4 responses scored the same): this step trains on nothing" in \
         result.stderr
+    assert "`training_step` returned `None`" not in result.stderr  # Lightning's hint: our line says it
     rows = json.loads((tmp_path / "online" / "summary.json").read_text())["iterations"]
     assert [(r["iteration"], r["pairs"], r["ties_dropped"]) for r in rows] == [(1, 0, 4), (2, 0, 4)]
     trained, initial = (load_file(folder / "model.safetensors") for folder in (tmp_path / "hf_model", tiny_dir / "llama"))

