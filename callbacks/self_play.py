@@ -31,7 +31,7 @@ from sppo_lightning import seeds
 from sppo_lightning.artifacts import recorded_stats
 from sppo_lightning.callbacks.following import KEYS, HeldOutFollowing
 from sppo_lightning.callbacks.win_rate import InitialPolicyWinRate, evaluation_generator, policy_sampler
-from sppo_lightning.contracts import EngineGenerator
+from sppo_lightning.contracts import EngineGenerator, plugins_of
 from sppo_lightning.datamodules.self_play import Iteration, SelfPlayDataModule, SelfPlayModule
 from sppo_lightning.distributed import DistContext
 from sppo_lightning.errors import ConfigError
@@ -98,6 +98,7 @@ class SelfPlay(L.Callback):
         self.win_rate = InitialPolicyWinRate(self.run_dir, method.ranker, sampler, self.eval_samples,
                                              seed=seeds.evaluation_stream(method.seed))
         self.summary = RunSummary(self.run_dir / "summary.json")
+        self.summary.setup = plugins_of(method)  # written with the first row: what made the rows
         if self.summary.damaged:
             self._rebuild_summary(trainer)
 
@@ -234,7 +235,8 @@ class SelfPlay(L.Callback):
         self.summary.record(row, write=trainer.is_global_zero)
         rank_zero_info(format_row(row))
         if trainer.is_global_zero:
-            paths = write_report(self.run_dir, self.summary.rows, self._where(trainer), self.summary.initial)
+            paths = write_report(self.run_dir, self.summary.rows, self._where(trainer), self.summary.initial,
+                                 self.summary.setup)
             log_images(trainer.loggers, paths, trainer.global_step)
 
     def _follow_initial(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -264,12 +264,15 @@ class IterationArtifacts:
     def info(self, stage: str) -> dict[str, Any]:
         return self._read_manifest().get("stages", {}).get(stage, {})
 
-    def record_stats(self, stats: dict[str, Any]) -> None:
+    def record_stats(self, stats: dict[str, Any], plugins: Optional[dict[str, Any]] = None) -> None:
         """The method's statistics of the iteration, in the manifest: for people and tools reading the
-        run folder (the run itself takes them from what ``build`` returns)."""
+        run folder (the run itself takes them from what ``build`` returns); ``plugins``: the method,
+        ranker and generator that made them (``contracts.plugins_of``)."""
         manifest = self._read_manifest()
         manifest["settings"] = self.settings
         manifest["stats"] = stats
+        if plugins is not None:
+            manifest["plugins"] = plugins
         files.atomic_write_json(self.manifest_path, manifest)
 
 

@@ -221,3 +221,13 @@ def lacking(plugin: Any, contract: type) -> list[str]:
         names.update(k for k, v in cls.__dict__.items()
                      if (callable(v) or isinstance(v, property)) and not k.startswith("_"))
     return sorted(name for name in names if not hasattr(plugin, name))
+
+
+def plugins_of(method: SelfPlayMethod) -> dict[str, Any]:
+    """The method's class and its ranker's and generator's fingerprints (class and key settings),
+    as JSON gives them back: what a run records of itself (manifest, summary, report)."""
+    import json
+
+    named = {"method": type(method).__name__, "ranker": method.ranker.fingerprint(),
+             "generator": method.generator.fingerprint()}
+    return json.loads(json.dumps(named, default=str))  # in the order each fingerprint gives

@@ -161,9 +161,24 @@ def plot_following(rows: list[dict[str, Any]], initial: Optional[dict[str, Any]]
     return _save(plt, figure, path)
 
 
-def markdown(rows: list[dict[str, Any]], where: dict[str, str], initial: Optional[dict[str, Any]] = None) -> str:
-    """The report: one row per iteration, then where things are."""
-    lines = ["# Self-play run report", "",
+def describe(fingerprint: dict[str, Any]) -> str:
+    """A plugin's fingerprint in one line: ``HFGenerator (temperature 0.7, top_p 0.9, ...)``."""
+    settings = [f"{k} {v if len(str(v)) <= 48 else str(v)[:47] + '…'}" for k, v in fingerprint.items()
+                if k != "class" and not isinstance(v, (dict, list))]
+    return f"{fingerprint.get('class', '?')} ({', '.join(settings)})" if settings else str(fingerprint.get("class", "?"))
+
+
+def markdown(rows: list[dict[str, Any]], where: dict[str, str], initial: Optional[dict[str, Any]] = None,
+             setup: Optional[dict[str, Any]] = None) -> str:
+    """The report: what made the run (``setup``: ``contracts.plugins_of``), one row per iteration,
+    then where things are."""
+    lines = ["# Self-play run report", ""]
+    if setup:
+        lines += [f"- method: {setup.get('method', '?')}"]
+        lines += [f"- {name}: {describe(setup[name])}" for name in ("ranker", "generator")
+                  if isinstance(setup.get(name), dict)]
+        lines += [""]
+    lines += [
              "| iteration | win rate vs initial | pairs | ties dropped | prompts truncated | chosen / rejected P(win) "
              "| final loss | generate | rank | reference | train | evaluate |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -200,7 +215,7 @@ def markdown(rows: list[dict[str, Any]], where: dict[str, str], initial: Optiona
 
 
 def write_report(run_dir: Path, rows: list[dict[str, Any]], where: dict[str, str],
-                 initial: Optional[dict[str, Any]] = None) -> dict[str, Path]:
+                 initial: Optional[dict[str, Any]] = None, setup: Optional[dict[str, Any]] = None) -> dict[str, Path]:
     """Write the plots and ``report.md`` into ``run_dir``; returns their paths by name. ``initial``:
     what was measured of the initial policy (instruction following), drawn as iteration 0."""
     run_dir = Path(run_dir)
@@ -218,7 +233,7 @@ def write_report(run_dir: Path, rows: list[dict[str, Any]], where: dict[str, str
     if any(r.get("if_prompt_loose") is not None for r in rows):
         paths["instruction_following"] = plot_following(rows, initial, run_dir / "instruction_following.png")
     report = run_dir / "report.md"
-    atomic_write_bytes(report, markdown(rows, where, initial).encode())
+    atomic_write_bytes(report, markdown(rows, where, initial, setup).encode())
     paths["report"] = report
     return paths
 

@@ -21,6 +21,8 @@ class RunSummary:
         self.rows: list[dict[str, Any]] = saved["iterations"]
         # What was measured of the initial policy before its first step (instruction following).
         self.initial: dict[str, Any] = saved["initial"]
+        # What made the rows: the method, its ranker and generator (``contracts.plugins_of``).
+        self.setup: dict[str, Any] = saved.get("setup", {})
 
     def record(self, row: dict[str, Any], write: bool = True) -> None:
         """Add (or replace) the row of ``row["iteration"]``; ``write`` on rank 0 only."""
@@ -34,7 +36,8 @@ class RunSummary:
             self._write()
 
     def _write(self) -> None:
-        atomic_write_json(self.path, {"iterations": self.rows, **({"initial": self.initial} if self.initial else {})})
+        atomic_write_json(self.path, {**({"setup": self.setup} if self.setup else {}), "iterations": self.rows,
+                                      **({"initial": self.initial} if self.initial else {})})
 
 
 def read_summary(path: Path) -> dict[str, Any]:
@@ -53,7 +56,9 @@ def read_summary(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         problem = f"not readable as JSON ({type(err).__name__})"
     if problem is None:
-        return {"iterations": saved.get("iterations", []), "initial": saved.get("initial", {})}
+        setup = saved.get("setup", {})
+        return {"iterations": saved.get("iterations", []), "initial": saved.get("initial", {}),
+                "setup": setup if isinstance(setup, dict) else {}}
     kept = path.with_name(path.name + ".damaged")
     os.replace(path, kept)
     warnings.warn(f"{path}: {problem}; kept as {kept.name}, and the summary is rebuilt from the iterations' own "

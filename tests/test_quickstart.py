@@ -40,6 +40,13 @@ def test_quickstart_win_rate_rises_every_iteration(tiny_dir, tmp_path):
     rows = [line for line in report.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [row.split(" | ")[1] for row in rows] == [f"{w:.3f}" for w in win_rates]
     assert str(tmp_path / "checkpoints") in report and "hf_model" in report
+    # What made the run is named in the manifest, the summary and the report.
+    saved = json.loads((run_dir / "summary.json").read_text())["setup"]
+    manifest = json.loads((run_dir / "iteration_3" / "manifest.json").read_text())["plugins"]
+    assert saved == manifest and saved["method"] == "SPPO"
+    assert saved["ranker"]["class"] == "FunctionJudge" and saved["generator"]["class"] == "HFGenerator"
+    assert "- ranker: FunctionJudge (function sppo_lightning.ranking.judges:positive_words" in report
+    assert "- generator: HFGenerator (temperature 0.7, top_p 0.9" in report
     losses = [json.loads(line) for line in (run_dir / "losses.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in losses] == sorted(r["iteration"] for r in losses) and {r["iteration"] for r in losses} == {1, 2, 3}
 

@@ -75,3 +75,12 @@ def test_a_pair_run_summary_keeps_the_loss_its_settings_and_the_last_metrics(tmp
     path, line = write_pair_summary(tmp_path, summary)
     assert json.loads(path.read_text()) == summary
     assert line == f"pair run | loss dpo | 12 steps, 2 epoch(s) | train/loss 0.61 (summary, with every setting: {path})"
+
+
+def test_the_report_names_the_method_ranker_and_generator():
+    setup = {"method": "SPPO", "ranker": {"class": "FunctionJudge", "function": "m:f", "source": "x" * 64},
+             "generator": {"class": "HFGenerator", "temperature": 0.7, "top_p": 0.9, "stop": [1, 2]}}
+    lines = markdown([], {}, setup=setup).splitlines()
+    assert lines[2:5] == ["- method: SPPO", f"- ranker: FunctionJudge (function m:f, source {'x' * 47}…)",
+                          "- generator: HFGenerator (temperature 0.7, top_p 0.9)"]
+    assert not any(line.startswith("- method") for line in markdown([], {}).splitlines())

@@ -33,7 +33,7 @@ import torch
 
 from sppo_lightning import seeds
 from sppo_lightning.artifacts import IterationArtifacts
-from sppo_lightning.contracts import EngineGenerator, Generator, IterationData
+from sppo_lightning.contracts import EngineGenerator, Generator, IterationData, plugins_of
 from sppo_lightning.data.prompts import Prompt, prompts_fingerprint
 from sppo_lightning.data.tokenize import collate_responses
 from sppo_lightning.distributed import DistContext
@@ -193,7 +193,7 @@ class JBOND:
         if judge:
             stats["judge"] = judge
         if ctx.is_global_zero:
-            artifacts.record_stats(stats)
+            artifacts.record_stats(stats, plugins_of(self))
         return IterationData(memory_mapped_on_ranks(ctx, artifacts, "train", TRAINING_COLUMNS), stats)
 
     def _generate(self, policies: Policies, tokenizer, prompts: Sequence[Prompt], iteration: int, ctx: DistContext,

@@ -22,7 +22,7 @@ from typing import Any, Literal, Optional, Sequence
 
 from sppo_lightning import seeds
 from sppo_lightning.artifacts import IterationArtifacts
-from sppo_lightning.contracts import EngineGenerator, Generator, IterationData
+from sppo_lightning.contracts import EngineGenerator, Generator, IterationData, plugins_of
 from sppo_lightning.data.prompts import Prompt, prompts_fingerprint
 from sppo_lightning.distributed import DistContext
 from sppo_lightning.errors import ConfigError
@@ -119,7 +119,7 @@ class OnlinePairs:
                           on_every_rank=self.reference == "iteration", source=source)
         stats = stages.pair_statistics(artifacts, prompts, iteration, self.num_samples, allow_empty=True)
         if ctx.is_global_zero:
-            artifacts.record_stats(stats)
+            artifacts.record_stats(stats, plugins_of(self))
         columns = PAIR_COLUMNS + (REFERENCE_COLUMNS if self.reference == "iteration" else [])
         if stats["pairs"] == 0:  # every prompt of the step tied: the step trains on nothing
             return IterationData(self._no_pair(artifacts, columns), stats)

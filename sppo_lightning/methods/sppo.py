@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence
 
 from sppo_lightning import seeds
 from sppo_lightning.artifacts import IterationArtifacts
-from sppo_lightning.contracts import EngineGenerator, Generator, IterationData
+from sppo_lightning.contracts import EngineGenerator, Generator, IterationData, plugins_of
 from sppo_lightning.data.prompts import Prompt, prompts_fingerprint
 from sppo_lightning.distributed import DistContext
 from sppo_lightning.errors import ConfigError
@@ -222,7 +222,7 @@ class SPPO:
         stats = stages.pair_statistics(artifacts, prompts, iteration, self.num_samples)
         samples = stages.samples_table(artifacts.read_shard("train", 0), self.log_samples)
         if ctx.is_global_zero:
-            artifacts.record_stats(stats)
+            artifacts.record_stats(stats, plugins_of(self))
         if ctx.is_global_zero and self.log_samples > 0:
             atomic_write_bytes(artifacts.dir / "samples.md", stages.markdown_table(*samples).encode())
         return IterationData(memory_mapped_on_ranks(ctx, artifacts, "train", TRAINING_COLUMNS), stats, samples)
