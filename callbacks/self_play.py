@@ -165,7 +165,8 @@ class SelfPlay(L.Callback):
         # at this step and skips): a kill during the evaluation redoes the evaluation alone.
         for checkpoint in trainer.checkpoint_callbacks:
             checkpoint.on_train_epoch_end(trainer, pl_module)
-        loss = trainer.callback_metrics.get("train/loss")
+        # a per-step draw without a pair trained nothing: no loss of its own (not the last step's)
+        loss = trainer.callback_metrics.get("train/loss") if current.stats.get("pairs") != 0 else None
         last = trainer.current_epoch + 1 >= (trainer.max_epochs or 0)
         self._finish(trainer, pl_module, current.number, current.stats, float(loss) if loss is not None else None,
                      train_seconds, last, log=True)

@@ -47,7 +47,10 @@ def tiny_dir(tmp_path_factory):
     import sys
 
     out = tmp_path_factory.mktemp("quickstart") / "tiny"
-    subprocess.run([sys.executable, "-m", "sppo_lightning.testing", str(out)], check=True, capture_output=True)
+    built = subprocess.run([sys.executable, "-m", "sppo_lightning.testing", str(out)], check=True,
+                           capture_output=True, text=True)
+    # a line before each model's build, then where it went: the first minutes are never silent
+    assert [line[:5] for line in built.stdout.splitlines()] == ["[1/2]", "tiny ", "[2/2]", "tiny "], built.stdout
     return out
 
 

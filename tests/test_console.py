@@ -50,3 +50,14 @@ def test_the_bitsandbytes_kernel_line_is_hidden_only_when_quiet(quiet):
 def test_the_progress_bar_counts_epochs_from_one():
     assert epoch_description(0, 3) == "Epoch 1/3" and epoch_description(2, 3) == "Epoch 3/3"
     assert epoch_description(4, -1) == "Epoch 5" and epoch_description(0, None) == "Epoch 1"
+
+
+def test_loading_pairrm_prints_nothing_of_its_own(tiny_dir):
+    """llm-blender's config warnings and transformers' embedding-resize line are removed at their
+    source (not filtered), so a plain Python process loading PairRM stays quiet too."""
+    code = (f"from sppo_lightning.ranking import PairRMRanker; "
+            f"print(PairRMRanker({str(tiny_dir / 'pairrm')!r}, device='cpu', show_progress=False)"
+            f".pairwise_logits(['hi'], [['a', 'b']]).shape)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "torch.Size([1, 2, 2])"
+    assert "RankerConfig" not in result.stderr and "multivariate normal" not in result.stderr, result.stderr

@@ -52,6 +52,7 @@ def test_pairs_are_the_best_and_worst_of_k_samples(tmp_path, tiny_llama, tokeniz
         lengths = [len(r) for r in by_prompt[row["prompt_index"]]["responses"]]
         assert len(row["chosen"][-1]["content"]) == min(lengths) and len(row["rejected"][-1]["content"]) == max(lengths)
     served = set(data.pairs.column_names)
+    assert ("reference" in data.stats["seconds"]) is (reference == "iteration")  # no "reference 0.0s" line
     if reference == "module":  # the module's reference (the initial policy) scores them: nothing cached
         assert not any(c.startswith("reference_") for c in served)
     else:  # π_t's own log-probs, cached with the pairs
@@ -116,15 +117,17 @@ def test_a_step_whose_prompts_all_tie_trains_on_nothing_and_the_run_goes_on(tiny
     throughout and stopped the run; like GRPO's all-equal groups, such a step has no pair and no update."""
     config = short_online_config(tmp_path)
     data = yaml.safe_load(config.read_text())
-    data["data"]["init_args"]["method"]["init_args"]["ranker"]["init_args"]["function"] = "sppo_lightning.ranking.judges:no_preference"
-    data["trainer"]["max_epochs"] = 2
+    data["data"]["init_args"]["method"]["init_args"]["ranker"]["init_args"]["function"] = "tests.judges:first_step_only"
+    data["trainer"]["max_epochs"] = 3
     data["self_play"]["eval_every"] = 2
     config.write_text(yaml.safe_dump(data))
     result = run_fit(config, tiny_dir, tmp_path)
-    assert "iteration 1: all 4 prompts tied (their 4 responses scored the same): this step trains on nothing" in \
+    assert "iteration 2: all 4 prompts tied (their 4 responses scored the same): this step trains on nothing" in \
         result.stderr
     assert "`training_step` returned `None`" not in result.stderr  # Lightning's hint: our line says it
     rows = json.loads((tmp_path / "online" / "summary.json").read_text())["iterations"]
-    assert [(r["iteration"], r["pairs"], r["ties_dropped"]) for r in rows] == [(1, 0, 4), (2, 0, 4)]
-    trained, initial = (load_file(folder / "model.safetensors") for folder in (tmp_path / "hf_model", tiny_dir / "llama"))
-    assert trained.keys() == initial.keys() and all(torch.equal(trained[k], initial[k]) for k in initial)
+    assert [(r["iteration"], r["pairs"], r["ties_dropped"]) for r in rows] == [(1, 1, 3), (2, 0, 4), (3, 0, 4)]
+    assert rows[0]["final_loss"] is not None and rows[1]["final_loss"] is None is rows[2]["final_loss"]
+    assert "reference" not in rows[0]["seconds"]
+    losses = [json.loads(line) for line in (tmp_path / "online" / "losses.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["iteration"]) for r in losses] == [(1, 1)]  # steps 2 and 3 made no update

@@ -117,7 +117,8 @@ class OnlinePairs:
         run_sharded_stage(ctx, artifacts, "train", artifacts.num_shards("generations"),
                           lambda k: self._pairs(artifacts, k, iteration, policies, tokenizer, ctx),
                           on_every_rank=self.reference == "iteration", source=source)
-        stats = stages.pair_statistics(artifacts, prompts, iteration, self.num_samples, allow_empty=True)
+        stats = stages.pair_statistics(artifacts, prompts, iteration, self.num_samples, allow_empty=True,
+                                       reference=self.reference == "iteration")
         if ctx.is_global_zero:
             artifacts.record_stats(stats, plugins_of(self))
         columns = PAIR_COLUMNS + (REFERENCE_COLUMNS if self.reference == "iteration" else [])

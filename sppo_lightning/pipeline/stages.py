@@ -147,18 +147,19 @@ def reference_logps(policy: nn.Module, pairs: list[dict[str, Any]], pad_token_id
 
 
 def pair_statistics(artifacts, prompts: Sequence[Prompt], iteration: int, num_samples: int,
-                    allow_empty: bool = False) -> dict[str, Any]:
+                    allow_empty: bool = False, reference: bool = True) -> dict[str, Any]:
     """The statistics of an iteration's best/worst pairs (``train``, ``rankings`` and ``generations``
     of ``artifacts``): counts, mean P(win) of chosen and rejected, seconds per stage, an LLM judge's
     counts. No pair at all (every prompt tied) is a ``DataError`` naming what can cause it, unless
     ``allow_empty`` (a per-step draw: one step of a few prompts can tie throughout, as GRPO's
-    all-equal groups do; that step trains on nothing and the run goes on)."""
+    all-equal groups do; that step trains on nothing and the run goes on). ``reference``: the
+    ``train`` stage computed π_t's log-probs, timed as ``reference`` (else no such time is shown)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     info = artifacts.info("train")
     seconds = {s: artifacts.info(n).get("seconds", 0.0) for s, n in
-               (("generate", "generations"), ("rank", "rankings"), ("reference", "train"))}
+               (("generate", "generations"), ("rank", "rankings"), ("reference", "train")) if reference or s != "reference"}
     if info["rows"] == 0 and allow_empty:
         rank_zero_info(f"{iteration_label(iteration)}: all {len(prompts)} prompts tied (their {num_samples} "
                        f"responses scored the same): this step trains on nothing")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -148,7 +149,10 @@ class PairRMRanker:
         from llm_blender.pair_ranker.config import RankerConfig
         from llm_blender.pair_ranker.ranker import CrossCompareReranker
 
-        ranker_config = RankerConfig.from_dict(config)
+        with warnings.catch_warnings():  # llm-blender's own config has None for three str fields: noise
+            warnings.filterwarnings("ignore", message=r".*object value of non-optional type .* RankerConfig",
+                                    category=RuntimeWarning)
+            ranker_config = RankerConfig.from_dict(config)
         if ranker_config.ranker_type != "pairranker":
             raise ConfigError(f"{folder}: ranker_type is {ranker_config.ranker_type!r}, not 'pairranker'")
         tokenizer = AutoTokenizer.from_pretrained(ranker_config.model_name)
@@ -156,7 +160,8 @@ class PairRMRanker:
         tokenizer.add_tokens([SOURCE, CANDIDATE1, CANDIDATE2, CANDIDATE])
         # The checkpoint holds the backbone's weights too, so its config is enough (no second download).
         backbone = AutoModel.from_config(AutoConfig.from_pretrained(ranker_config.model_name))
-        backbone.resize_token_embeddings(len(tokenizer))
+        # The checkpoint's embeddings replace these rows: no mean init (and none of its console line).
+        backbone.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         backbone.config.out_hidden_state_size = backbone.config.hidden_size
         model = CrossCompareReranker(backbone, ranker_config, tokenizer)
         if (folder / "model.safetensors").exists():
