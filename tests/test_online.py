@@ -8,7 +8,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from sppo_lightning.data.prompts import load_prompts
