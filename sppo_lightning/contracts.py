@@ -143,6 +143,18 @@ class QuestionJudge(Ranker, Protocol):
     def counts(self) -> dict[str, int]: ...
 
 
+@runtime_checkable
+class PromptScreen(Ranker, Protocol):
+    """A ranker that can tell at start-up which prompts it cannot score in full (the verifiable-
+    instruction ranker: instructions whose checker cannot run here). The data module drops those
+    prompts when it loads them, with the ranker's lines, so nothing fails mid-iteration."""
+
+    def screen_prompts(self, prompts: Sequence[tuple[str, Optional[dict[str, Any]]]]) -> tuple[list[int], list[str]]:
+        """``prompts``: (text, IFEval metadata or None) per prompt. Returns the indices kept and one
+        line per reason to drop, naming it and how many prompts it drops."""
+        ...
+
+
 @dataclass
 class IterationData:
     """What a method's ``build`` returns: the training rows (anything with ``len`` and integer

@@ -183,3 +183,23 @@ def test_jbond_and_online_rank_with_the_checkers(tmp_path, tiny_llama, tokenizer
     policies = Policies(policy, roles={"anchor": lambda: contextlib.nullcontext(anchor)})
     data = method.build(0, prompts[:4], policies, tokenizer, DistContext(), tmp_path / "run")
     assert len(data.pairs) > 0
+
+
+def test_prompts_the_ranker_cannot_score_are_dropped_at_start_up_in_one_line(tiny_llama, tmp_path):
+    from sppo_lightning.datamodules import SelfPlayDataModule
+    from sppo_lightning.methods import SPPO
+
+    method = SPPO(VerifiableInstructionRanker(show_progress=False))
+    data = SelfPlayDataModule(method, str(DATA), eval_prompts=str(DATA), tokenizer=tiny_llama)
+    with pytest.warns(UserWarning) as warned:
+        data.setup("fit")
+    assert [p.meta["key"] for p in data.prompts] == [r["key"] for r in ROWS if "ratio:stop_words" not in
+                                                      r["instruction_id_list"]]
+    assert len(data.eval_prompts) == len(data.prompts)
+    lines = [str(w.message) for w in warned if "cannot be checked here" in str(w.message)]
+    assert len(lines) == 2 and lines[0].startswith(f"{DATA}: instruction ratio:stop_words cannot be checked here")
+    assert lines[0].endswith("1 prompt(s) with it dropped")
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(json.dumps({"prompt": "Name a color."}) + "\n")
+    with pytest.raises(DataError, match="needs IFEval's columns instruction_id_list and kwargs"):
+        SelfPlayDataModule(method, str(plain), tokenizer=tiny_llama).setup("fit")

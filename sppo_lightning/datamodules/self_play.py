@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from sppo_lightning.contracts import SelfPlayMethod
+from sppo_lightning.contracts import PromptScreen, SelfPlayMethod
 from sppo_lightning.data.prompts import Prompt, load_prompts
 from sppo_lightning.data.tokenize import collate_pairs
 from sppo_lightning.datamodules.shuffle import epoch_sampler
@@ -173,9 +173,9 @@ class SelfPlayDataModule(L.LightningDataModule):
                 raise ConfigError("data.tokenizer is not set (the CLI links it to model.model_name_or_path)")
             self.tokenizer = load_tokenizer(self.tokenizer_name, self.trust_remote_code)
         if not self.prompts:
-            self.prompts = self._load(self.prompts_source, self.split)
+            self.prompts = self._screened(self._load(self.prompts_source, self.split), self.prompts_source)
         if self.eval_source is not None and not self.eval_prompts:
-            self.eval_prompts = self._load(self.eval_source, self.eval_split)
+            self.eval_prompts = self._screened(self._load(self.eval_source, self.eval_split), self.eval_source)
         if trainer is not None:  # per-step methods draw one optimizer step's prompts per iteration
             per_step = self.batch_size * trainer.accumulate_grad_batches * trainer.world_size
             self.iteration_size = self.method.prompts_per_iteration(per_step, self.prompts_per_iteration,
@@ -208,6 +208,19 @@ class SelfPlayDataModule(L.LightningDataModule):
                 rank_zero_warn(f"{source}: {len(repeats)} prompt(s) repeat an earlier one (first: row {row + 1} "
                                f"repeats row {original + 1}); set data.drop_duplicate_prompts: true to drop them")
         return prompts
+
+    def _screened(self, prompts: list[Prompt], source: str) -> list[Prompt]:
+        """``prompts`` less those the method's ranker says at start-up it cannot score (a ``PromptScreen``:
+        instructions whose checker cannot run here), each reason in one line naming ``source``."""
+        ranker = self.method.ranker
+        if not isinstance(ranker, PromptScreen):
+            return prompts
+        keep, lines = ranker.screen_prompts([(p.text, p.meta) for p in prompts])
+        for line in lines:
+            rank_zero_warn(f"{source}: {line}")
+        if not keep:
+            raise ConfigError(f"{source}: no prompt is left that {type(ranker).__name__} can score here")
+        return [prompts[i] for i in keep]
 
     @property
     def max_length(self) -> int:

@@ -25,13 +25,13 @@ prompts are read as JSON rows (``prompt_view: record``): the prompt and its inst
 from __future__ import annotations
 
 from importlib import metadata
-from typing import Any, Literal
+from typing import Any, Literal, Optional, Sequence
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from sppo_lightning.errors import ConfigError
+from sppo_lightning.errors import ConfigError, DataError
 from sppo_lightning.ranking.estimate import pairwise_from_rewards
 from sppo_lightning.ranking.instructions import InstructionChecks, parse_record
 
@@ -66,6 +66,15 @@ class VerifiableInstructionRanker:
         return {"class": "VerifiableInstructionRanker", "score": self.score, "mode": self.mode,
                 "length_penalty": self.length_penalty, "if_verifiable": metadata.version("if-verifiable"),
                 "prompt_view": self.prompt_view}
+
+    def screen_prompts(self, prompts: Sequence[tuple[str, Optional[dict[str, Any]]]]) -> tuple[list[int], list[str]]:
+        """At start-up: the prompts whose every instruction can be checked here, and one line per
+        instruction that cannot (naming it, why, and how many prompts it drops). A prompt without
+        instructions is a ``DataError``: the file is not in the IFEval format."""
+        if any(meta is None for _, meta in prompts):
+            raise DataError("VerifiableInstructionRanker scores prompts by their instructions: the prompt file "
+                            "needs IFEval's columns instruction_id_list and kwargs (IFEval / IFBench format)")
+        return self.checks.screen([(text, meta) for text, meta in prompts if meta is not None])
 
     def reward(self, prompt: str, meta: dict[str, Any], response: str) -> float:
         """One response's reward (see the class docstring)."""
