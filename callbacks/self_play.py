@@ -42,6 +42,7 @@ from sppo_lightning.module import PreferenceModule
 from sppo_lightning.outputs import written
 from sppo_lightning.report import PLOTS, format_following, format_row, log_images, write_report
 from sppo_lightning.run_summary import RunSummary
+from sppo_lightning.step_store import STEPS, recorded_steps
 
 
 class SelfPlay(L.Callback):
@@ -173,11 +174,13 @@ class SelfPlay(L.Callback):
 
     def _rebuild_summary(self, trainer: L.Trainer) -> None:
         """The rows of a damaged ``summary.json`` (kept aside) made again from what is whole: each
-        finished iteration's statistics (its manifest) and last loss (``losses.jsonl``)."""
+        finished iteration's statistics (its manifest, or a step's line in ``steps.jsonl``) and last
+        loss (``losses.jsonl``)."""
         losses = read_losses(self.run_dir / "losses.jsonl")
+        steps = recorded_steps(self.run_dir)  # per-step draws: one line each, no folder
         index = 0
-        while iteration_dir(self.run_dir, index).is_dir():
-            stats = recorded_stats(self.run_dir, index)
+        while iteration_dir(self.run_dir, index).is_dir() or index in steps:
+            stats = recorded_stats(self.run_dir, index) or steps.get(index, {})
             if stats:
                 number = iteration_number(index)
                 row, seconds = self._stats_row(number, stats)
@@ -197,7 +200,8 @@ class SelfPlay(L.Callback):
         if any(row["iteration"] == number for row in self.summary.rows):
             return
         rank_zero_info(f"{iteration_label(index)} ended before its evaluation finished: evaluating it now")
-        self._finish(trainer, pl_module, number, recorded_stats(self.run_dir, index),
+        stats = recorded_stats(self.run_dir, index) or recorded_steps(self.run_dir).get(index, {})
+        self._finish(trainer, pl_module, number, stats,
                      last_loss(read_losses(self.run_dir / "losses.jsonl"), number), 0.0,
                      trainer.current_epoch >= (trainer.max_epochs or 0), log=False)
 
@@ -262,7 +266,9 @@ class SelfPlay(L.Callback):
     def _where(self, trainer: L.Trainer) -> dict[str, str]:
         from sppo_lightning.callbacks.hf_export import HFExport
 
-        where = {"iterations' data (generations, rankings, train pairs)": str(self.run_dir / "iteration_<t>")}
+        where = {"per-step draws' statistics (one line a step)": str(self.run_dir / STEPS)} \
+            if (self.run_dir / STEPS).exists() else \
+            {"iterations' data (generations, rankings, train pairs)": str(self.run_dir / "iteration_<t>")}
         checkpoint = trainer.checkpoint_callback
         if checkpoint is not None and getattr(checkpoint, "dirpath", None) and written_checkpoints(checkpoint.dirpath):
             where["checkpoints (resume with --ckpt_path last)"] = str(checkpoint.dirpath)

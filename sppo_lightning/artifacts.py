@@ -149,6 +149,12 @@ class IterationArtifacts:
         path = self.path(stage)
         return [StageRow(path, n, row) for n, row in enumerate(pq.read_table(path).to_pylist(), 1)]
 
+    def column(self, stage: str, name: str) -> list[Any]:
+        """One column of a finished stage (a stage without it: one line, ``not_written_here``)."""
+        if name not in pq.read_schema(self.path(stage)).names:
+            raise not_written_here(self.path(stage), name)
+        return pq.read_table(self.path(stage), columns=[name]).column(name).to_pylist()
+
     def num_shards(self, stage: str) -> int:
         """How many shards a merged stage holds (one parquet row group each, see ``merge``)."""
         return pq.ParquetFile(self.path(stage)).num_row_groups

@@ -7,12 +7,22 @@ made shard by shard so that no more than one shard's rows are in memory, then me
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
 
 from sppo_lightning.artifacts import IterationArtifacts
+from sppo_lightning.step_store import StepDraw
+
+Store = Union[IterationArtifacts, StepDraw]  # an iteration's files, or a per-step draw in memory
 
 
-def run_stage(ctx, artifacts: IterationArtifacts, stage: str, compute, on_every_rank: bool = False,
+def step_store(run_dir: Path, iteration: int, settings: dict[str, Any], in_memory: bool) -> Store:
+    """Where a method's iteration keeps its stages: ``iteration_<t>/`` files, or (``in_memory``: a
+    per-step draw) a ``StepDraw`` with one line in the run's ``steps.jsonl``."""
+    return StepDraw(run_dir, iteration, settings) if in_memory else IterationArtifacts(run_dir, iteration, settings)
+
+
+def run_stage(ctx, artifacts: Store, stage: str, compute, on_every_rank: bool = False,
               expect: Optional[dict[str, Any]] = None) -> None:
     """Make a stage unless it is finished: ``compute()`` returns ``(rows, info)`` and rank 0 writes.
 
@@ -22,9 +32,17 @@ def run_stage(ctx, artifacts: IterationArtifacts, stage: str, compute, on_every_
     itself could see the file rank 0 has just written and skip a collective the others are in.
     ``expect``: manifest entries the stage must have to count as finished; they are recorded with it.
     ``ctx``: the processes (``pipeline.DistContext``: ``is_global_zero``, ``broadcast``, ``barrier``).
+    A ``StepDraw`` (in memory) keeps the rows on every rank: a rank-0 stage's rows are broadcast.
     """
     import time
 
+    if isinstance(artifacts, StepDraw):
+        start = time.perf_counter()
+        rows, info = compute() if on_every_rank or ctx.is_global_zero else ([], {})
+        if not on_every_rank:
+            rows, info = ctx.broadcast((rows, info))
+        artifacts.save(stage, rows, seconds=time.perf_counter() - start, **info)
+        return
     done = artifacts.finished(stage, expect) if ctx.is_global_zero else False
     if ctx.broadcast(done):  # rank 0 has just checked the file: every rank reuses it
         _reused(ctx, artifacts, stage)
@@ -38,16 +56,18 @@ def run_stage(ctx, artifacts: IterationArtifacts, stage: str, compute, on_every_
     ctx.barrier(f"stage_{stage}")  # the others read what rank 0 wrote when they need it
 
 
-def memory_mapped_on_ranks(ctx, artifacts: IterationArtifacts, stage: str, columns: list[str]):
+def memory_mapped_on_ranks(ctx, artifacts: Store, stage: str, columns: list[str]):
     """``artifacts.memory_mapped`` on every rank: rank 0 writes the Arrow file, the others open it
-    after a barrier (two ranks writing the same file would race)."""
+    after a barrier (two ranks writing the same file would race). A ``StepDraw``'s rows are in memory."""
+    if isinstance(artifacts, StepDraw):
+        return artifacts.dataset(stage, columns)
     if ctx.is_global_zero:
         data = artifacts.memory_mapped(stage, columns)
     ctx.barrier(f"arrow_{stage}")
     return data if ctx.is_global_zero else artifacts.memory_mapped(stage, columns)
 
 
-def _reused(ctx, artifacts: IterationArtifacts, stage: str) -> None:
+def _reused(ctx, artifacts: Store, stage: str) -> None:
     """One line per stage or shard a resumed run takes from disk (a redone one is warned with its reason)."""
     if ctx.is_global_zero:
         from lightning.pytorch.utilities import rank_zero_info
@@ -56,7 +76,7 @@ def _reused(ctx, artifacts: IterationArtifacts, stage: str) -> None:
                        f"finished earlier)")
 
 
-def run_sharded_stage(ctx, artifacts: IterationArtifacts, stage: str, shards: int,
+def run_sharded_stage(ctx, artifacts: Store, stage: str, shards: int,
                       compute_shard: Callable[[int], tuple[list[dict], dict]], on_every_rank: bool = False,
                       source: Optional[dict[str, Any]] = None,
                       expect: Optional[Callable[[int], dict[str, Any]]] = None) -> None:
@@ -80,6 +100,6 @@ def run_sharded_stage(ctx, artifacts: IterationArtifacts, stage: str, shards: in
     for k, part in enumerate(parts):
         run_stage(ctx, artifacts, part, lambda k=k: compute_shard(k), on_every_rank,
                   expect={**source, **(expect(k) if expect else {})} or None)
-    if ctx.is_global_zero:
+    if ctx.is_global_zero or isinstance(artifacts, StepDraw):  # in memory: every rank holds its copy
         artifacts.merge(stage, parts, shards=shards, **({"input": source} if source else {}))
     ctx.barrier(f"merge_{stage}")

@@ -73,7 +73,7 @@ def test_bond_rows_rewards_and_ties(tmp_path, tiny_llama, variant, tie_rule):
     judge = "sppo_lightning.ranking.judges:shorter" if variant == "jbond" else f"{__name__}:constant"
     datamodule, trainer = bond_run(FunctionJudge(judge), prompts, tiny_llama, 3, [EMAAnchor(0.1)], variant=variant,
                                    n=3, quantile_samples=4, max_new_tokens=6, generation_batch_size=2,
-                                   run_dir=tmp_path / "bond", max_epochs=1, tie_rule=tie_rule)
+                                   run_dir=tmp_path / "bond", max_epochs=1, tie_rule=tie_rule, step_folders=True)
     module = BondModule(tiny_llama, lr=1e-3, lora=LoraSettings(r=4, alpha=8))
     # on-policy: the iteration is one optimizer step's prompts, here all 3
     trainer.fit(module, datamodule=datamodule)
@@ -127,9 +127,10 @@ def test_full_fine_tuning_logs_kl_with_an_initial_copy(tmp_path, tiny_llama):
                                    [EMAAnchor(0.5), record], max_new_tokens=6, run_dir=tmp_path / "bond",
                                    max_epochs=2)
     trainer.fit(module, datamodule=datamodule)
-    entries = [json.loads((tmp_path / "bond" / f"iteration_{t + 1}" / "manifest.json").read_text())["stages"]["train"]
-               for t in (0, 1)]
-    kl = [e["kl_sum"] / e["kl_rows"] for e in entries]
+    # each step's line in the run's one store (no folder per step): its statistics
+    lines = [json.loads(line) for line in (tmp_path / "bond" / "steps.jsonl").read_text().splitlines()]
+    assert [line["iteration"] for line in lines] == [1, 2] and not (tmp_path / "bond" / "iteration_1").exists()
+    kl = [line["stats"]["kl_to_initial"] for line in lines]
     assert kl[0] == pytest.approx(0.0, abs=1e-4)  # iteration 1 samples from the initial policy itself
     assert kl[1] != pytest.approx(0.0, abs=1e-4)  # after training, the policy has moved
     assert not any(p.requires_grad for p in module.initial.parameters())
@@ -162,7 +163,7 @@ def test_jbond_runs_on_the_qlora_footprint(tmp_path):
     prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in ["Hi", "Name a color.", "Why?"]))
     datamodule, trainer = bond_run(FunctionJudge("sppo_lightning.ranking.judges:shorter"), prompts, model, 2,
                                    [EMAAnchor(0.5)], n=3, max_new_tokens=6, generation_batch_size=2,
-                                   run_dir=tmp_path / "bond", max_epochs=1)
+                                   run_dir=tmp_path / "bond", max_epochs=1, step_folders=True)
     module = BondModule(model, footprint="qlora", lr=1e-2, lora=LoraSettings(r=4, alpha=8))
     module.configure_model()
     before = [a.detach().clone() for a, _ in module.anchor_parameter_pairs()]
@@ -251,7 +252,7 @@ def fit_bond(tmp_path, tiny_llama, ranker, run_dir, epochs=1, batch_size=2, prom
 def test_on_policy_draws_one_step_of_prompts_per_iteration(tmp_path, tiny_llama):
     import pyarrow.parquet as pq
 
-    fit_bond(tmp_path, tiny_llama, CountingJudge(), tmp_path / "bond", epochs=3)
+    fit_bond(tmp_path, tiny_llama, CountingJudge(), tmp_path / "bond", epochs=3, step_folders=True)
     texts = [[g["prompt"] for g in pq.read_table(tmp_path / "bond" / f"iteration_{t + 1}" / "generations.parquet")
               .to_pylist()] for t in range(3)]
     assert texts == [["Hi", "Name a color."], ["Why?", "Say yes."], ["Count to two.", "Be kind."]]
@@ -323,8 +324,8 @@ def test_jbond_samples_with_any_generator(tmp_path, tiny_llama):
 
     generator = LinearAlignmentGenerator("Be brief.", alpha=2.0, temperature=1.0, top_p=1.0, max_new_tokens=6,
                                          batch_size=2)
-    fit_bond(tmp_path, tiny_llama, CountingJudge(), tmp_path / "aligned", generator=generator)
-    fit_bond(tmp_path, tiny_llama, CountingJudge(), tmp_path / "plain")
+    fit_bond(tmp_path, tiny_llama, CountingJudge(), tmp_path / "aligned", generator=generator, step_folders=True)
+    fit_bond(tmp_path, tiny_llama, CountingJudge(), tmp_path / "plain", step_folders=True)
     manifest = json.loads((tmp_path / "aligned" / "iteration_1" / "manifest.json").read_text())
     assert manifest["settings"]["generator"]["class"] == "LinearAlignmentGenerator"
     aligned, plain = (pq.read_table(tmp_path / run / "iteration_1" / "generations.parquet").to_pylist()

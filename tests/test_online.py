@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from sppo_lightning.data.prompts import load_prompts
 from sppo_lightning.data.tokenize import collate_pairs
 from sppo_lightning.distributed import DistContext
-from sppo_lightning.errors import ConfigError
+from sppo_lightning.errors import ConfigError, SettingsMismatch
 from sppo_lightning.logprobs import model_logprobs
 from sppo_lightning.methods import OnlinePairs
 from sppo_lightning.policies import Policies
@@ -40,7 +40,7 @@ def online(reference="module", **settings):
 @pytest.mark.parametrize("reference", ["module", "iteration"])
 def test_pairs_are_the_best_and_worst_of_k_samples(tmp_path, tiny_llama, tokenizer, prompts, reference):
     policy = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
-    data = online(reference).build(0, prompts, Policies(policy), tokenizer, DistContext(), tmp_path)
+    data = online(reference, step_folders=True).build(0, prompts, Policies(policy), tokenizer, DistContext(), tmp_path)
     folder = tmp_path / "iteration_1"
     generations = pq.read_table(folder / "generations.parquet").to_pylist()
     assert all(len(g["responses"]) == 4 for g in generations)
@@ -61,6 +61,28 @@ def test_pairs_are_the_best_and_worst_of_k_samples(tmp_path, tiny_llama, tokeniz
         stored = torch.tensor([r["reference_chosen_logps"] for r in train] + [r["reference_rejected_logps"] for r in train])
         torch.testing.assert_close(stored, expected, atol=1e-4, rtol=0)
     assert json.loads((folder / "manifest.json").read_text())["stats"]["pairs"] == data.stats["pairs"]
+
+
+@pytest.mark.parametrize("reference", ["module", "iteration"])
+def test_a_step_drawn_in_memory_equals_the_one_in_a_folder_and_writes_one_line(tmp_path, tiny_llama, tokenizer,
+                                                                                prompts, reference):
+    policy = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    draws = {}
+    for folders in (True, False):
+        run = tmp_path / f"folders_{folders}"
+        draws[folders] = online(reference, step_folders=folders).build(0, prompts, Policies(policy), tokenizer,
+                                                                      DistContext(), run)
+    kept, memory = draws[True], draws[False]
+    assert memory.pairs.column_names == kept.pairs.column_names and memory.pairs.to_list() == kept.pairs.to_list()
+    drop = lambda stats: {k: v for k, v in stats.items() if k != "seconds"}  # noqa: E731
+    assert drop(memory.stats) == drop(kept.stats) and memory.stats["seconds"].keys() == kept.stats["seconds"].keys()
+    run = tmp_path / "folders_False"
+    assert sorted(p.name for p in run.iterdir()) == ["steps.jsonl", "steps_settings.json"]  # no iteration_1/
+    (line,) = [json.loads(x) for x in (run / "steps.jsonl").read_text().splitlines()]
+    assert line["iteration"] == 1 and drop(line["stats"]) == drop(memory.stats)
+    assert line["plugins"]["method"] == "OnlinePairs"
+    with pytest.raises(SettingsMismatch, match="num_samples differ"):  # the run's settings are checked, as a manifest's
+        online(reference, num_samples=3).build(1, prompts, Policies(policy), tokenizer, DistContext(), run)
 
 
 def test_impossible_settings_are_one_line():

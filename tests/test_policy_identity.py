@@ -57,8 +57,9 @@ def test_the_on_device_sums_are_exact_and_order_free():
     assert device_sums(weight.bfloat16()) != device_sums(weight)
 
 
-def jbond_config(out, epochs: int = 3):
+def jbond_config(out, epochs: int = 3, step_folders: bool = False):
     data = yaml.safe_load((REPO / "configs" / "jbond.yaml").read_text())
+    data["data"]["init_args"]["method"]["init_args"]["step_folders"] = step_folders
     data["trainer"]["max_epochs"] = epochs
     data["trainer"]["log_every_n_steps"] = 1
     data["self_play"]["eval_every"] = epochs
@@ -74,7 +75,7 @@ def test_a_restart_with_another_learning_rate_redoes_the_samples_of_other_weight
     redone with a warning, and the run equals a fresh one at that learning rate."""
     first, fresh = tmp_path / "first", tmp_path / "fresh"
     first.mkdir(), fresh.mkdir()
-    config = jbond_config(tmp_path)
+    config = jbond_config(tmp_path, step_folders=True)  # drawn in memory (the default), nothing is reused
     run_fit(config, tiny_dir, first)
     again = run_fit(config, tiny_dir, first, "--model.lr", "1e-3").stderr
     assert "iteration_1: reusing generations" in again

@@ -27,12 +27,9 @@ import math
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
 from sppo_lightning import seeds
-from sppo_lightning.artifacts import IterationArtifacts
 from sppo_lightning.contracts import EngineGenerator, Generator, IterationData, plugins_of
 from sppo_lightning.data.prompts import Prompt, prompts_fingerprint
 from sppo_lightning.data.tokenize import collate_responses
@@ -50,7 +47,7 @@ from sppo_lightning.ranking import Ranker
 from sppo_lightning.ranking.cache import attach_judgment_cache, counted
 from sppo_lightning.ranking.estimate import scores_from_pairwise
 from sppo_lightning.ranking.protocol import fingerprint_hash, fingerprint_of
-from sppo_lightning.stage_runner import memory_mapped_on_ranks, run_sharded_stage
+from sppo_lightning.stage_runner import memory_mapped_on_ranks, run_sharded_stage, step_store
 
 TRAINING_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "reward"]
 TIE_RULES = ("strict", "le", "coin")
@@ -103,6 +100,10 @@ class JBOND:
         tie_rule: ``strict`` (the paper's main text: the policy sample loses only when strictly
             worse than both anchor samples), ``le`` (its appendix: worse or tied), or ``coin``.
         generation_shard_size: prompts per shard of the generate and rank stages.
+        step_folders: write each on-policy step's stages to ``iteration_<t>/`` (generations, ranks,
+            rows, as SPPO's iterations), to inspect them; off (the default), a step's draw stays in
+            memory and ``steps.jsonl`` gets one line per step (``step_store.py``): no folder per
+            step, and a resume is as exact (the draw is made again from the same weights).
     """
 
     run_folder = "bond"
@@ -121,8 +122,10 @@ class JBOND:
         on_policy: bool = True,
         tie_rule: Literal["strict", "le", "coin"] = "strict",
         generation_shard_size: int = 512,
+        step_folders: bool = False,
     ) -> None:
         self.ranker = ranker
+        self.step_folders = step_folders
         self.generator = generator if generator is not None else HFGenerator(temperature=1.0, top_p=1.0)
         self.variant, self.n, self.k, self.seed = variant, n, quantile_samples, seed
         self.on_policy, self.tie_rule, self.shard_size = on_policy, tie_rule, generation_shard_size
@@ -162,7 +165,7 @@ class JBOND:
               run_dir: Path) -> IterationData:
         """Iteration ``iteration``'s rows: samples of ``policies.policy`` and of the ``anchor`` role,
         ranked, with their rewards (and KL to the ``initial`` role where the module holds one)."""
-        artifacts = IterationArtifacts(Path(run_dir), iteration, self.settings(prompts))
+        artifacts = step_store(Path(run_dir), iteration, self.settings(prompts), self.on_policy and not self.step_folders)
         batch = self.generator.batch_size
         size = math.ceil(self.shard_size / batch) * batch  # shards cut at batch boundaries
         starts = range(0, len(prompts), size)
@@ -180,9 +183,9 @@ class JBOND:
                           lambda k: self._rows(policies, tokenizer, artifacts.read_shard("generations", k), iteration,
                                                ctx, artifacts.shard_start("generations", k)), source=source)
         info = artifacts.info("train")
-        rewards = pq.read_table(artifacts.path("train"), columns=["reward"]).column("reward")
+        rewards = artifacts.column("train", "reward")
         stats = {
-            "reward": pc.mean(rewards).as_py(),
+            "reward": sum(rewards) / len(rewards) if rewards else None,
             "ties": info.get("ties", 0),
             "ties_broken": info.get("ties_broken", 0),
             "kl_to_initial": info["kl_sum"] / info["kl_rows"] if info.get("kl_rows") else None,

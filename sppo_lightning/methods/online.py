@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
 from sppo_lightning import seeds
-from sppo_lightning.artifacts import IterationArtifacts
 from sppo_lightning.contracts import EngineGenerator, Generator, IterationData, plugins_of
 from sppo_lightning.data.prompts import Prompt, prompts_fingerprint
 from sppo_lightning.distributed import DistContext
@@ -34,7 +33,7 @@ from sppo_lightning.pipeline import stages
 from sppo_lightning.pipeline.generators import HFGenerator
 from sppo_lightning.policies import Policies
 from sppo_lightning.ranking import Ranker
-from sppo_lightning.stage_runner import memory_mapped_on_ranks, run_sharded_stage
+from sppo_lightning.stage_runner import Store, memory_mapped_on_ranks, run_sharded_stage, step_store
 
 PAIR_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "chosen_probs", "chosen_probs_win", "chosen_probs_lose"]
 REFERENCE_COLUMNS = ["reference_chosen_logps", "reference_rejected_logps"]
@@ -56,6 +55,10 @@ class OnlinePairs:
             ``model.reference: cached``).
         reference_batch_size: pairs per forward for ``reference: iteration``.
         generation_shard_size: prompts per shard of each stage.
+        step_folders: write each on-policy step's stages to ``iteration_<t>/`` (as SPPO's
+            iterations), to inspect them; off (the default), a step's draw stays in memory and
+            ``steps.jsonl`` gets one line per step (``step_store.py``): no folder per step, and a
+            resume is as exact (the draw is made again from the same weights).
     """
 
     run_folder = "online"
@@ -72,8 +75,10 @@ class OnlinePairs:
         reference: Literal["module", "iteration"] = "module",
         reference_batch_size: int = 8,
         generation_shard_size: int = 512,
+        step_folders: bool = False,
     ) -> None:
         self.ranker = ranker
+        self.step_folders = step_folders
         self.generator = generator if generator is not None else HFGenerator(temperature=1.0, top_p=1.0)
         self.num_samples, self.seed, self.on_policy, self.reference = num_samples, seed, on_policy, reference
         self.reference_batch_size, self.shard_size = reference_batch_size, generation_shard_size
@@ -110,7 +115,7 @@ class OnlinePairs:
         """Iteration ``iteration``'s best/worst pairs of K samples of ``policies.policy`` on ``prompts``."""
         run_dir = Path(run_dir)
         policy = policies.policy
-        artifacts = IterationArtifacts(run_dir, iteration, self.settings(prompts))
+        artifacts = step_store(run_dir, iteration, self.settings(prompts), self.on_policy and not self.step_folders)
         sample_in_shards(ctx, artifacts, self.generator, policy, tokenizer, prompts, self.num_samples,
                          seeds.iteration_stream(self.seed, iteration), self.shard_size, policies.drawn_from())
         source = rank_in_shards(ctx, artifacts, self.ranker, tokenizer, run_dir)
@@ -127,7 +132,7 @@ class OnlinePairs:
         return IterationData(memory_mapped_on_ranks(ctx, artifacts, "train", columns), stats)
 
     @staticmethod
-    def _no_pair(artifacts: IterationArtifacts, columns: list[str]):
+    def _no_pair(artifacts: Store, columns: list[str]):
         """One placeholder row marked ``NO_PAIR``: the step's batch, which the module skips (an
         epoch without a batch would end Lightning's fit)."""
         from datasets import Dataset
@@ -138,7 +143,7 @@ class OnlinePairs:
                    rejected_ids=first["response_ids"][0], **{NO_PAIR: 1.0})
         return Dataset.from_list([row])
 
-    def _pairs(self, artifacts: IterationArtifacts, shard: int, iteration: int, policies: Policies, tokenizer,
+    def _pairs(self, artifacts: Store, shard: int, iteration: int, policies: Policies, tokenizer,
                ctx: DistContext) -> tuple[list[dict], dict]:
         pairs, ties = stages.estimate_pairs(artifacts.read_shard("generations", shard),
                                             artifacts.read_shard("rankings", shard), iteration,

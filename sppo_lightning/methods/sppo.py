@@ -34,7 +34,7 @@ from sppo_lightning.policies import Policies
 from sppo_lightning.ranking import Ranker
 from sppo_lightning.ranking.cache import attach_judgment_cache, counted
 from sppo_lightning.ranking.protocol import fingerprint_hash, fingerprint_of
-from sppo_lightning.stage_runner import memory_mapped_on_ranks, run_sharded_stage
+from sppo_lightning.stage_runner import Store, memory_mapped_on_ranks, run_sharded_stage
 
 # What training reads of train.parquet (the other columns are for people and the official format).
 TRAINING_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "chosen_probs", "chosen_probs_win",
@@ -47,7 +47,7 @@ def exports_policy(generator: Generator, policy) -> bool:
     return isinstance(generator, EngineGenerator) and generator.exports_policy(policy)
 
 
-def sample_in_shards(ctx: DistContext, artifacts: IterationArtifacts, generator, model, tokenizer,
+def sample_in_shards(ctx: DistContext, artifacts: Store, generator, model, tokenizer,
                      prompts: Sequence[Prompt], num_samples: int, seed: int, shard_size: int,
                      source: Optional[dict[str, Any]] = None) -> None:
     """The ``generations`` stage: K samples per prompt, shard by shard (``shard_size`` prompts rounded
@@ -65,7 +65,7 @@ def sample_in_shards(ctx: DistContext, artifacts: IterationArtifacts, generator,
     )
 
 
-def rank_in_shards(ctx: DistContext, artifacts: IterationArtifacts, ranker, tokenizer, run_dir: Path) -> dict[str, str]:
+def rank_in_shards(ctx: DistContext, artifacts: Store, ranker, tokenizer, run_dir: Path) -> dict[str, str]:
     """The ``rankings`` stage: shard k of the generations ranked into shard k (one row group each),
     with the judgment cache and the judge's counts; redone when the generations or the ranker's
     fingerprint change. Returns what the pairs are made from (the two stages' checksums)."""

@@ -154,9 +154,6 @@ def pair_statistics(artifacts, prompts: Sequence[Prompt], iteration: int, num_sa
     ``allow_empty`` (a per-step draw: one step of a few prompts can tie throughout, as GRPO's
     all-equal groups do; that step trains on nothing and the run goes on). ``reference``: the
     ``train`` stage computed π_t's log-probs, timed as ``reference`` (else no such time is shown)."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
     info = artifacts.info("train")
     seconds = {s: artifacts.info(n).get("seconds", 0.0) for s, n in
                (("generate", "generations"), ("rank", "rankings"), ("reference", "train")) if reference or s != "reference"}
@@ -169,13 +166,13 @@ def pair_statistics(artifacts, prompts: Sequence[Prompt], iteration: int, num_sa
         raise DataError(f"{iteration_label(iteration)}: all {len(prompts)} prompts tied (their {num_samples} "
                         f"responses scored the same); nothing to train on. Raise the generator's temperature or "
                         f"max_new_tokens, or num_samples, or check the ranker")
-    means = pq.read_table(artifacts.path("train"), columns=["chosen_probs_win", "chosen_probs_lose"])
+    chosen, rejected = artifacts.column("train", "chosen_probs_win"), artifacts.column("train", "chosen_probs_lose")
     stats = {
         "pairs": info["rows"],
         "ties_dropped": info.get("ties_dropped", 0),
         "prompts_truncated": sum(p.truncated for p in prompts),
-        "chosen_p_win": pc.mean(means.column("chosen_probs_win")).as_py(),
-        "rejected_p_win": pc.mean(means.column("chosen_probs_lose")).as_py(),
+        "chosen_p_win": sum(chosen) / len(chosen),
+        "rejected_p_win": sum(rejected) / len(rejected),
         "seconds": seconds,
     }
     judge = {k: v for k, v in artifacts.info("rankings").items()
