@@ -7,8 +7,7 @@ statistics, samples, epochs). This callback does what happens between iterations
 for every method:
 
 * the first batch of an iteration: a fresh optimizer and LR schedule when the method restarts it
-  (SPPO's official pipeline, a new training job per iteration), through Lightning's
-  ``strategy.setup_optimizers``; the iteration's first pairs to loggers that take tables;
+  (SPPO's official pipeline), through ``strategy.setup_optimizers``; the first pairs to loggers;
 * every batch: the loss, to ``<run_dir>/losses.jsonl`` for the report's plot;
 * the last epoch of an iteration: the win rate against the initial policy on held-out prompts
   (sampled with the method's generator, judged by its ranker), the statistics logged, a summary
@@ -180,7 +179,7 @@ class SelfPlay(L.Callback):
         steps = recorded_steps(self.run_dir)  # per-step draws: one line each, no folder
         index = 0
         while iteration_dir(self.run_dir, index).is_dir() or index in steps:
-            stats = recorded_stats(self.run_dir, index) or steps.get(index, {})
+            stats = recorded_stats(self.run_dir, index)
             if stats:
                 number = iteration_number(index)
                 row, seconds = self._stats_row(number, stats)
@@ -200,8 +199,7 @@ class SelfPlay(L.Callback):
         if any(row["iteration"] == number for row in self.summary.rows):
             return
         rank_zero_info(f"{iteration_label(index)} ended before its evaluation finished: evaluating it now")
-        stats = recorded_stats(self.run_dir, index) or recorded_steps(self.run_dir).get(index, {})
-        self._finish(trainer, pl_module, number, stats,
+        self._finish(trainer, pl_module, number, recorded_stats(self.run_dir, index),
                      last_loss(read_losses(self.run_dir / "losses.jsonl"), number), 0.0,
                      trainer.current_epoch >= (trainer.max_epochs or 0), log=False)
 
@@ -266,8 +264,8 @@ class SelfPlay(L.Callback):
     def _where(self, trainer: L.Trainer) -> dict[str, str]:
         from sppo_lightning.callbacks.hf_export import HFExport
 
-        where = {"per-step draws' statistics (one line a step)": str(self.run_dir / STEPS)} \
-            if (self.run_dir / STEPS).exists() else \
+        steps = (self.run_dir / STEPS).exists()  # per-step draws: one line a step, no folder
+        where = {"per-step draws' statistics": str(self.run_dir / STEPS)} if steps else \
             {"iterations' data (generations, rankings, train pairs)": str(self.run_dir / "iteration_<t>")}
         checkpoint = trainer.checkpoint_callback
         if checkpoint is not None and getattr(checkpoint, "dirpath", None) and written_checkpoints(checkpoint.dirpath):
@@ -289,9 +287,8 @@ class SelfPlay(L.Callback):
             rank_zero_info(write_pair_summary(trainer.default_root_dir, summary)[1])
             return
         if self.active and self.summary.rows:
-            lines = [format_row(r) for r in self.summary.rows]
-            rank_zero_info("Self-play summary (also in {}):\n  {}".format(self.run_dir / "summary.json",
-                                                                          "\n  ".join(lines)))
+            lines = "\n  ".join(format_row(r) for r in self.summary.rows)
+            rank_zero_info(f"Self-play summary (also in {self.run_dir / 'summary.json'}):\n  {lines}")
             plots = ", ".join(str(self.run_dir / name) for name in PLOTS)
             where = "".join(f"\n{what}: {place}" for what, place in self._where(trainer).items())
             rank_zero_info(f"Report: {self.run_dir / 'report.md'}\nPlots: {plots}{where}")

@@ -285,10 +285,13 @@ class IterationArtifacts:
 def recorded_stats(root: str | Path, iteration: int) -> dict[str, Any]:
     """The statistics ``record_stats`` wrote for the 0-based ``iteration`` ({} if none, or not an
     object). Only for a run resumed after an iteration ended but before its summary row was written
-    (killed in its evaluation): a running iteration's statistics come from what ``build`` returned."""
+    (killed in its evaluation): a running iteration's statistics come from what ``build`` returned.
+    A per-step draw has no folder: its line in ``steps.jsonl`` (``step_store.recorded_steps``)."""
+    from sppo_lightning.step_store import recorded_steps
+
     try:
         manifest = json.loads((iteration_dir(root, iteration) / "manifest.json").read_text())
     except (OSError, ValueError):
-        return {}
+        return recorded_steps(root).get(iteration, {})
     stats = manifest.get("stats") if isinstance(manifest, dict) else None
     return stats if isinstance(stats, dict) else {}
