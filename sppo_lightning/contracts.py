@@ -112,6 +112,19 @@ class EngineGenerator(Generator, Protocol):
 
 
 @runtime_checkable
+class LogprobSampler(Generator, Protocol):
+    """A generator that samples π itself and returns, with each response, the sum of its tokens'
+    log-probs under π's raw logits (temperature 1, before any sampling processing): π_t's reference
+    log-probs without a forward of their own (``reference_logps: sampler``)."""
+
+    def sample_with_logprobs(self, model: Any, tokenizer: Any, prompts: Sequence[Prompt], num_samples: int,
+                             seed: int, ctx: DistContext, batch_offset: int = 0,
+                             desc: str = "sampling") -> tuple[list[list[list[int]]], list[list[float]]]:
+        """``sample``'s ids, and ``[N][num_samples]`` summed log-probs, on every rank."""
+        ...
+
+
+@runtime_checkable
 class Ranker(Protocol):
     """The preference oracle. ``prompt_view``: what it is shown of each prompt (:data:`PromptView`)."""
 

@@ -8,10 +8,12 @@ from typing import Optional, Sequence
 
 import torch
 from torch import nn
+from transformers import LogitsProcessor, LogitsProcessorList
 from tqdm.auto import tqdm
 
 from sppo_lightning import seeds
 from sppo_lightning.distributed import rank_batches
+from sppo_lightning.errors import ConfigError
 from sppo_lightning.models import evaluating
 
 
@@ -29,8 +31,60 @@ def eos_ids(model: nn.Module, tokenizer) -> set[int]:
     return ids
 
 
+class SampledLogprobs(LogitsProcessor):
+    """A logits processor that records, for every row, the log-prob of each sampled token under
+    the model's raw logits (temperature 1, before temperature and top-p, which ``generate`` applies
+    after the processors passed to it), keeping one ``[rows, vocab]`` log-softmax at a time: a step's
+    row is gathered when the next step shows the sampled token in ``input_ids`` (``finish`` gathers
+    the last). Design note 1: π_t's log-probs come free with its samples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.previous: Optional[torch.Tensor] = None
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.previous = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def finish(self, sequences: torch.Tensor) -> list[list[float]]:
+        """Per row, the sampled tokens' log-probs, step by step (``sequences``: what ``generate`` returned)."""
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(1, sequences[:, -1:]).squeeze(1))
+        self.previous = None
+        return torch.stack(self.steps, dim=1).tolist() if self.steps else [[] for _ in range(sequences.shape[0])]
+
+
+# Settings of a model's own generation config that process the logits before our processor sees them.
+_PROCESSING = {"repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,),
+               "suppress_tokens": (None,), "begin_suppress_tokens": (None,), "sequence_bias": (None,),
+               "encoder_repetition_penalty": (None, 1.0), "min_length": (None, 0), "min_new_tokens": (None, 0)}
+
+
+def raw_logits_problem(model: nn.Module) -> Optional[str]:
+    """Why the sampler cannot see ``model``'s raw logits (its generation config processes them), or None."""
+    config = model.generation_config
+    found = [f"{k}={getattr(config, k)!r}" for k, plain in _PROCESSING.items() if getattr(config, k, None) not in plain]
+    return f"its generation config processes the logits ({', '.join(found)})" if found else None
+
+
+def sample_responses(model: nn.Module, tokenizer, prompt_ids: Sequence[list[int]], num_samples: int,
+                     **sampling) -> list[list[list[int]]]:
+    """``[N][num_samples]`` response token ids (see ``_sample`` for the settings)."""
+    return _sample(model, tokenizer, prompt_ids, num_samples, with_logprobs=False, **sampling)[0]
+
+
+def sample_responses_with_logprobs(model: nn.Module, tokenizer, prompt_ids: Sequence[list[int]], num_samples: int,
+                                   **sampling) -> tuple[list[list[list[int]]], list[list[float]]]:
+    """The response ids and, for each, the sum of its tokens' log-probs under the sampling model's
+    raw logits (``SampledLogprobs``): π_t's reference log-probs without a forward of their own."""
+    return _sample(model, tokenizer, prompt_ids, num_samples, with_logprobs=True, **sampling)
+
+
 @torch.no_grad()
-def sample_responses(
+def _sample(
     model: nn.Module,
     tokenizer,
     prompt_ids: Sequence[list[int]],
@@ -48,7 +102,8 @@ def sample_responses(
     synced: bool = False,
     batch_offset: int = 0,
     desc: str = "sampling",
-) -> list[list[list[int]]]:
+    with_logprobs: bool = False,
+) -> tuple[list[list[list[int]]], list[list[float]]]:
     """Sample ``num_samples`` responses for each prompt with ``model.generate``.
 
     Args:
@@ -70,15 +125,21 @@ def sample_responses(
             have finished keeps stepping with the others. ``retry_oom`` is off: a retry on one
             rank alone would leave the others waiting.
 
+        with_logprobs: also the summed raw log-prob of each response (``SampledLogprobs``).
+
     Returns:
         ``[N][num_samples]`` response token ids, each ending with its EOS when the model stopped
-        (no EOS when it hit ``max_new_tokens``), no padding. Only the rows this rank drew are
+        (no EOS when it hit ``max_new_tokens``), no padding; and ``[N][num_samples]`` summed
+        log-probs (empty lists without ``with_logprobs``). Only the rows this rank drew are
         filled; the others are empty lists.
     """
     device = next(model.parameters()).device
     stop = eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(stop))
     results: list[list[list[int]]] = [[] for _ in prompt_ids]
+    sums: list[list[float]] = [[] for _ in prompt_ids]
+    if with_logprobs and (problem := raw_logits_problem(model)) is not None:
+        raise ConfigError(f"sampler log-probs cannot be π's own: {problem}; use reference_logps: forward")
     if temperature > 0:  # vLLM's and the paper's sampling: no top-k cut
         options = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
     else:
@@ -91,16 +152,19 @@ def sample_responses(
             start = index * batch_size
             chunk = prompt_ids[start : start + batch_size]
             input_ids, attention_mask = left_pad(chunk, pad_id)
-            rows = _generate_halving(
+            rows, token_logps = _generate_halving(
                 model, input_ids.to(device), attention_mask.to(device), batch_seed(seed, batch_offset + start // batch_size),
                 retry_oom, dict(options, max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
-                                pad_token_id=pad_id, use_cache=True, synced_gpus=synced),
+                                pad_token_id=pad_id, use_cache=True, synced_gpus=synced), with_logprobs,
             )
             if not real:
                 continue
             for row, tokens in enumerate(rows):
-                results[start + row // num_samples].append(_cut_at_eos(tokens, stop))
-    return results
+                kept = _cut_at_eos(tokens, stop)
+                results[start + row // num_samples].append(kept)
+                if with_logprobs:  # the tokens kept (through the EOS), not the padding after it
+                    sums[start + row // num_samples].append(float(sum(token_logps[row][: len(kept)])))
+    return results, sums
 
 
 def left_pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,14 +186,19 @@ def _is_out_of_memory(err: BaseException) -> bool:
 
 
 def _generate_halving(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, seed: int,
-                      retry_oom: bool, options: dict) -> list[list[int]]:
-    """New tokens of every returned row (``num_return_sequences`` per prompt, in order)."""
+                      retry_oom: bool, options: dict,
+                      with_logprobs: bool = False) -> tuple[list[list[int]], list[list[float]]]:
+    """New tokens of every returned row (``num_return_sequences`` per prompt, in order), and with
+    ``with_logprobs`` each new token's raw log-prob (else empty lists)."""
     device = input_ids.device
     try:
+        recorder = SampledLogprobs() if with_logprobs else None
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
-            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **options)
-        return out[:, input_ids.shape[1]:].tolist()
+            extra = {"logits_processor": LogitsProcessorList([recorder])} if recorder is not None else {}
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **options, **extra)
+        tokens = out[:, input_ids.shape[1]:].tolist()
+        return tokens, recorder.finish(out) if recorder is not None else [[] for _ in tokens]
     except (RuntimeError, torch.OutOfMemoryError) as err:
         if not (retry_oom and _is_out_of_memory(err) and input_ids.shape[0] > 1):
             raise
@@ -139,8 +208,11 @@ def _generate_halving(model: nn.Module, input_ids: torch.Tensor, attention_mask:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     # Left padding stays valid for each half: every row still ends at the last column.
-    return (_generate_halving(model, input_ids[:half], attention_mask[:half], seed * 2 + 1, retry_oom, options)
-            + _generate_halving(model, input_ids[half:], attention_mask[half:], seed * 2 + 2, retry_oom, options))
+    first = _generate_halving(model, input_ids[:half], attention_mask[:half], seed * 2 + 1, retry_oom, options,
+                              with_logprobs)
+    second = _generate_halving(model, input_ids[half:], attention_mask[half:], seed * 2 + 2, retry_oom, options,
+                               with_logprobs)
+    return first[0] + second[0], first[1] + second[1]
 
 
 def _cut_at_eos(tokens: list[int], stop: set[int]) -> list[int]:
@@ -170,3 +242,15 @@ def sample_on_ranks(model: nn.Module, tokenizer, prompt_ids: Sequence[list[int]]
     local = sample_responses(model, tokenizer, prompt_ids, num_samples, rank=rank, world_size=world_size,
                              synced=synced, **sampling)
     return gather_responses(local, world_size)
+
+
+def sample_on_ranks_with_logprobs(model: nn.Module, tokenizer, prompt_ids: Sequence[list[int]], num_samples: int, *,
+                                  rank: int, world_size: int,
+                                  **sampling) -> tuple[list[list[list[int]]], list[list[float]]]:
+    """``sample_responses_with_logprobs`` with this rank's share of the batches, both gathered."""
+    from sppo_lightning.sharding import is_sharded
+
+    synced = world_size > 1 and is_sharded(model)
+    ids, logps = _sample(model, tokenizer, prompt_ids, num_samples, rank=rank, world_size=world_size, synced=synced,
+                         with_logprobs=True, **sampling)
+    return gather_responses(ids, world_size), gather_responses(logps, world_size)  # type: ignore[arg-type]

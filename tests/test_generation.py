@@ -103,3 +103,32 @@ def test_other_errors_are_not_retried(model, tokenizer, monkeypatch):
     with pytest.raises(RuntimeError, match="shape mismatch"):
         sample(model, tokenizer, prompt_ids(tokenizer), batch_size=5)
     assert calls == [1]
+
+
+def test_the_samplers_log_probs_are_the_forward_pass_s_on_the_same_ids(model, tokenizer):
+    """Design note 1: π's log-probs recorded while it samples (raw logits, one vocabulary row kept at
+    a time) equal a forward pass over the same ids, to float rounding (fp32: under 1e-4 nats)."""
+    from sppo_lightning.data.tokenize import collate_responses
+    from sppo_lightning.generation import sample_responses_with_logprobs
+    from sppo_lightning.logprobs import model_logprobs
+
+    ids = prompt_ids(tokenizer)
+    options = dict(temperature=0.7, top_p=0.9, max_new_tokens=12, batch_size=2, seed=7)
+    responses, logps = sample_responses_with_logprobs(model, tokenizer, ids, 3, **options)
+    assert responses == sample_responses(model, tokenizer, ids, 3, **options)  # recording changes no sample
+    rows = [{"prompt_ids": p, "response": r} for p, rs in zip(ids, responses) for r in rs]
+    with torch.no_grad():
+        forward = model_logprobs(model.eval(), collate_responses(rows, "response", tokenizer.pad_token_id)).sum
+    recorded = torch.tensor([x for xs in logps for x in xs])
+    assert recorded.shape == forward.shape and (recorded < 0).all()
+    torch.testing.assert_close(recorded, forward, atol=1e-4, rtol=0)
+
+
+def test_sampler_log_probs_refuse_a_model_whose_config_processes_logits(tiny_llama, tokenizer):
+    from sppo_lightning.errors import ConfigError
+    from sppo_lightning.generation import sample_responses_with_logprobs
+
+    processed = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    processed.generation_config.repetition_penalty = 1.3
+    with pytest.raises(ConfigError, match=r"generation config processes the logits \(repetition_penalty=1.3\)"):
+        sample_responses_with_logprobs(processed, tokenizer, prompt_ids(tokenizer, 1), 2, max_new_tokens=4)

@@ -28,7 +28,7 @@ from sppo_lightning.errors import ConfigError
 from sppo_lightning.labels import NO_PAIR
 from sppo_lightning.methods.on_policy import on_policy_prompts
 from sppo_lightning.methods.plugins import check_plugins
-from sppo_lightning.methods.sppo import rank_in_shards, sample_in_shards
+from sppo_lightning.methods.sppo import check_reference_logps, rank_in_shards, sample_in_shards
 from sppo_lightning.pipeline import stages
 from sppo_lightning.pipeline.generators import HFGenerator
 from sppo_lightning.policies import Policies
@@ -54,6 +54,8 @@ class OnlinePairs:
             copy, adapter or auto) or ``iteration`` (π_t's log-probs cached with the pairs; then
             ``model.reference: cached``).
         reference_batch_size: pairs per forward for ``reference: iteration``.
+        reference_logps: with ``reference: iteration``, where π_t's log-probs come from: ``forward``
+            (a no-grad forward over the pairs) or ``sampler`` (recorded while sampling; as SPPO's).
         generation_shard_size: prompts per shard of each stage.
         step_folders: write each on-policy step's stages to ``iteration_<t>/`` (as SPPO's
             iterations), to inspect them; off (the default), a step's draw stays in memory and
@@ -76,8 +78,10 @@ class OnlinePairs:
         reference_batch_size: int = 8,
         generation_shard_size: int = 512,
         step_folders: bool = False,
+        reference_logps: Literal["forward", "sampler"] = "forward",
     ) -> None:
         self.ranker = ranker
+        self.reference_logps = reference_logps
         self.step_folders = step_folders
         self.generator = generator if generator is not None else HFGenerator(temperature=1.0, top_p=1.0)
         self.num_samples, self.seed, self.on_policy, self.reference = num_samples, seed, on_policy, reference
@@ -90,6 +94,7 @@ class OnlinePairs:
         if reference_batch_size < 1 or generation_shard_size < 1:
             raise ConfigError("reference_batch_size and generation_shard_size must be at least 1")
         check_plugins("OnlinePairs", self.generator, self.ranker)
+        check_reference_logps("OnlinePairs", reference_logps, self.generator)
         if isinstance(self.generator, EngineGenerator) and not self.generator.live:
             raise ConfigError(f"{type(self.generator).__name__} with live: false samples from an export made once per "
                               f"iteration; online pairs sample at every step: use live: true (the engine follows "
@@ -108,7 +113,13 @@ class OnlinePairs:
 
     def settings(self, prompts: Sequence[Prompt]) -> dict[str, Any]:
         return {"method": "online", "num_samples": self.num_samples, "seed": self.seed, "reference": self.reference,
-                "generator": self.generator.fingerprint(), "prompts": prompts_fingerprint(prompts)}
+                "generator": self.generator.fingerprint(), "prompts": prompts_fingerprint(prompts),
+                **({"reference_logps": "sampler"} if self.sampler_reference else {})}
+
+    @property
+    def sampler_reference(self) -> bool:
+        """π_t's log-probs as the sampler recorded them (only where π_t is the loss's reference)."""
+        return self.reference == "iteration" and self.reference_logps == "sampler"
 
     def build(self, iteration: int, prompts: Sequence[Prompt], policies: Policies, tokenizer, ctx: DistContext,
               run_dir: Path) -> IterationData:
@@ -117,7 +128,8 @@ class OnlinePairs:
         policy = policies.policy
         artifacts = step_store(run_dir, iteration, self.settings(prompts), self.on_policy and not self.step_folders)
         sample_in_shards(ctx, artifacts, self.generator, policy, tokenizer, prompts, self.num_samples,
-                         seeds.iteration_stream(self.seed, iteration), self.shard_size, policies.drawn_from())
+                         seeds.iteration_stream(self.seed, iteration), self.shard_size, policies.drawn_from(),
+                         with_logprobs=self.sampler_reference)
         source = rank_in_shards(ctx, artifacts, self.ranker, tokenizer, run_dir)
         run_sharded_stage(ctx, artifacts, "train", artifacts.num_shards("generations"),
                           lambda k: self._pairs(artifacts, k, iteration, policies, tokenizer, ctx),
@@ -145,10 +157,12 @@ class OnlinePairs:
 
     def _pairs(self, artifacts: Store, shard: int, iteration: int, policies: Policies, tokenizer,
                ctx: DistContext) -> tuple[list[dict], dict]:
-        pairs, ties = stages.estimate_pairs(artifacts.read_shard("generations", shard),
-                                            artifacts.read_shard("rankings", shard), iteration,
+        generations = artifacts.read_shard("generations", shard)
+        pairs, ties = stages.estimate_pairs(generations, artifacts.read_shard("rankings", shard), iteration,
                                             first_row=artifacts.shard_start("generations", shard), quiet=True)
-        if self.reference == "iteration":
+        if self.sampler_reference:
+            stages.sampler_reference_logps(pairs, generations)
+        elif self.reference == "iteration":
             stages.reference_logps(policies.policy, pairs, tokenizer.pad_token_id, self.reference_batch_size, ctx,
                                    packing=policies.packing)
         return pairs, {"ties_dropped": ties}

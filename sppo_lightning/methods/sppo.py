@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 
 from sppo_lightning import seeds
 from sppo_lightning.artifacts import IterationArtifacts
-from sppo_lightning.contracts import EngineGenerator, Generator, IterationData, plugins_of
+from sppo_lightning.contracts import EngineGenerator, Generator, IterationData, LogprobSampler, plugins_of
 from sppo_lightning.data.prompts import Prompt, prompts_fingerprint
 from sppo_lightning.distributed import DistContext
 from sppo_lightning.errors import ConfigError
@@ -41,6 +41,18 @@ TRAINING_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "chosen_probs", 
                     "chosen_probs_lose", "reference_chosen_logps", "reference_rejected_logps"]
 
 
+def check_reference_logps(owner: str, reference_logps: str, generator: Generator) -> None:
+    """``reference_logps`` is ``forward`` or ``sampler``; ``sampler`` needs a generator that samples
+    π_t itself and returns its log-probs (a ``LogprobSampler``). One line at start-up otherwise."""
+    if reference_logps not in ("forward", "sampler"):
+        raise ConfigError(f"{owner}: reference_logps must be forward or sampler, got {reference_logps!r}")
+    if reference_logps == "sampler" and not isinstance(generator, LogprobSampler):
+        raise ConfigError(f"{owner}: reference_logps: sampler needs the generator's own log-probs of π_t, which "
+                          f"{type(generator).__name__} does not give (LinearAlignmentGenerator samples a steered "
+                          f"distribution, not π_t; VLLMGenerator's are not wired yet): use HFGenerator, or "
+                          f"reference_logps: forward")
+
+
 def exports_policy(generator: Generator, policy) -> bool:
     """Whether ``generator`` samples π_t from a per-iteration export (a vLLM engine that is not live,
     or cannot take this policy in memory) rather than from the module."""
@@ -49,18 +61,19 @@ def exports_policy(generator: Generator, policy) -> bool:
 
 def sample_in_shards(ctx: DistContext, artifacts: Store, generator, model, tokenizer,
                      prompts: Sequence[Prompt], num_samples: int, seed: int, shard_size: int,
-                     source: Optional[dict[str, Any]] = None) -> None:
+                     source: Optional[dict[str, Any]] = None, with_logprobs: bool = False) -> None:
     """The ``generations`` stage: K samples per prompt, shard by shard (``shard_size`` prompts rounded
     up to whole generation batches, so that a prompt's seed does not depend on the shard); every
     rank samples its share. ``source``: what the samples are drawn from (π_t's fingerprint, an export's
-    checksum): shards recorded with another source are redone."""
+    checksum): shards recorded with another source are redone. ``with_logprobs``: the sampler's
+    log-probs ride with the samples (``reference_logps: sampler``)."""
     batch = generator.batch_size
     size = math.ceil(shard_size / batch) * batch
     starts = range(0, len(prompts), size)
     run_sharded_stage(
         ctx, artifacts, "generations", len(starts),
         lambda k: (stages.generate(generator, model, tokenizer, prompts[starts[k] : starts[k] + size], num_samples,
-                                   seed, ctx, batch_offset=starts[k] // batch), {}),
+                                   seed, ctx, batch_offset=starts[k] // batch, with_logprobs=with_logprobs), {}),
         on_every_rank=True, source=source, expect=lambda k: {"first_prompt": starts[k]},
     )
 
@@ -99,6 +112,12 @@ class SPPO:
             shard. Results do not depend on it.
         restarts_optimizer: a fresh optimizer and LR schedule every iteration, as the official
             pipeline (a new training job per iteration) does.
+        reference_logps: where π_t's log-probs of chosen and rejected come from: ``forward`` (a
+            no-grad forward over the pairs after ranking) or ``sampler`` (recorded by the generator
+            while it sampled, from the raw logits: no forward; ``HFGenerator`` only). They agree to
+            about 1e-5 nats a sequence in float32 (``bench/README.md``), far below what η = 1000's
+            targets of tens of nats can see; ``forward`` stays the default until the vLLM and bf16
+            agreement is measured.
     """
 
     run_folder = "self_play"
@@ -116,8 +135,10 @@ class SPPO:
         show_progress: bool = True,
         generation_shard_size: int = 512,
         restarts_optimizer: bool = True,
+        reference_logps: Literal["forward", "sampler"] = "forward",
     ) -> None:
         self.ranker = ranker
+        self.reference_logps = reference_logps
         self.generator = generator if generator is not None else HFGenerator()
         self.num_samples, self.seed = num_samples, seed
         self.reference_batch_size, self.log_samples = reference_batch_size, log_samples
@@ -137,6 +158,7 @@ class SPPO:
             if not ok:
                 raise ConfigError(message)
         check_plugins("SPPO", self.generator, self.ranker)
+        check_reference_logps("SPPO", reference_logps, self.generator)
 
     def prompts_per_iteration(self, per_step: int, configured: Optional[int], epochs_per_iteration: int,
                               total: int) -> Optional[int]:
@@ -149,7 +171,8 @@ class SPPO:
         """What the iteration's data depend on, besides the ranker (whose change redoes the rankings):
         a run dir made with other settings is refused."""
         return {"num_samples": self.num_samples, "seed": self.seed, "prompts": prompts_fingerprint(prompts),
-                "generator": self.generator.fingerprint()}
+                "generator": self.generator.fingerprint(),
+                **({"reference_logps": "sampler"} if self.reference_logps == "sampler" else {})}
 
     def build(self, iteration: int, prompts: Sequence[Prompt], policies: Policies, tokenizer, ctx: DistContext,
               run_dir: Path) -> IterationData:
@@ -162,7 +185,7 @@ class SPPO:
 
         def generations(sampled_from, source: dict[str, Any]) -> None:
             sample_in_shards(ctx, artifacts, self.generator, sampled_from, tokenizer, prompts, self.num_samples,
-                             seed, self.shard_size, source)
+                             seed, self.shard_size, source, with_logprobs=self.reference_logps == "sampler")
 
         drawn_from = policies.drawn_from()  # π_t's fingerprint: samples of other weights are redone
         if exports_policy(self.generator, policy) and not self._finished(artifacts, "generations", ctx, drawn_from):
@@ -210,11 +233,14 @@ class SPPO:
 
     def _pairs(self, artifacts: IterationArtifacts, shard: int, iteration: int, policies: Policies, tokenizer,
                ctx: DistContext) -> tuple[list[dict], dict]:
-        pairs, ties = stages.estimate_pairs(artifacts.read_shard("generations", shard),
-                                            artifacts.read_shard("rankings", shard), iteration,
+        generations = artifacts.read_shard("generations", shard)
+        pairs, ties = stages.estimate_pairs(generations, artifacts.read_shard("rankings", shard), iteration,
                                             first_row=artifacts.shard_start("generations", shard))
-        stages.reference_logps(policies.policy, pairs, tokenizer.pad_token_id, self.reference_batch_size, ctx,
-                               self.show_progress, packing=policies.packing)
+        if self.reference_logps == "sampler":
+            stages.sampler_reference_logps(pairs, generations)
+        else:
+            stages.reference_logps(policies.policy, pairs, tokenizer.pad_token_id, self.reference_batch_size, ctx,
+                                   self.show_progress, packing=policies.packing)
         return pairs, {"ties_dropped": ties}
 
     def _result(self, artifacts: IterationArtifacts, iteration: int, prompts: Sequence[Prompt],

@@ -33,12 +33,20 @@ from sppo_lightning.ranking.protocol import prompt_view_of
 
 
 def generate(generator, policy: nn.Module, tokenizer, prompts: Sequence[Prompt], num_samples: int, seed: int,
-             ctx: DistContext, batch_offset: int = 0) -> list[dict[str, Any]]:
-    """One row per prompt: the prompt (text, messages, ids) and its K responses (ids and text)."""
-    responses = generator.sample(policy, tokenizer, prompts, num_samples, seed, ctx, batch_offset=batch_offset)
-    return [{**prompt_fields(prompt), "response_ids": ids,
+             ctx: DistContext, batch_offset: int = 0, with_logprobs: bool = False) -> list[dict[str, Any]]:
+    """One row per prompt: the prompt (text, messages, ids) and its K responses (ids and text);
+    ``with_logprobs`` (a ``LogprobSampler``): also each response's summed log-prob under the sampling
+    policy (``response_logps``), kept with the samples so that a resume reads the same numbers."""
+    logps: Sequence[Optional[list[float]]]
+    if with_logprobs:
+        responses, logps = generator.sample_with_logprobs(policy, tokenizer, prompts, num_samples, seed, ctx,
+                                                          batch_offset=batch_offset)
+    else:
+        responses = generator.sample(policy, tokenizer, prompts, num_samples, seed, ctx, batch_offset=batch_offset)
+        logps = [None] * len(prompts)
+    return [{**prompt_fields(prompt), "response_ids": ids, **({"response_logps": lp} if lp is not None else {}),
              "responses": tokenizer.batch_decode(ids, skip_special_tokens=True)}
-            for prompt, ids in zip(prompts, responses)]
+            for prompt, ids, lp in zip(prompts, responses, logps)]
 
 
 def prompt_fields(prompt: Prompt) -> dict[str, Any]:
@@ -144,6 +152,17 @@ def reference_logps(policy: nn.Module, pairs: list[dict[str, Any]], pad_token_id
         for k, pair in enumerate(chunk):
             pair["reference_chosen_logps"] = logps[k]
             pair["reference_rejected_logps"] = logps[len(chunk) + k]
+
+
+def sampler_reference_logps(pairs: list[dict[str, Any]], generations: Sequence[dict[str, Any]]) -> None:
+    """π_t's log-probs of each pair's chosen and rejected as the sampler recorded them
+    (``response_logps`` of the generations rows), stored as ``reference_chosen_logps`` /
+    ``reference_rejected_logps``: the reference stage without its forward (design note 1)."""
+    by_prompt = {g["prompt_index"]: g for g in generations}
+    for pair in pairs:
+        recorded = by_prompt[pair["prompt_index"]]["response_logps"]
+        pair["reference_chosen_logps"] = float(recorded[pair["chosen_index"]])
+        pair["reference_rejected_logps"] = float(recorded[pair["rejected_index"]])
 
 
 def pair_statistics(artifacts, prompts: Sequence[Prompt], iteration: int, num_samples: int,
