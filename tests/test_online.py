@@ -37,10 +37,11 @@ def online(reference="module", **settings):
                        **{"num_samples": 4, **settings})
 
 
-@pytest.mark.parametrize("reference", ["module", "iteration"])
-def test_pairs_are_the_best_and_worst_of_k_samples(tmp_path, tiny_llama, tokenizer, prompts, reference):
+@pytest.mark.parametrize("reference, logps", [("module", "forward"), ("iteration", "forward"), ("iteration", "sampler")])
+def test_pairs_are_the_best_and_worst_of_k_samples(tmp_path, tiny_llama, tokenizer, prompts, reference, logps):
     policy = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
-    data = online(reference, step_folders=True).build(0, prompts, Policies(policy), tokenizer, DistContext(), tmp_path)
+    data = online(reference, step_folders=True, reference_logps=logps).build(0, prompts, Policies(policy), tokenizer,
+                                                                            DistContext(), tmp_path)
     folder = tmp_path / "iteration_1"
     generations = pq.read_table(folder / "generations.parquet").to_pylist()
     assert all(len(g["responses"]) == 4 for g in generations)
