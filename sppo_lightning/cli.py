@@ -9,9 +9,10 @@
 
 This module stays light: the top-level help answers before Lightning is imported (0.1 s; importing
 Lightning alone takes about 3 s here),
-and the LightningCLI lives in ``lightning_cli.py``. ``<loop> --help`` is rendered by LightningCLI
-once and then read from a cache (``$SPPO_LIGHTNING_CACHE``, default ``~/.cache/sppo-lightning``),
-keyed by every version it depends on. Known third-party noise is filtered
+and the LightningCLI lives in ``lightning_cli.py``. Every help request without a config file
+(``<command> --help``, ``fit --model.help PreferenceModule``, ...) is rendered once and then read
+from a cache (``$SPPO_LIGHTNING_CACHE``, default ``~/.cache/sppo-lightning``), keyed by its
+arguments and every version it depends on. Known third-party noise is filtered
 (``sppo_lightning/console.py``); ``--verbose`` shows it.
 """
 
@@ -64,17 +65,25 @@ options:
 LOOPS = ("fit", "validate", "test", "predict")
 
 
-def help_cache_path(loop: str) -> "Path":
-    """Where ``sppo-lightning <loop> --help`` is kept once rendered: keyed by what the text depends
-    on (the versions of this package, Lightning and jsonargparse, our CLI's source, the Python, the
-    terminal width), so any change renders it anew."""
+def is_help_request(argv: list[str]) -> bool:
+    """Whether ``argv`` asks for help text only (``--help``, ``-h``, ``--X.help [class]``) and names
+    no config file: then the text depends on the arguments and the code alone, and is cached."""
+    if any(a in ("--config", "-c", "--print_config") or a.startswith(("--config=", "--print_config")) for a in argv):
+        return False
+    return any(a in ("-h", "--help") or (a.startswith("--") and a.split("=")[0].endswith(".help")) for a in argv)
+
+
+def help_cache_path(argv: list[str]) -> "Path":
+    """Where the help text of ``argv`` is kept once rendered: keyed by the arguments and by what the
+    text depends on (the versions of this package, Lightning and jsonargparse, our CLI's sources, the
+    Python, the terminal width), so any change renders it anew."""
     import hashlib
     import shutil
     from importlib import metadata
     from pathlib import Path
 
     here = Path(__file__).resolve().parent
-    parts = [sys.prefix, os.path.realpath(sys.executable), str(shutil.get_terminal_size().columns)]
+    parts = ["\0".join(argv), sys.prefix, os.path.realpath(sys.executable), str(shutil.get_terminal_size().columns)]
     for package in ("sppo-lightning", "lightning", "jsonargparse"):
         try:
             parts.append(f"{package} {metadata.version(package)}")
@@ -86,40 +95,40 @@ def help_cache_path(loop: str) -> "Path":
     key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
     from sppo_lightning.gguf import cache_root  # light: the standard library and our errors
 
-    return cache_root() / f"help-{loop}-{key}.txt"
+    return cache_root() / f"help-{argv[0].lstrip('-')}-{key}.txt"
 
 
-def loop_help(loop: str) -> str:
-    """``<loop> --help``: LightningCLI's text, rendered once (Lightning and the Trainer's parser take
-    seconds to build) and read back from the cache after that."""
+def cached_help(argv: list[str]) -> tuple[str, int]:
+    """The help text of ``argv`` and its exit code: read from the cache, or rendered once (Lightning
+    and the Trainer's parser take seconds to build, and a command's own parser imports torch) and
+    kept when it succeeded."""
     import contextlib
     import io
 
-    path = help_cache_path(loop)
+    path = help_cache_path(argv)
     try:
-        return path.read_text()
+        return path.read_text(), 0
     except OSError:
         pass
-    from sppo_lightning.lightning_cli import run_cli
-
-    buffer, argv = io.StringIO(), sys.argv
-    sys.argv = [argv[0], loop, "--help"]  # LightningCLI reads sys.argv itself (and warns when given both)
+    buffer, saved, code = io.StringIO(), sys.argv, 0
+    sys.argv = [saved[0] if saved else "sppo-lightning", *argv]  # LightningCLI reads sys.argv itself
     with contextlib.redirect_stdout(buffer):
         try:
-            run_cli()
-        except SystemExit:
-            pass
+            _run(argv, None)
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
         finally:
-            sys.argv = argv
+            sys.argv = saved
     text = buffer.getvalue()
-    try:  # a cache that cannot be written costs the next call its speed, nothing else
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError:
-        pass
-    return text
+    if code == 0 and text:  # a cache that cannot be written costs the next call its speed, nothing else
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            tmp.write_text(text)
+            os.replace(tmp, path)
+        except OSError:
+            pass
+    return text, code
 
 
 # A negative number as a value: argparse takes only -1 or -.5 for one, and reads -1e-3 as a flag.
@@ -158,9 +167,18 @@ def main(args: Optional[list[str]] = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(HELP, end="")
         return
-    if len(argv) == 2 and argv[0] in LOOPS and argv[1] in ("-h", "--help"):
-        print(loop_help(argv[0]), end="")
+    if is_help_request(argv) and not os.environ.get("SPPO_LIGHTNING_NO_HELP_CACHE"):
+        text, code = cached_help(argv)
+        print(text, end="")
+        if code:
+            sys.exit(code)
         return
+    _run(argv, args)
+
+
+def _run(argv: list[str], args: Optional[list[str]]) -> None:
+    """A command (``argv``), with our errors as one line (``args``: what LightningCLI is given; None:
+    it reads ``sys.argv``)."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     from sppo_lightning.config_errors import config_error_line

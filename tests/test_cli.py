@@ -182,6 +182,23 @@ def test_fit_help_is_rendered_once_then_answers_from_the_cache_fast(tmp_path, mo
     assert run("validate", "-h").stdout.startswith("usage:")  # each loop its own entry
 
 
+def test_every_help_request_is_rendered_once_then_answers_from_the_cache(tmp_path, monkeypatch):
+    """``--X.help`` and each command's ``--help``, not only ``fit --help``: the second call reads the
+    text (Lightning not loaded); a request that fails is not kept; a config file is never cached."""
+    from sppo_lightning.cli import is_help_request
+
+    monkeypatch.setenv("SPPO_LIGHTNING_CACHE", str(tmp_path / "cache"))
+    for args in (("fit", "--model.help", "PreferenceModule"), ("generate", "--help"), ("export", "-h")):
+        first = run(*args).stdout
+        assert first.startswith("usage:") or "--model.loss" in first, args
+        assert not lightning_imported_by(*args), args
+        assert run(*args).stdout == first, args
+    assert len(list((tmp_path / "cache").glob("help-*.txt"))) == 3
+    failed = run("fit", "--model.help", "NoSuchModule", check=False)
+    assert failed.returncode != 0 and len(list((tmp_path / "cache").glob("help-*.txt"))) == 3
+    assert not is_help_request(["fit", "--config", "c.yaml", "--help"]) and is_help_request(["fit", "--data.help", "X"])
+
+
 def test_fit_help_points_at_our_settings_and_those_commands_work():
     assert "--model.help PreferenceModule" in " ".join(run("fit", "--help").stdout.split())
     for flag, target, key in [
