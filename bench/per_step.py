@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--baseline", required=True, help="a checkout of the code to compare with (git worktree)")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--engine", choices=["hf", "vllm"], default="hf")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--tiny", help="the quickstart's models (python -m sppo_lightning.testing DIR); default: built")
     args = parser.parse_args()
     trees = {"baseline": Path(args.baseline).resolve(), "this": REPO}
@@ -81,7 +82,7 @@ def main() -> None:
                            capture_output=True)
     print(f"| config | engine | code | steps/s | seconds ({args.steps} steps / 2 steps) | files in the run folder "
           f"({args.steps} steps) |\n|---|---|---|---|---|---|")
-    for name in CONFIGS:
+    for name in args.configs:
         found = {}
         for steps in (2, args.steps):
             for label, tree in trees.items():  # alternating: a busy machine slows both alike
