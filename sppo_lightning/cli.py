@@ -98,6 +98,18 @@ def help_cache_path(argv: list[str]) -> "Path":
     return cache_root() / f"help-{argv[0].lstrip('-')}-{key}.txt"
 
 
+def full_flags(text: str, argv: list[str]) -> str:
+    """Nested help (``--data.method.help SPPO``) as jsonargparse prints it names its flags from the
+    last part (``--method.num_samples``): here they read as typed (``--data.method.num_samples``)."""
+    for arg in argv:
+        flag = arg.split("=")[0]
+        if flag.startswith("--") and flag.endswith(".help") and flag.count(".") >= 2:
+            prefix = flag[2 : -len(".help")]  # data.method
+            last = prefix.rsplit(".", 1)[1]  # method
+            text = re.sub(rf"(?<![\w.-])--{re.escape(last)}\.", f"--{prefix}.", text)
+    return text
+
+
 def cached_help(argv: list[str]) -> tuple[str, int]:
     """The help text of ``argv`` and its exit code: read from the cache, or rendered once (Lightning
     and the Trainer's parser take seconds to build, and a command's own parser imports torch) and
@@ -119,7 +131,7 @@ def cached_help(argv: list[str]) -> tuple[str, int]:
             code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
         finally:
             sys.argv = saved
-    text = buffer.getvalue()
+    text = full_flags(buffer.getvalue(), argv)
     if code == 0 and text:  # a cache that cannot be written costs the next call its speed, nothing else
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -133,6 +145,39 @@ def cached_help(argv: list[str]) -> tuple[str, int]:
 
 # A negative number as a value: argparse takes only -1 or -.5 for one, and reads -1e-3 as a flag.
 NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$")
+
+
+# Our plug-ins by their class names: a config or flag may name one so where the name is unambiguous
+# (jsonargparse resolves short names of a class's subclasses, not implementers of a Protocol such as
+# the method, ranker and generator slots). tests/test_cli.py checks each resolves to its class.
+SHORT_NAMES = {
+    **{n: f"sppo_lightning.methods.{n}" for n in ("SPPO", "JBOND", "OnlinePairs")},
+    **{n: f"sppo_lightning.ranking.{n}" for n in ("PairRMRanker", "RewardModelRanker", "FunctionJudge", "LLMJudge",
+                                                  "OpenAIJudge", "VerifiableInstructionRanker")},
+    **{n: f"sppo_lightning.pipeline.{n}" for n in ("HFGenerator", "VLLMGenerator")},
+    "LinearAlignmentGenerator": "sppo_lightning.decoding.LinearAlignmentGenerator",
+    **{n: f"sppo_lightning.datamodules.{n}" for n in ("SelfPlayDataModule", "PreferenceDataModule", "PromptDataModule")},
+    "PreferenceModule": "sppo_lightning.module.PreferenceModule", "BondModule": "sppo_lightning.bond.BondModule",
+}
+_CLASS_FLAGS = re.compile(r"^--(model|data|([\w.]+\.(method|ranker|generator|help)))$")
+
+
+def expand_short_names(argv: list[str]) -> list[str]:
+    """``--data.method SPPO`` → ``--data.method sppo_lightning.methods.SPPO`` (and ``--X.help``,
+    ``.ranker``, ``.generator``, ``--data``, ``--model`` values, ``--flag=value`` too)."""
+    out, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        flag, eq, value = token.partition("=")
+        if _CLASS_FLAGS.match(flag) and eq and value in SHORT_NAMES:
+            token = f"{flag}={SHORT_NAMES[value]}"
+        elif _CLASS_FLAGS.match(token) and i + 1 < len(argv) and argv[i + 1] in SHORT_NAMES:
+            out += [token, SHORT_NAMES[argv[i + 1]]]
+            i += 2
+            continue
+        out.append(token)
+        i += 1
+    return out
 
 
 def join_negative_values(argv: list[str]) -> list[str]:
@@ -157,8 +202,8 @@ def main(args: Optional[list[str]] = None) -> None:
             sys.argv = [sys.argv[0], *argv]  # LightningCLI reads sys.argv itself
         else:
             args = argv
-    joined = join_negative_values(argv)
-    if joined != argv:  # `--model.lr -1e-3` as users type it (argparse takes -1e-3 for a flag)
+    joined = expand_short_names(join_negative_values(argv))
+    if joined != argv:  # `--model.lr -1e-3` as users type it (argparse takes -1e-3 for a flag), short names
         argv = joined
         if args is None:
             sys.argv = [sys.argv[0], *argv]

@@ -210,7 +210,9 @@ def test_fit_help_points_at_our_settings_and_those_commands_work():
     # a method's keys (K, the generator, the ranker) once the data module is named, and the boundary's
     method = run("fit", "--data", "sppo_lightning.datamodules.SelfPlayDataModule", "--data.method.help",
                  "sppo_lightning.methods.SPPO").stdout
-    assert "--method.num_samples" in method and "--method.generator" in method and "--method.ranker" in method
+    # nested help names its flags as they are typed, not from their last part
+    assert "--data.method.num_samples" in method and "--data.method.generator" in method
+    assert "--data.method.ranker" in method and " --method." not in method
     assert "--self_play.eval_samples" in run("fit", "--help").stdout
 
 
@@ -285,3 +287,20 @@ def test_negative_numbers_parse_as_users_type_them():
     printed = run("fit", "--config", "configs/tiny_pairs.yaml", "--model.init_args.lr", "-1e-3",
                   "--model.init_args.weight_decay", "-2.5E-1", "--print_config").stdout
     assert "  lr: -0.001" in printed and "  weight_decay: -0.25" in printed
+
+
+def test_short_class_names_are_accepted_where_unambiguous():
+    import importlib
+
+    from sppo_lightning.cli import SHORT_NAMES, expand_short_names
+
+    for name, path in SHORT_NAMES.items():  # each resolves to the class of that name
+        module, _, attribute = path.rpartition(".")
+        assert getattr(importlib.import_module(module), attribute).__name__ == name
+    assert expand_short_names(["fit", "--data", "SelfPlayDataModule", "--data.method=SPPO", "--data.method.ranker.help",
+                               "PairRMRanker", "--model.lr", "SPPO"]) == \
+        ["fit", "--data", "sppo_lightning.datamodules.SelfPlayDataModule", "--data.method=sppo_lightning.methods.SPPO",
+         "--data.method.ranker.help", "sppo_lightning.ranking.PairRMRanker", "--model.lr", "SPPO"]
+    ranker = run("fit", "--data", "SelfPlayDataModule", "--data.method", "SPPO", "--data.method.ranker.help",
+                 "VerifiableInstructionRanker").stdout
+    assert "--data.method.ranker.length_penalty" in ranker
