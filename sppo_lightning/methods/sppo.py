@@ -115,7 +115,7 @@ class SPPO:
         reference_logps: where π_t's log-probs of chosen and rejected come from: ``forward`` (a
             no-grad forward over the pairs after ranking) or ``sampler`` (recorded by the generator
             while it sampled, from the raw logits: no forward; ``HFGenerator`` only). They agree to
-            about 1e-5 nats a sequence in float32 (``bench/README.md``), far below what η = 1000's
+            under 1e-3 nats a sequence in float32 (``bench/README.md`` §13), far below what η = 1000's
             targets of tens of nats can see; ``forward`` stays the default until the vLLM and bf16
             agreement is measured.
     """
