@@ -70,7 +70,7 @@ def quickstart() -> None:
         rows = json.loads((out / "self_play" / "summary.json").read_text())["iterations"]
         losses = [json.loads(line)["loss"] for line in (out / "self_play" / "losses.jsonl").read_text().splitlines()]
         found[mode] = (rows, losses)
-    (fw_rows, fw_losses), (sa_rows, sa_losses) = found["forward"], found["sampler"]
+    fw_losses, sa_losses = found["forward"][1], found["sampler"][1]
     worst = max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(fw_losses, sa_losses))
     for mode, (rows, _) in found.items():
         wins = " / ".join(f"{r['win_rate_vs_initial']:.3f}" for r in rows)
