@@ -179,7 +179,7 @@ class SelfPlay(L.Callback):
         steps = recorded_steps(self.run_dir)  # per-step draws: one line each, no folder
         index = 0
         while iteration_dir(self.run_dir, index).is_dir() or index in steps:
-            stats = recorded_stats(self.run_dir, index)
+            stats = steps.get(index) or recorded_stats(self.run_dir, index)
             if stats:
                 number = iteration_number(index)
                 row, seconds = self._stats_row(number, stats)

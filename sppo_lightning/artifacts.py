@@ -33,6 +33,7 @@ from sppo_lightning import files
 from sppo_lightning.errors import SettingsMismatch
 from sppo_lightning.files import sha256_file
 from sppo_lightning.iteration import iteration_dir
+from sppo_lightning.step_store import recorded_steps, summed_counts
 
 # The stage names this code writes: a stage, or one shard of it. Names read back from a manifest
 # are accepted only in this form (a run folder is input: it may come from someone else).
@@ -191,12 +192,7 @@ class IterationArtifacts:
                     writer.write_table(table.select(schema.names).cast(schema), row_group_size=table.num_rows)
 
         files.atomic_write(self.path(stage), write)
-        totals: dict[str, Any] = {}
-        for entry in entries:
-            for key, value in entry.items():
-                if key not in ("rows", "sha256") and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    totals[key] = totals.get(key, 0) + value
-        self._record(stage, sum(e["rows"] for e in entries), **{**totals, **info})
+        self._record(stage, sum(e["rows"] for e in entries), **{**summed_counts(entries), **info})
         self.remove(*parts)
 
     def checksum(self, stage: str) -> str:
@@ -287,8 +283,6 @@ def recorded_stats(root: str | Path, iteration: int) -> dict[str, Any]:
     object). Only for a run resumed after an iteration ended but before its summary row was written
     (killed in its evaluation): a running iteration's statistics come from what ``build`` returned.
     A per-step draw has no folder: its line in ``steps.jsonl`` (``step_store.recorded_steps``)."""
-    from sppo_lightning.step_store import recorded_steps
-
     try:
         manifest = json.loads((iteration_dir(root, iteration) / "manifest.json").read_text())
     except (OSError, ValueError):

@@ -69,6 +69,14 @@ def atomic_write_json(path: Path, value: Any) -> None:
     atomic_write_bytes(path, json.dumps(value, indent=2, sort_keys=True).encode())
 
 
+def append_json_line(path: Path, value: Any) -> None:
+    """``value`` as one JSON line at the end of ``path`` (an append-only record). Never through a
+    symlink (``O_NOFOLLOW``): a link planted in a run folder fails here instead of being followed."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    with os.fdopen(fd, "a") as f:
+        f.write(json.dumps(value) + "\n")
+
+
 def folder_whole(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(folder)`` on a temporary folder next to ``path``, then put it in ``path``'s place
     (an earlier folder there is replaced only once the new one is complete): a crash or a full disk

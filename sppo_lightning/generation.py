@@ -236,21 +236,24 @@ def gather_responses(local: list[list[list[int]]], world_size: int) -> list[list
 def sample_on_ranks(model: nn.Module, tokenizer, prompt_ids: Sequence[list[int]], num_samples: int, *,
                     rank: int, world_size: int, **sampling) -> list[list[list[int]]]:
     """``sample_responses`` with this rank's share of the batches, gathered: every rank gets all."""
-    from sppo_lightning.sharding import is_sharded
-
-    synced = world_size > 1 and is_sharded(model)
-    local = sample_responses(model, tokenizer, prompt_ids, num_samples, rank=rank, world_size=world_size,
-                             synced=synced, **sampling)
-    return gather_responses(local, world_size)
+    return _sample_on_ranks(model, tokenizer, prompt_ids, num_samples, rank, world_size, False, sampling)[0]
 
 
 def sample_on_ranks_with_logprobs(model: nn.Module, tokenizer, prompt_ids: Sequence[list[int]], num_samples: int, *,
                                   rank: int, world_size: int,
                                   **sampling) -> tuple[list[list[list[int]]], list[list[float]]]:
     """``sample_responses_with_logprobs`` with this rank's share of the batches, both gathered."""
+    return _sample_on_ranks(model, tokenizer, prompt_ids, num_samples, rank, world_size, True, sampling)
+
+
+def _sample_on_ranks(model: nn.Module, tokenizer, prompt_ids: Sequence[list[int]], num_samples: int, rank: int,
+                     world_size: int, with_logprobs: bool,
+                     sampling: dict) -> tuple[list[list[list[int]]], list[list[float]]]:
     from sppo_lightning.sharding import is_sharded
 
     synced = world_size > 1 and is_sharded(model)
     ids, logps = _sample(model, tokenizer, prompt_ids, num_samples, rank=rank, world_size=world_size, synced=synced,
-                         with_logprobs=True, **sampling)
-    return gather_responses(ids, world_size), gather_responses(logps, world_size)  # type: ignore[arg-type]
+                         with_logprobs=with_logprobs, **sampling)
+    if with_logprobs:  # gathered like the ids (each rank fills its own rows)
+        logps = gather_responses(logps, world_size)  # type: ignore[arg-type]
+    return gather_responses(ids, world_size), logps

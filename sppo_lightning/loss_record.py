@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 from lightning.pytorch.utilities import rank_zero_warn
 
-from sppo_lightning.files import atomic_write_bytes
+from sppo_lightning.files import append_json_line, atomic_write_bytes
 
 
 def read_losses(path: Path) -> list[dict[str, Any]]:
@@ -34,11 +34,9 @@ def last_loss(rows: list[dict[str, Any]], iteration: int) -> Optional[float]:
 
 
 def append_loss(path: Path, row: dict[str, Any]) -> None:
-    """One JSON line. Never through a symlink (``O_NOFOLLOW``): ``keep_steps_up_to`` at start-up
-    replaced any."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
-    with os.fdopen(fd, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    """One JSON line (``files.append_json_line``: never through a symlink; ``keep_steps_up_to`` at
+    start-up replaced any)."""
+    append_json_line(path, row)
 
 
 def keep_steps_up_to(path: Path, step: int) -> None:

@@ -16,7 +16,7 @@ from sppo_lightning.step_store import StepDraw
 Store = Union[IterationArtifacts, StepDraw]  # an iteration's files, or a per-step draw in memory
 
 
-def step_store(run_dir: Path, iteration: int, settings: dict[str, Any], in_memory: bool) -> Store:
+def iteration_store(run_dir: Path, iteration: int, settings: dict[str, Any], in_memory: bool) -> Store:
     """Where a method's iteration keeps its stages: ``iteration_<t>/`` files, or (``in_memory``: a
     per-step draw) a ``StepDraw`` with one line in the run's ``steps.jsonl``."""
     return StepDraw(run_dir, iteration, settings) if in_memory else IterationArtifacts(run_dir, iteration, settings)

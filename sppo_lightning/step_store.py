@@ -14,9 +14,8 @@ iteration's.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from sppo_lightning import files
 from sppo_lightning.errors import SettingsMismatch
@@ -55,11 +54,7 @@ class StepDraw:
 
     def merge(self, stage: str, parts: list[str], **info: Any) -> None:
         """The shards' rows as one stage (each shard kept as such); numeric entries summed."""
-        totals: dict[str, Any] = {}
-        for part in parts:
-            for key, value in self._info[part].items():
-                if key != "rows" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    totals[key] = totals.get(key, 0) + value
+        totals = summed_counts(self._info[part] for part in parts)
         self._shards[stage] = [self._shards[part][0] for part in parts]
         self._info[stage] = {"rows": sum(len(s) for s in self._shards[stage]), **totals, **info}
         self.remove(*parts)
@@ -104,11 +99,19 @@ class StepDraw:
         self.root.mkdir(parents=True, exist_ok=True)
         if not (self.root / SETTINGS).exists():
             files.atomic_write_json(self.root / SETTINGS, self.settings)
-        line = {"iteration": iteration_number(self.iteration), "stats": stats,
-                **({"plugins": plugins} if plugins is not None else {})}
-        fd = os.open(self.root / STEPS, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
-        with os.fdopen(fd, "a") as f:
-            f.write(json.dumps(line) + "\n")
+        files.append_json_line(self.root / STEPS, {"iteration": iteration_number(self.iteration), "stats": stats,
+                                                   **({"plugins": plugins} if plugins is not None else {})})
+
+
+def summed_counts(entries: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """The sum of the shards' numeric entries (seconds, counts), ``rows`` and checksums aside: what
+    a merged stage records of its shards (here and in ``IterationArtifacts.merge``)."""
+    totals: dict[str, Any] = {}
+    for entry in entries:
+        for key, value in entry.items():
+            if key not in ("rows", "sha256") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                totals[key] = totals.get(key, 0) + value
+    return totals
 
 
 def read_json(path: Path) -> Optional[dict[str, Any]]:

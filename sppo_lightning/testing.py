@@ -251,14 +251,14 @@ def main(argv: list[str] | None = None) -> None:
                              "in <out_dir> are left as they are")
     args = parser.parse_args(argv)
     if args.vllm:
-        print(f"building the tiny Llama for vLLM in {Path(args.out_dir) / 'llama_vllm'} (300 warm-up steps, "
-              f"about a minute on 2 cores) ...", flush=True)
+        print(f"building the tiny Llama for vLLM in {Path(args.out_dir) / 'llama_vllm'} (300 warm-up steps) ...",
+              flush=True)
         path = make_tiny_llama(Path(args.out_dir) / "llama_vllm", hidden_size=64, sft_steps=300, num_heads=2,
                                num_kv_heads=1)
         print(f"tiny llama for vLLM (head size 32) saved to {path}")
         return
     print(f"[1/2] building the tiny Llama and its BPE tokenizer in {Path(args.out_dir) / 'llama'} (300 warm-up "
-          f"steps, about a minute on 2 cores) ...", flush=True)
+          f"steps) ...", flush=True)
     path = make_tiny_llama(Path(args.out_dir) / "llama", hidden_size=64, sft_steps=300)
     print(f"tiny llama and tokenizer saved to {path}")
     print(f"[2/2] building the tiny PairRM (DeBERTa) in {args.out_dir} ...", flush=True)

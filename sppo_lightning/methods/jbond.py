@@ -47,7 +47,7 @@ from sppo_lightning.ranking import Ranker
 from sppo_lightning.ranking.cache import attach_judgment_cache, counted
 from sppo_lightning.ranking.estimate import scores_from_pairwise
 from sppo_lightning.ranking.protocol import fingerprint_hash, fingerprint_of
-from sppo_lightning.stage_runner import memory_mapped_on_ranks, run_sharded_stage, step_store
+from sppo_lightning.stage_runner import iteration_store, memory_mapped_on_ranks, run_sharded_stage
 
 TRAINING_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "reward"]
 TIE_RULES = ("strict", "le", "coin")
@@ -165,7 +165,8 @@ class JBOND:
               run_dir: Path) -> IterationData:
         """Iteration ``iteration``'s rows: samples of ``policies.policy`` and of the ``anchor`` role,
         ranked, with their rewards (and KL to the ``initial`` role where the module holds one)."""
-        artifacts = step_store(Path(run_dir), iteration, self.settings(prompts), self.on_policy and not self.step_folders)
+        in_memory = self.on_policy and not self.step_folders  # a per-step draw: no folder
+        artifacts = iteration_store(Path(run_dir), iteration, self.settings(prompts), in_memory)
         batch = self.generator.batch_size
         size = math.ceil(self.shard_size / batch) * batch  # shards cut at batch boundaries
         starts = range(0, len(prompts), size)

@@ -33,7 +33,7 @@ from sppo_lightning.pipeline import stages
 from sppo_lightning.pipeline.generators import HFGenerator
 from sppo_lightning.policies import Policies
 from sppo_lightning.ranking import Ranker
-from sppo_lightning.stage_runner import Store, memory_mapped_on_ranks, run_sharded_stage, step_store
+from sppo_lightning.stage_runner import Store, iteration_store, memory_mapped_on_ranks, run_sharded_stage
 
 PAIR_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "chosen_probs", "chosen_probs_win", "chosen_probs_lose"]
 REFERENCE_COLUMNS = ["reference_chosen_logps", "reference_rejected_logps"]
@@ -126,7 +126,8 @@ class OnlinePairs:
         """Iteration ``iteration``'s best/worst pairs of K samples of ``policies.policy`` on ``prompts``."""
         run_dir = Path(run_dir)
         policy = policies.policy
-        artifacts = step_store(run_dir, iteration, self.settings(prompts), self.on_policy and not self.step_folders)
+        in_memory = self.on_policy and not self.step_folders  # a per-step draw: no folder
+        artifacts = iteration_store(run_dir, iteration, self.settings(prompts), in_memory)
         sample_in_shards(ctx, artifacts, self.generator, policy, tokenizer, prompts, self.num_samples,
                          seeds.iteration_stream(self.seed, iteration), self.shard_size, policies.drawn_from(),
                          with_logprobs=self.sampler_reference)

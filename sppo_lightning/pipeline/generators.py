@@ -43,25 +43,23 @@ class HFGenerator:
 
     def sample(self, model: nn.Module, tokenizer, prompts: Sequence[Prompt], num_samples: int, seed: int,
                ctx: DistContext, batch_offset: int = 0, desc: str = "sampling") -> list[list[list[int]]]:
-        return sample_on_ranks(
-            model, tokenizer, [p.ids for p in prompts], num_samples, rank=ctx.rank, world_size=ctx.world_size,
-            temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
-            batch_size=self.batch_size, seed=seed, retry_oom=self.retry_oom,
-            show_progress=self.show_progress and ctx.is_global_zero, batch_offset=batch_offset, desc=desc,
-        )
-
+        return sample_on_ranks(model, tokenizer, [p.ids for p in prompts], num_samples,
+                               **self._sampling(seed, ctx, batch_offset, desc))
 
     def sample_with_logprobs(self, model: nn.Module, tokenizer, prompts: Sequence[Prompt], num_samples: int,
                              seed: int, ctx: DistContext, batch_offset: int = 0,
                              desc: str = "sampling") -> tuple[list[list[list[int]]], list[list[float]]]:
         """``sample``'s responses (the same ids for the same seed) and each one's summed log-prob
         under the model's raw logits, recorded while it sampled (``generation.SampledLogprobs``)."""
-        return sample_on_ranks_with_logprobs(
-            model, tokenizer, [p.ids for p in prompts], num_samples, rank=ctx.rank, world_size=ctx.world_size,
-            temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
-            batch_size=self.batch_size, seed=seed, retry_oom=self.retry_oom,
-            show_progress=self.show_progress and ctx.is_global_zero, batch_offset=batch_offset, desc=desc,
-        )
+        return sample_on_ranks_with_logprobs(model, tokenizer, [p.ids for p in prompts], num_samples,
+                                             **self._sampling(seed, ctx, batch_offset, desc))
+
+    def _sampling(self, seed: int, ctx: DistContext, batch_offset: int, desc: str) -> dict[str, Any]:
+        """The keyword arguments of ``generation.sample_on_ranks`` for these settings on ``ctx``."""
+        return dict(rank=ctx.rank, world_size=ctx.world_size, temperature=self.temperature, top_p=self.top_p,
+                    max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, seed=seed,
+                    retry_oom=self.retry_oom, show_progress=self.show_progress and ctx.is_global_zero,
+                    batch_offset=batch_offset, desc=desc)
 
 
 def check_sampling(owner: str, temperature: float, top_p: float, max_new_tokens: int, batch_size: int) -> None:
